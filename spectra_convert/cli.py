@@ -1,0 +1,84 @@
+"""The ``spectra-convert`` click group.
+
+Each verb lives in ``spectra_convert/commands/<verb>.py`` as a thin click shell over one library function;
+this module only wires them together and turns ``UserError`` (and the few library errors that are really
+user errors) into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import UserError
+
+#: verb -> module under spectra_convert.commands exposing a click command named ``command``
+COMMANDS = {
+    "upcycle": "upcycle",
+    "reroute": "reroute",
+    "finetune": "finetune",
+    "validate": "validate",
+    "push": "push",
+    "run": "run_recipe",
+    "study": "study",
+    "build-corpus": "build_corpus",
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a verb's module only when it runs, so ``--help`` and light verbs stay fast."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        module_name = COMMANDS.get(name)
+        if module_name is None:
+            return None
+        try:
+            module = importlib.import_module(f"spectra_convert.commands.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"spectra_convert.commands.{module_name}":
+                return None  # verb not built yet
+            raise
+        return module.command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spectra-convert")
+def group() -> None:
+    """Turn HuggingFace causal LMs into SPECTRA-routed Mixture-of-Experts models."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the group, map user errors to one stderr line and exit code."""
+    try:
+        group.main(args=argv, standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except MemoryError:
+        click.echo("error: out of memory; use a smaller --dtype or fewer --calibration-tokens", err=True)
+        sys.exit(3)
+    except OSError as exc:
+        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

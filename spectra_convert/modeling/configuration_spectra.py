@@ -1,0 +1,135 @@
+"""Configuration of a SPECTRA mixture-of-experts causal LM.
+
+A SPECTRA model is a *parent* causal LM (llama, mistral, qwen2, qwen3, gpt2 — or an MoE parent such as
+mixtral, qwen2_moe, qwen3_moe, olmoe) whose feed-forward layers are routed by SPECTRA. The config therefore
+holds two things:
+
+* ``text_config`` — the parent architecture's own config, untouched. It is stored under the name
+  transformers uses for the text part of composite models, so ``get_text_config()``, ``generate()`` and the
+  cache machinery all see the parent's layer count, heads and vocabulary.
+* ``spectra`` — every routing knob, in one block (see ``SPECTRA_DEFAULTS``).
+
+This file ships verbatim inside every converted model folder: it imports only torch/transformers.
+Invalid knobs raise ``ValueError`` naming the field when the config is built, not deep inside a forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+#: Dense parents: the FFN at ``mlp`` is replaced by a SPECTRA MoE block (upcycling).
+DENSE_PARENTS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+#: MoE parents: the experts are kept and only the gate at ``mlp.gate`` is replaced (rerouting).
+MOE_PARENTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_PARENTS = DENSE_PARENTS + MOE_PARENTS
+
+#: Every routing knob with its default. Values follow seed 002 (SPECTRA hyper-parameters) and DESIGN §3.
+SPECTRA_DEFAULTS: dict[str, Any] = {
+    "num_experts": 8,  # E: experts per MoE layer
+    "top_k": 2,  # k: experts each token uses
+    "router_dim": 128,  # d: size of the GRU state and of the expression space
+    "temperature": 0.1,  # tau: cosine scores are divided by it (scores live in [-1, 1])
+    "repulsion": 0.5,  # lambda of the OSR repulsive cost; 0 disables repulsion
+    "sinkhorn_iters": 20,  # fixed number of log-domain Sinkhorn iterations
+    "balance_mode": "dual_bias",  # "dual_bias" (per-token, batch-invariant) | "in_batch" (paper-literal)
+    "bias_ema": 0.05,  # EMA rate of the Sinkhorn column potentials into the dual bias (training)
+    "bias_update_rate": 0.0,  # rate of the hard-load correction of the bias applied in training (0 = off)
+    "router_entropy_coef": 0.1,  # weight of the mean per-token routing entropy in the training loss
+    "ortho_loss_coef": 0.01,  # weight of ||P P^T - I||_F^2 on the expression projector
+    "use_gru": True,  # ablation: False makes the router stateless (z from h_t alone)
+    "use_projector": True,  # ablation: False scores normalize([h; r]) directly against expert vectors
+    "expert_kind": "gated",  # "gated" (SwiGLU-style, llama) | "mlp" (GELU with biases, gpt2); dense parents
+    "intermediate_size": None,  # per-expert hidden size; None = the parent's
+    "hidden_act": None,  # expert activation; None = the parent's
+    "shared_expert": False,  # add an always-on dense expert next to the routed ones
+    "shared_intermediate_size": None,  # its hidden size; None = the parent's
+    "source": "upcycled",  # "upcycled" (dense parent) | "rerouted" (MoE parent, experts kept)
+}
+
+_BALANCE_MODES = ("dual_bias", "in_batch")
+_EXPERT_KINDS = ("gated", "mlp")
+
+
+def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
+    """Raise ValueError naming the offending field for any inconsistent routing knob."""
+    unknown = sorted(set(knobs) - set(SPECTRA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"spectra.{unknown[0]}: unknown field; allowed fields: {', '.join(SPECTRA_DEFAULTS)}")
+    e, k, d = knobs["num_experts"], knobs["top_k"], knobs["router_dim"]
+    if not isinstance(e, int) or e < 2:
+        raise ValueError(f"spectra.num_experts must be an integer >= 2, got {e!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"spectra.top_k must be an integer >= 1, got {k!r}")
+    if k > e:
+        raise ValueError(f"spectra.top_k ({k}) must not exceed spectra.num_experts ({e})")
+    if not isinstance(d, int) or d <= 0:
+        raise ValueError(f"spectra.router_dim must be a positive integer, got {d!r}")
+    if not knobs["temperature"] > 0:
+        raise ValueError(f"spectra.temperature must be > 0, got {knobs['temperature']!r}")
+    if knobs["repulsion"] < 0:
+        raise ValueError(f"spectra.repulsion must be >= 0, got {knobs['repulsion']!r}")
+    if not isinstance(knobs["sinkhorn_iters"], int) or knobs["sinkhorn_iters"] < 1:
+        raise ValueError(f"spectra.sinkhorn_iters must be an integer >= 1, got {knobs['sinkhorn_iters']!r}")
+    if knobs["balance_mode"] not in _BALANCE_MODES:
+        raise ValueError(f"spectra.balance_mode must be one of {_BALANCE_MODES}, got {knobs['balance_mode']!r}")
+    if knobs["expert_kind"] not in _EXPERT_KINDS:
+        raise ValueError(f"spectra.expert_kind must be one of {_EXPERT_KINDS}, got {knobs['expert_kind']!r}")
+    if knobs["source"] not in ("upcycled", "rerouted"):
+        raise ValueError(f"spectra.source must be 'upcycled' or 'rerouted', got {knobs['source']!r}")
+    if parent_type in MOE_PARENTS and knobs["source"] != "rerouted":
+        raise ValueError(f"spectra.source must be 'rerouted' for the MoE parent {parent_type!r}")
+
+
+class SpectraConfig(PretrainedConfig):
+    """Config of ``SpectraForCausalLM``: the parent's config (``text_config``) plus the ``spectra`` knobs."""
+
+    model_type = "spectra"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
+        spectra: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        if isinstance(text_config, dict):
+            text_config = dict(text_config)
+            parent_type = text_config.pop("model_type", None)
+            if parent_type not in SUPPORTED_PARENTS:
+                raise ValueError(
+                    f"text_config.model_type: unsupported parent architecture {parent_type!r}; "
+                    f"supported: {', '.join(SUPPORTED_PARENTS)}"
+                )
+            text_config = AutoConfig.for_model(parent_type, **text_config)
+        elif text_config is not None and getattr(text_config, "model_type", None) not in SUPPORTED_PARENTS:
+            raise ValueError(
+                f"text_config.model_type: unsupported parent architecture {text_config.model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_PARENTS)}"
+            )
+        self.text_config = text_config
+        parent_type = text_config.model_type if text_config is not None else None
+
+        knobs = dict(SPECTRA_DEFAULTS)
+        knobs.update(spectra or {})
+        if parent_type in MOE_PARENTS and not (spectra or {}).get("source"):
+            knobs["source"] = "rerouted"
+        _validate_spectra(knobs, parent_type)
+        self.spectra = knobs
+
+        if text_config is not None:
+            # Generation needs these at the top level (pad/eos for generate, tying for save/load).
+            for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                kwargs.setdefault(name, getattr(text_config, name, None))
+            kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    # Convenience read-only views of the parent's shape, used by the runtime and the tools.
+    @property
+    def parent_model_type(self) -> str:
+        return self.text_config.model_type
+
+    @property
+    def is_moe_parent(self) -> bool:
+        return self.text_config.model_type in MOE_PARENTS

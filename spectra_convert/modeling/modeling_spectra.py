@@ -1,0 +1,590 @@
+"""SPECTRA mixture-of-experts causal LM — the runtime shipped inside every converted model folder.
+
+Read top to bottom:
+
+1. ``sinkhorn``            — log-domain Sinkhorn with k slots per token and equal expert capacity.
+2. ``RoutingContext``      — what routers need but an FFN call does not pass: batch shape, padding, cache.
+3. ``SpectraRouter``       — GRU state -> orthogonal expression projector -> cosine scores -> OSR repulsion
+                              -> top-k on cost + dual bias -> softmax weights over the selected experts.
+4. ``SpectraExperts``      — experts as fused 3-D tensors; tokens dispatched by sorting slots per expert.
+5. ``SpectraMoeBlock``     — router + experts (+ optional shared expert): the FFN of a dense parent.
+6. ``SpectraCache``        — a DynamicCache whose router GRU states are reordered with the KV cache.
+7. ``SpectraForCausalLM``  — the parent causal LM (llama, gpt2, mixtral, ...) with SPECTRA routing inside.
+
+Why routing is per-token at inference (DESIGN §3): Sinkhorn across a batch makes a token's experts depend on
+the other tokens in the batch (including its own future), so outputs would change with batch composition and
+one-token decoding would be impossible. Sinkhorn therefore only *sets* a per-layer bias ``dual_bias`` (its
+column potentials, EMA-averaged in training and corrected on hard top-k loads at calibration); selection is
+``topk(-C/tau + dual_bias)`` for every token on its own. ``balance_mode="in_batch"`` keeps the paper-literal
+variant for ablations.
+
+This file imports only torch and transformers (never spectra_convert), so the folder it ships in loads with
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` anywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .configuration_spectra import MOE_PARENTS, SpectraConfig
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Sinkhorn
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sinkhorn(logits: torch.Tensor, top_k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced transport plan for routing ``N`` tokens to ``E`` experts with ``top_k`` slots per token.
+
+    Solves, in the log domain and for a fixed number of iterations, for ``P = exp(logits + f + g)`` with row
+    sums ``top_k`` (every token fills all of its k slots) and column sums ``N * top_k / E`` (equal capacity).
+    Balancing all k slots matters: balancing one slot per token leaves top-2 loads at CV 0.13-0.49.
+
+    Returns ``(plan [N, E], column_potentials g [E])``; ``g`` is centred (its gauge is free) and is what the
+    router's dual bias averages: ranking ``logits + g`` per row is exactly how the plan ranks experts.
+    """
+    logits = logits.float()
+    n_tokens, n_experts = logits.shape
+    log_row = math.log(top_k)
+    log_col = math.log(n_tokens * top_k / n_experts)
+    f = logits.new_zeros(n_tokens)
+    g = logits.new_zeros(n_experts)
+    for _ in range(iters):
+        f = log_row - torch.logsumexp(logits + g[None, :], dim=1)
+        g = log_col - torch.logsumexp(logits + f[:, None], dim=0)
+    plan = torch.exp(logits + f[:, None] + g[None, :])
+    return plan, g - g.mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Routing context
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingContext:
+    """Per-forward information shared by all routers of one model.
+
+    An FFN receives only hidden states (often already flattened to ``[N, H]``); the router also needs the
+    ``(batch, time)`` shape to run its GRU, which tokens are padding, and the cache that carries GRU states
+    between decoding steps. ``SpectraForCausalLM.forward`` fills this before calling the parent model.
+    """
+
+    batch_shape: tuple[int, int] | None = None
+    token_mask: torch.Tensor | None = None  # [B, T] bool, True for real tokens
+    cache: Any = None  # transformers Cache whose ``spectra_router_states`` dict holds per-layer GRU states
+    records: list[dict[str, torch.Tensor]] | None = None  # filled by routers when not None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.batch_shape, self.token_mask, self.cache, self.records = None, None, None, None
+
+
+def router_states_of(cache: Any) -> dict[int, torch.Tensor]:
+    """The dict of per-layer GRU states stored on a transformers cache object (created on first use)."""
+    states = getattr(cache, "spectra_router_states", None)
+    if states is None:
+        states = {}
+        cache.spectra_router_states = states
+    return states
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. Router
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SpectraRouter(nn.Module):
+    """SPECTRA router: returns ``(router_logits [N,E], routing_weights [N,k], selected_experts [N,k])``.
+
+    Exactly three items, the transformers v5 router convention, so it drops into ``mlp.gate`` of Mixtral,
+    Qwen-MoE or OLMoE blocks. ``router_logits`` are ``-C/tau`` (the selection score before the dual bias).
+    The raw cosine scores ``S`` (for the entropy loss and analysis) go to ``context.records`` when collected.
+    External tools hook modules of this class name and read these three items.
+    """
+
+    def __init__(self, hidden_size: int, knobs: dict[str, Any], layer_idx: int, context: RoutingContext | None = None):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.num_experts = int(knobs["num_experts"])
+        self.top_k = int(knobs["top_k"])
+        self.router_dim = int(knobs["router_dim"])
+        self.temperature = float(knobs["temperature"])
+        self.repulsion = float(knobs["repulsion"])
+        self.sinkhorn_iters = int(knobs["sinkhorn_iters"])
+        self.balance_mode = knobs["balance_mode"]
+        self.bias_ema = float(knobs["bias_ema"])
+        self.bias_update_rate = float(knobs["bias_update_rate"])
+        self.use_gru = bool(knobs["use_gru"])
+        self.use_projector = bool(knobs["use_projector"])
+        # Not a submodule: one context object is shared by every router of the model.
+        self.__dict__["context"] = context if context is not None else RoutingContext()
+
+        d = self.router_dim
+        if self.use_gru:
+            self.gru = nn.GRU(hidden_size, d, batch_first=True)
+        in_dim = hidden_size + (d if self.use_gru else 0)
+        space = d if self.use_projector else in_dim
+        if self.use_projector:
+            self.projector = nn.Parameter(torch.empty(d, in_dim))
+        self.expert_vectors = nn.Parameter(torch.empty(self.num_experts, space))
+        self.register_buffer("dual_bias", torch.zeros(self.num_experts))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Orthogonal projector, random unit expert vectors, zero bias (calibration replaces the latter two)."""
+        if self.use_projector:
+            nn.init.orthogonal_(self.projector)
+        nn.init.normal_(self.expert_vectors)
+        self.expert_vectors.copy_(F.normalize(self.expert_vectors, dim=-1))
+        self.dual_bias.zero_()
+        if self.use_gru:
+            self.gru.reset_parameters()
+
+    # -- the pipeline, one method per step of DESIGN §3 --------------------------------------------------------
+
+    def sequential_state(
+        self, h: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRU states ``r [B,T,d]`` and the state after each row's last real token ``[B,d]``.
+
+        Padding must never change what real tokens see, wherever it sits: each row's real tokens are moved to
+        the front (a stable sort keeps their order), the GRU runs once over the batch, and states are scattered
+        back. Pad positions get states too (of no consequence: their outputs are masked by the model).
+        """
+        batch, steps, width = h.shape
+        h0 = (state0 if state0 is not None else h.new_zeros(batch, self.router_dim)).to(h.dtype)
+        if mask is None or bool(mask.all()):
+            out, last = self.gru(h, h0.unsqueeze(0).contiguous())
+            return out, last[0]
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        compact = h.gather(1, order.unsqueeze(-1).expand(-1, -1, width))
+        out_compact, _ = self.gru(compact, h0.unsqueeze(0).contiguous())
+        out = torch.zeros_like(out_compact).scatter(
+            1, order.unsqueeze(-1).expand(-1, -1, self.router_dim), out_compact
+        )
+        n_real = mask.sum(dim=1)
+        last = out_compact[torch.arange(batch, device=h.device), (n_real - 1).clamp(min=0)]
+        last = torch.where((n_real > 0).unsqueeze(-1), last, h0)
+        return out, last
+
+    def express(self, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+        """z = normalize(P [h; r]): the token's expression vector on the unit sphere."""
+        x = torch.cat([h, r], dim=-1) if r is not None else h
+        if self.use_projector:
+            x = F.linear(x, self.projector)
+        return F.normalize(x, dim=-1)
+
+    def unit_expert_vectors(self) -> torch.Tensor:
+        return F.normalize(self.expert_vectors, dim=-1)
+
+    def osr_cost(self, scores: torch.Tensor) -> torch.Tensor:
+        """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more."""
+        if self.repulsion == 0.0:
+            return -scores
+        mu = self.unit_expert_vectors()
+        gram = mu @ mu.T
+        off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
+        return -scores + self.repulsion * scores.abs() @ off_diagonal.pow(2)
+
+    def project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Expression vectors ``z [N, d]`` of a ``[B, T, H]`` batch (used for k-means prototype init)."""
+        h = hidden_states.to(self._param_dtype())
+        r = self.sequential_state(h, mask, None)[0] if self.use_gru else None
+        z = self.express(h, r)
+        return z.reshape(-1, z.shape[-1]) if mask is None else z[mask]
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.expert_vectors.dtype
+
+    def _shape(self, hidden_states: torch.Tensor) -> tuple[int, int]:
+        if hidden_states.dim() == 3:
+            return hidden_states.shape[0], hidden_states.shape[1]
+        n_tokens = hidden_states.shape[0]
+        shape = self.context.batch_shape
+        if shape is not None and shape[0] * shape[1] == n_tokens:
+            return shape
+        return 1, n_tokens  # used standalone: one sequence
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        batch, steps = self._shape(hidden_states)
+        h = hidden_states.reshape(batch, steps, self.hidden_size).to(self._param_dtype())
+        mask = ctx.token_mask if ctx.token_mask is not None and tuple(ctx.token_mask.shape) == (batch, steps) else None
+
+        r = None
+        if self.use_gru:
+            states = router_states_of(ctx.cache) if ctx.cache is not None else None
+            state0 = states.get(self.layer_idx) if states is not None else None
+            if state0 is not None and state0.shape[0] != batch:
+                raise ValueError(
+                    f"router state of layer {self.layer_idx} has batch {state0.shape[0]} but the input has {batch}"
+                )
+            r, last = self.sequential_state(h, mask, state0)
+            if states is not None:
+                states[self.layer_idx] = last.detach()
+
+        z = self.express(h, r).reshape(batch * steps, -1)
+        scores = z @ self.unit_expert_vectors().T  # S [N, E], cosine similarities
+        router_logits = -self.osr_cost(scores) / self.temperature
+        flat_mask = mask.reshape(-1) if mask is not None else None
+
+        bias = self.dual_bias
+        if self.balance_mode == "in_batch" or self.training:
+            real_logits = router_logits.detach() if flat_mask is None else router_logits.detach()[flat_mask]
+            if real_logits.shape[0] > 0:
+                _, potentials = sinkhorn(real_logits, self.top_k, self.sinkhorn_iters)
+                if self.balance_mode == "in_batch":
+                    bias = potentials.to(bias.dtype)
+                elif self.training:
+                    with torch.no_grad():
+                        self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
+                        bias = self.dual_bias
+
+        selected = torch.topk(router_logits.detach() + bias, self.top_k, dim=-1).indices
+        weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
+
+        if self.training and self.bias_update_rate > 0 and self.balance_mode == "dual_bias":
+            real_selected = selected if flat_mask is None else selected[flat_mask]
+            self.correct_bias(torch.bincount(real_selected.reshape(-1), minlength=self.num_experts), self.bias_update_rate)
+
+        if ctx.records is not None:
+            ctx.records.append(
+                {"layer": self.layer_idx, "logits": router_logits, "scores": scores, "selected": selected,
+                 "weights": weights, "mask": flat_mask}
+            )
+        return router_logits, weights.to(hidden_states.dtype), selected
+
+    @torch.no_grad()
+    def correct_bias(self, loads: torch.Tensor, rate: float) -> None:
+        """Move the dual bias towards equal HARD top-k loads: overloaded experts down, underloaded up."""
+        loads = loads.to(self.dual_bias.dtype)
+        mean = loads.mean().clamp(min=1e-9)
+        self.dual_bias.add_(rate * (mean - loads) / mean)
+        self.dual_bias.sub_(self.dual_bias.mean())
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """||P P^T - I||_F^2 on the expression projector (0 when the projector is ablated)."""
+        if not self.use_projector:
+            return self.expert_vectors.new_zeros(())
+        gram = self.projector @ self.projector.T
+        return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).pow(2).sum()
+
+
+def routing_entropy(scores: torch.Tensor, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of the entropy of softmax(S/tau) over all experts."""
+    log_p = torch.log_softmax(scores.float() / temperature, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return entropy.mean() if mask is None else entropy[mask].mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Experts
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SpectraExperts(nn.Module):
+    """E experts as fused 3-D tensors.
+
+    ``gated`` (llama-style SwiGLU): ``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]`` — the layout of
+    transformers' MixtralExperts. ``mlp`` (gpt2-style): ``up_proj [E, I, H]`` + ``up_bias [E, I]``,
+    ``down_proj [E, H, I]`` + ``down_bias [E, H]``.
+
+    Dispatch: the N*k (token, slot) pairs are sorted by expert once, each expert runs one matmul over its
+    contiguous group, and results are scattered back with one ``index_add_``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, kind: str, act: str):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size, self.kind = (
+            num_experts, hidden_size, intermediate_size, kind,
+        )
+        self.act_fn = ACT2FN[act]
+        if kind == "gated":
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        else:
+            self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+            self.up_bias = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+            self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std)
+
+    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's FFN on the rows ``x`` routed to it."""
+        if self.kind == "gated":
+            gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, self.down_proj[index])
+        hidden = self.act_fn(F.linear(x, self.up_proj[index], self.up_bias[index]))
+        return F.linear(hidden, self.down_proj[index], self.down_bias[index])
+
+    def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        top_k = selected.shape[-1]
+        flat_experts = selected.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        token_of_slot = order // top_k
+        grouped = hidden_states[token_of_slot]
+        outputs = [self.expert(e, chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
+        mixed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, mixed.to(hidden_states.dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. MoE block (replaces the FFN of a dense parent)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def ffn_shape(text_config: Any, knobs: dict[str, Any]) -> tuple[int, int, str, str]:
+    """(hidden, per-expert intermediate, expert kind, activation) for a parent config."""
+    hidden = text_config.hidden_size
+    if text_config.model_type == "gpt2":
+        parent_inter = text_config.n_inner or 4 * hidden
+        act = knobs["hidden_act"] or text_config.activation_function
+        kind = "mlp"
+    else:
+        parent_inter = text_config.intermediate_size
+        act = knobs["hidden_act"] or text_config.hidden_act
+        kind = knobs["expert_kind"]
+    return hidden, int(knobs["intermediate_size"] or parent_inter), kind, act
+
+
+class SpectraMoeBlock(nn.Module):
+    """SPECTRA-routed experts in place of a dense FFN: ``[B, T, H] -> [B, T, H]``."""
+
+    def __init__(self, text_config: Any, knobs: dict[str, Any], layer_idx: int, context: RoutingContext):
+        super().__init__()
+        hidden, inter, kind, act = ffn_shape(text_config, knobs)
+        self.gate = SpectraRouter(hidden, knobs, layer_idx, context)
+        self.experts = SpectraExperts(knobs["num_experts"], hidden, inter, kind, act)
+        self.shared_expert = None
+        if knobs["shared_expert"]:
+            shared_inter = int(knobs["shared_intermediate_size"] or ffn_shape(text_config, {**knobs, "intermediate_size": None})[1])
+            self.shared_expert = SpectraExperts(1, hidden, shared_inter, kind, act)
+        self.dropout = nn.Dropout(getattr(text_config, "resid_pdrop", 0.0) or 0.0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, weights, selected = self.gate(hidden_states)
+        out = self.experts(flat, selected, weights)
+        if self.shared_expert is not None:
+            ones = torch.ones(flat.shape[0], 1, dtype=weights.dtype, device=flat.device)
+            out = out + self.shared_expert(flat, torch.zeros_like(ones, dtype=torch.long), ones)
+        return self.dropout(out.reshape(shape))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SpectraCache(DynamicCache):
+    """A DynamicCache that also carries each layer's router GRU state (``spectra_router_states``).
+
+    One decoding step then costs O(1) router work, and beam search reorders router states with the KV cache.
+    Cropping is refused: a GRU state cannot be rewound (no assisted decoding).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.spectra_router_states: dict[int, torch.Tensor] = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for layer, state in self.spectra_router_states.items():
+            self.spectra_router_states[layer] = state.index_select(0, beam_idx.to(state.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for layer, state in self.spectra_router_states.items():
+            self.spectra_router_states[layer] = state.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for layer, state in self.spectra_router_states.items():
+            self.spectra_router_states[layer] = state[indices]
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("SPECTRA router states cannot be cropped (assisted decoding is unsupported)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. The causal LM
+# --------------------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(parent: PreTrainedModel) -> nn.ModuleList:
+    """The parent's list of transformer blocks (``model.layers`` for llama-likes, ``transformer.h`` for gpt2)."""
+    base = parent.base_model
+    for name in ("layers", "h"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(parent).__name__}")
+
+
+class SpectraPreTrainedModel(PreTrainedModel):
+    config_class = SpectraConfig
+    base_model_prefix = "spectra"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (SpectraRouter, SpectraExperts)):
+            module.reset_parameters()
+        else:
+            super()._init_weights(module)
+
+
+class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
+    """The parent causal LM with SPECTRA routing in every FFN.
+
+    The parent model class is built from ``config.text_config`` and its children are adopted as ours, so
+    parameter names are the parent's (``model.layers.3.mlp.experts.gate_up_proj``, ``transformer.h.0.mlp...``)
+    and transformers' own checkpoint conversions for the parent (e.g. legacy Mixtral expert names) apply.
+    Dense parents get a ``SpectraMoeBlock`` at ``mlp``; MoE parents keep their experts and get a
+    ``SpectraRouter`` at ``mlp.gate``.
+    """
+
+    def __init__(self, config: SpectraConfig):
+        super().__init__(config)
+        text_config = config.text_config
+        parent = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)](text_config)
+        config.text_config = parent.config
+        self.__dict__["parent"] = parent  # not a submodule: we own its children directly
+        self.__dict__["routing_context"] = RoutingContext()
+        self._tied_weights_keys = dict(getattr(parent, "_tied_weights_keys", None) or {})
+        self._no_split_modules = list(getattr(parent, "_no_split_modules", None) or [])
+        knobs = config.spectra
+        for index, layer in enumerate(decoder_layers(parent)):
+            if text_config.model_type in MOE_PARENTS:
+                layer.mlp.gate = SpectraRouter(text_config.hidden_size, knobs, index, self.routing_context)
+            else:
+                layer.mlp = SpectraMoeBlock(text_config, knobs, index, self.routing_context)
+        for name, child in parent.named_children():
+            self.add_module(name, child)
+        self._parent_accepts = set(inspect.signature(parent.forward).parameters)
+        self.post_init()
+
+    # -- accessors used by the tools ---------------------------------------------------------------------------
+
+    def routers(self) -> list[SpectraRouter]:
+        return [m for m in self.modules() if isinstance(m, SpectraRouter)]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.parent.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.parent.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.parent.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.parent.set_output_embeddings(value)
+        self.add_module("lm_head", value)
+
+    # -- generation: swap the default cache for one that carries router states --------------------------------
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):  # type: ignore[override]
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            model_kwargs["past_key_values"] = SpectraCache(config=self.config.get_text_config(decoder=True))
+        return result
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> MoeCausalLMOutputWithPast:
+        text_config = self.config.text_config
+        use_cache = use_cache if use_cache is not None else getattr(text_config, "use_cache", True)
+        if use_cache and past_key_values is None:
+            past_key_values = SpectraCache(config=text_config)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, steps = reference.shape[0], reference.shape[1]
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -steps:].bool()
+            if bool(token_mask.all()):
+                token_mask = None
+        want_records = bool(output_router_logits) or labels is not None
+
+        ctx = self.routing_context
+        ctx.batch_shape, ctx.token_mask = (batch, steps), token_mask
+        ctx.cache = past_key_values if use_cache else None
+        ctx.records = [] if want_records else None
+        parent_kwargs = {k: v for k, v in kwargs.items() if k in self._parent_accepts or "kwargs" in self._parent_accepts}
+        if "output_router_logits" in self._parent_accepts:
+            parent_kwargs["output_router_logits"] = False
+        try:
+            out = self.parent(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values if use_cache else None, inputs_embeds=inputs_embeds,
+                labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **parent_kwargs,
+            )
+            records = ctx.records or []
+        finally:
+            ctx.reset()
+
+        loss, aux_loss = out.loss, None
+        if records and labels is not None:
+            aux_loss = self.router_aux_loss(records)
+            loss = loss + aux_loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=out.logits,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
+            router_logits=tuple(r["logits"] for r in records) if output_router_logits else None,
+        )
+
+    def router_aux_loss(self, records: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Router entropy (coef ``router_entropy_coef``) + projector orthogonality (coef ``ortho_loss_coef``)."""
+        knobs = self.config.spectra
+        entropy = torch.stack([routing_entropy(r["scores"], knobs["temperature"], r["mask"]) for r in records]).mean()
+        ortho = torch.stack([router.orthogonality_loss() for router in self.routers()]).mean()
+        return knobs["router_entropy_coef"] * entropy + knobs["ortho_loss_coef"] * ortho
+
+
+SpectraConfig.register_for_auto_class()
+SpectraForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -1,0 +1,62 @@
+"""One place for what users see: rich progress bars for long steps and summary tables at the end.
+
+Everything goes to stderr except tables that are the command's result, so piping stdout stays clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+T = TypeVar("T")
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+def progress() -> Progress:
+    """A rich progress bar set (use as a context manager; add one task per long step)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate with a progress bar (a one-off step)."""
+    with progress() as bar:
+        yield from bar.track(items, total=total, description=description)
+
+
+def summary_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:
+    """Build a table (and print it on stdout) — the closing summary of every verb."""
+    table = Table(title=title, show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row))
+    out_console.print(table)
+    return table
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"

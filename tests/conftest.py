@@ -50,3 +50,32 @@ def tiny_parent_config(model_type: str, **overrides):
         common.update(num_experts=4, num_experts_per_tok=2)
     common.update(overrides)
     return AutoConfig.for_model(model_type, **common)
+
+
+# A fresh interpreter in which ``spectra_convert`` cannot be imported (the editable install puts it on
+# sys.path, so an import blocker is installed first): proves converted folders load with plain transformers.
+_BLOCK_PACKAGE = """
+import importlib.abc, importlib.util, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "spectra_convert" or name.startswith("spectra_convert."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+sys.meta_path.insert(0, _Block())
+try:
+    import spectra_convert  # noqa: F401
+    raise SystemExit("spectra_convert is importable")
+except ModuleNotFoundError:
+    pass
+"""
+
+
+def run_without_package(script: str, cwd, timeout: int = 600):
+    """Run ``script`` in a fresh ``python -I`` where spectra_convert is not importable; returns CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-I", "-c", _BLOCK_PACKAGE + script], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout,
+    )

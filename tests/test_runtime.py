@@ -1,0 +1,264 @@
+"""The SPECTRA runtime (issue 3): Sinkhorn, batch invariance, causality, cache-exact generation, save/load.
+
+Structural tests on tiny random-weight configs of real architectures (llama, gpt2, mixtral, qwen2_moe):
+their weights are random, so they test mechanics, not quality.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from spectra_convert.modeling.configuration_spectra import SpectraConfig
+from spectra_convert.modeling.modeling_spectra import (
+    SpectraCache,
+    SpectraForCausalLM,
+    SpectraRouter,
+    sinkhorn,
+)
+from tests.conftest import run_without_package, tiny_parent_config
+
+PARENTS = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe"]
+
+
+def build(model_type: str = "llama", seed: int = 0, **knobs) -> SpectraForCausalLM:
+    torch.manual_seed(seed)
+    parent = tiny_parent_config(model_type)
+    spectra = {"num_experts": 4, "top_k": 2, "router_dim": 16, **knobs}
+    model = SpectraForCausalLM(SpectraConfig(text_config=parent.to_dict(), spectra=spectra))
+    # Non-zero biases so that selection actually depends on them.
+    with torch.no_grad():
+        for router in model.routers():
+            router.dual_bias.normal_(0, 0.3)
+    return model.eval()
+
+
+def selections(model: SpectraForCausalLM, **inputs) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(selected experts, router logits) per layer, reshaped [B, T, ...]."""
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [r.register_forward_hook(lambda m, a, out: captured.append((out[0], out[2]))) for r in model.routers()]
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch, steps = inputs["input_ids"].shape
+    return ([s.view(batch, steps, -1) for _, s in captured], [lg.view(batch, steps, -1) for lg, _ in captured])
+
+
+# -- Sinkhorn ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sinkhorn_marginals(k: int) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(96, 8) * 2.0
+    plan, potentials = sinkhorn(logits, k, iters=200)
+    assert torch.allclose(plan.sum(dim=1), torch.full((96,), float(k)), atol=1e-4)
+    assert torch.allclose(plan.sum(dim=0), torch.full((8,), 96 * k / 8), atol=1e-4)
+    assert potentials.shape == (8,) and abs(float(potentials.mean())) < 1e-5
+
+
+def test_sinkhorn_potentials_balance_the_argmax() -> None:
+    """Ranking logits + g per token is how the plan ranks experts: a skewed score matrix gets balanced."""
+    torch.manual_seed(1)
+    logits = torch.randn(512, 8) + torch.linspace(0, 3, 8)  # strong preference for the last experts
+    _, g = sinkhorn(logits, 2, iters=100)
+    before = torch.bincount(torch.topk(logits, 2).indices.flatten(), minlength=8).float()
+    after = torch.bincount(torch.topk(logits + g, 2).indices.flatten(), minlength=8).float()
+    assert (after.std() / after.mean()) < 0.5 * (before.std() / before.mean())
+
+
+# -- batch invariance and causality ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_dual_bias_routing_is_batch_invariant(model_type: str, side: str) -> None:
+    model = build(model_type)
+    torch.manual_seed(2)
+    alone = torch.randint(3, 128, (1, 9))
+    others = torch.randint(3, 128, (2, 16))
+    pad = torch.zeros(1, 16 - 9, dtype=torch.long)
+    row = torch.cat([pad, alone], 1) if side == "left" else torch.cat([alone, pad], 1)
+    batch = torch.cat([row, others])
+    mask = torch.ones_like(batch)
+    real = slice(16 - 9, 16) if side == "left" else slice(0, 9)
+    mask[0] = 0
+    mask[0, real] = 1
+    sel_alone, log_alone = selections(model, input_ids=alone, attention_mask=torch.ones_like(alone))
+    # Positions follow the mask, as generate() computes them (gpt2 has absolute positions).
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    sel_batch, log_batch = selections(model, input_ids=batch, attention_mask=mask, position_ids=positions)
+    for layer in range(len(sel_alone)):
+        assert torch.equal(sel_alone[layer][0], sel_batch[layer][0, real]), f"layer {layer} selection changed"
+        assert torch.allclose(log_alone[layer][0], log_batch[layer][0, real], atol=1e-5)
+
+
+def test_in_batch_mode_is_not_batch_invariant() -> None:
+    """Paper-literal Sinkhorn across the batch: the same text gets other experts next to other texts.
+
+    This is why ``dual_bias`` is the default: an ``in_batch`` model's output depends on batch composition.
+    """
+    model = build("llama", balance_mode="in_batch")
+    torch.manual_seed(3)
+    text = torch.randint(3, 128, (1, 24))
+    crowd = torch.randint(3, 128, (7, 24))
+    sel_alone, _ = selections(model, input_ids=text)
+    sel_batch, _ = selections(model, input_ids=torch.cat([text, crowd]))
+    changed = sum(int((a[0] != b[0]).any(-1).sum()) for a, b in zip(sel_alone, sel_batch))
+    assert changed > 0
+
+
+def test_routing_is_causal() -> None:
+    model = build("llama")
+    torch.manual_seed(4)
+    ids = torch.randint(3, 128, (1, 20))
+    changed = ids.clone()
+    changed[0, 12:] = torch.randint(3, 128, (8,))
+    sel_a, log_a = selections(model, input_ids=ids)
+    sel_b, log_b = selections(model, input_ids=changed)
+    for a, b, la, lb in zip(sel_a, sel_b, log_a, log_b):
+        assert torch.equal(a[:, :12], b[:, :12])
+        assert torch.allclose(la[:, :12], lb[:, :12], atol=1e-6)
+    assert any(not torch.equal(a[:, 12:], b[:, 12:]) for a, b in zip(sel_a, sel_b))
+
+
+# -- generation ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", PARENTS)
+def test_cached_generation_equals_uncached(model_type: str) -> None:
+    model = build(model_type)
+    prompt = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape[1] == 7 + 32
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_left_padded_batch_generation_matches_single() -> None:
+    model = build("llama")
+    torch.manual_seed(6)
+    short, long = torch.randint(3, 128, (1, 5)), torch.randint(3, 128, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(batch)
+    mask[0, :4] = 0
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    alone = model.generate(short, **kwargs)
+    assert torch.equal(together[0, 4:], alone[0])
+
+
+def test_incremental_decode_logits_equal_full_forward() -> None:
+    model = build("llama")
+    ids = torch.randint(3, 128, (2, 18), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = SpectraCache(config=model.config.text_config)
+        out = model(ids[:, :10], past_key_values=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(10, 18):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+    assert set(cache.spectra_router_states) == {0, 1}
+
+
+def test_beam_search_runs_and_reorders_router_state() -> None:
+    model = build("llama")
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(8))
+    out = model.generate(prompt, num_beams=3, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 14)
+    cache = SpectraCache(config=model.config.text_config)
+    cache.spectra_router_states[0] = torch.arange(3.0).unsqueeze(1)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.spectra_router_states[0].flatten().tolist() == [2.0, 2.0, 0.0]
+
+
+def test_output_router_logits_shapes() -> None:
+    model = build("mixtral")
+    ids = torch.randint(3, 128, (2, 5))
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == 2
+    assert out.router_logits[0].shape == (10, 4)
+
+
+# -- training signal -------------------------------------------------------------------------------------------
+
+
+def test_gradients_reach_gru_projector_and_expert_vectors() -> None:
+    model = build("llama").train()
+    ids = torch.randint(3, 128, (2, 12))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.loss.backward()
+    for router in model.routers():
+        for name in ("gru.weight_ih_l0", "gru.weight_hh_l0", "projector", "expert_vectors"):
+            grad = router.get_parameter(name).grad
+            assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_training_updates_dual_bias_from_sinkhorn() -> None:
+    model = build("llama").train()
+    before = [r.dual_bias.clone() for r in model.routers()]
+    model(torch.randint(3, 128, (2, 12)))
+    assert all(not torch.equal(b, r.dual_bias) for b, r in zip(before, model.routers()))
+
+
+# -- config errors ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spectra,field",
+    [({"top_k": 9, "num_experts": 8}, "top_k"), ({"router_dim": 0}, "router_dim"), ({"num_experts": 1}, "num_experts")],
+)
+def test_bad_config_names_the_field(spectra: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SpectraConfig(text_config=tiny_parent_config("llama").to_dict(), spectra=spectra)
+
+
+def test_unknown_parent_architecture() -> None:
+    with pytest.raises(ValueError, match="text_config.model_type"):
+        SpectraConfig(text_config={"model_type": "bert"})
+
+
+# -- save / load without spectra_convert ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "mixtral"])
+def test_save_load_in_fresh_process_without_package(model_type: str, tmp_path) -> None:
+    model = build(model_type)
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(9))
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "SpectraForCausalLM"
+        expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            logits = model(expected["ids"]).logits
+        diff = (logits - expected["logits"]).abs().max().item()
+        assert diff < 1e-5, diff
+        print("OK", diff)
+        """
+    )
+    result = run_without_package(script, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "OK" in result.stdout
+
+
+def test_router_contract_three_items() -> None:
+    router = SpectraRouter(32, {**SpectraConfig().spectra, "num_experts": 4, "router_dim": 8}, layer_idx=0)
+    out = router(torch.randn(10, 32))
+    assert isinstance(out, tuple) and len(out) == 3
+    logits, weights, selected = out
+    assert logits.shape == (10, 4) and weights.shape == (10, 2) and selected.shape == (10, 2)
+    assert torch.allclose(weights.sum(-1), torch.ones(10))

@@ -354,14 +354,23 @@ def to_jsonl(records: list[dict[str, str]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
+OUTPUTS = (CALIBRATION_PATH, *(FIXTURE_DIR / f"{n}.jsonl" for n in ("train", "heldout", "unseen", "mixed_eval")),
+           FIXTURE_DIR / "manifest.json")
+
+
+def refuse_overwrite(out_root: Path, outputs: list[Path], force: bool) -> None:
+    existing = [p for p in outputs if (out_root / p).exists()]
+    if existing and not force:
+        raise SystemExit(f"error: {out_root / existing[0]} exists ({len(existing)} of the outputs exist); "
+                         "pass --force to rebuild")
+
+
 def write_outputs(out_root: Path, files: dict[Path, list[dict[str, str]]], manifest: dict[str, object],
                   force: bool) -> None:
     """Write every file to a temp dir first, then move them into place (no half-written corpus)."""
     payloads = {path: to_jsonl(recs) for path, recs in files.items()}
     payloads[FIXTURE_DIR / "manifest.json"] = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    existing = [str(p) for p in payloads if (out_root / p).exists()]
-    if existing and not force:
-        raise SystemExit(f"error: {out_root / existing[0]} exists ({len(existing)} outputs exist); pass --force to rebuild")
+    refuse_overwrite(out_root, list(payloads), force)
     out_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_root, prefix=".build_corpus-") as tmp:
         for rel, data in payloads.items():
@@ -378,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite existing corpus files")
     args = parser.parse_args(argv)
 
+    refuse_overwrite(args.out_root, list(OUTPUTS), args.force)  # before spending time on the build
     files, manifest = build(args.seed)
     write_outputs(args.out_root, files, manifest, args.force)
 
@@ -389,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         for rec in recs:
             counts[rec["domain"]] = counts.get(rec["domain"], 0) + 1
         lengths = [len(r["text"]) for r in recs]
-        rows.append((str(path), len(recs), ", ".join(f"{d} {n}" for d, n in counts.items()),
+        rows.append((path.name, len(recs), ", ".join(f"{d} {n}" for d, n in counts.items()),
                      len({r["source"] for r in recs}), f"{min(lengths)}-{max(lengths)}",
                      human_bytes((args.out_root / path).stat().st_size)))
     summary_table(f"Real-text corpus (seed {args.seed}, man pages via {manifest['man_renderer']})",

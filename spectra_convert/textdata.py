@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .errors import UserError
@@ -36,14 +35,16 @@ class TextRecord:
 
 def default_calibration_path() -> Path:
     """The calibration corpus shipped as package data (code, docs and legal text, balanced, ~120 documents)."""
-    return Path(str(resources.files("spectra_convert") / "data" / "calibration.jsonl"))
+    # Next to this module rather than importlib.resources: the editable install's namespace-style finder makes
+    # resources.files("spectra_convert") fail, and the package is never imported from a zip.
+    return Path(__file__).resolve().parent / "data" / "calibration.jsonl"
 
 
 def load_texts(path: str | Path, *, max_records: int | None = None) -> list[TextRecord]:
     """Read documents from a ``.jsonl`` or ``.txt`` file (see the module docstring for the formats).
 
-    ``max_records`` keeps the first N documents and stops reading there, so a huge file costs only what is
-    used (lines after the N-th document are not checked). Raises ``UserError`` for any bad input.
+    ``max_records`` keeps the first N documents and stops parsing there (lines after the N-th document are
+    not checked, so a bad line late in a big file does not block a run that uses only its start). Raises ``UserError`` for any bad input.
     """
     if max_records is not None and (isinstance(max_records, bool) or not isinstance(max_records, int)
                                     or max_records < 1):
@@ -81,9 +82,13 @@ def domains_of(records: Sequence[TextRecord]) -> list[str] | None:
 
 def _read(path: Path) -> str:
     """The file's text, with every OS-level failure turned into one line naming the file."""
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except PermissionError:  # a parent folder we may not enter
+        raise UserError(f"{path}: permission denied") from None
+    if not exists:
         raise UserError(f"{path}: no such file")
-    if path.is_dir():
+    if is_dir:
         raise UserError(f"{path}: is a directory; expected a .jsonl or .txt file")
     if path.suffix.lower() not in JSONL_SUFFIXES + TEXT_SUFFIXES:
         raise UserError(
@@ -104,14 +109,18 @@ def _read(path: Path) -> str:
 
 
 def _take(records: Iterator[TextRecord], limit: int | None) -> Iterator[TextRecord]:
-    for count, record in enumerate(records):
-        if limit is not None and count >= limit:
-            return
+    if limit is None:
+        yield from records
+        return
+    for count, record in enumerate(records, start=1):
         yield record
+        if count >= limit:
+            return  # do not parse (or fail on) anything after the last record kept
 
 
 def _parse_jsonl(path: Path, text: str) -> Iterator[TextRecord]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028, \x0c... that splitlines() cuts at.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

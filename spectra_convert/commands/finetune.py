@@ -1,0 +1,87 @@
+"""``spectra-convert finetune``: a thin click shell over ``spectra_convert.finetune.finetune``.
+
+Multi-process: ``accelerate launch --config_file recipes/accelerate/<recipe>.yaml -m spectra_convert finetune ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import UserError
+
+
+class _ModeChoice(click.ParamType):
+    """Like click.Choice but reports an unknown mode as our one-line UserError (exit 2)."""
+
+    name = "router|lora"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        from ..finetune.modes import get_mode
+
+        get_mode(value)
+        return value
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("model", type=str)
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Training text: JSONL with 'text', or .txt.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@click.option("--mode", required=True, type=_ModeChoice(), help="router: only routers train; lora: LoRA + routers.")
+@click.option("--steps", default=100, type=int, help="Optimizer steps in total (a resumed run counts from 0).")
+@click.option("--seq-len", default=512, type=int, help="Tokens per packed block.")
+@click.option("--batch-size", default=4, type=int, help="Blocks per micro-batch per process.")
+@click.option("--grad-accum", default=1, type=int, help="Micro-batches per optimizer step.")
+@click.option("--lr-router", default=5e-5, type=float, help="Learning rate of the routers.")
+@click.option("--lr", default=1e-5, type=float, help="Learning rate of the LoRA adapters.")
+@click.option("--lora-r", default=16, type=int)
+@click.option("--lora-alpha", default=32, type=int)
+@click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "
+              "projections + fused expert tensors.")
+@click.option("--merge", is_flag=True, help="LoRA: merge the adapter and write a full model folder.")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out text; default: a few blocks held out of --data.")
+@click.option("--save-every", default=50, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="Default: OUT.partial")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (same config required).")
+@click.option("--seed", default=0, type=int)
+@click.option("--log-every", default=10, type=int, help="Log loss, load CV, Gram orthogonality, tokens/s every N steps.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None, help="Also append the logs here as JSONL.")
+@click.option("--max-grad-norm", default=1.0, type=float, help="Gradient clipping (0: off).")
+@click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
+def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
+            grad_accum: int, lr_router: float, lr: float, lora_r: int, lora_alpha: int,
+            target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
+            checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
+            max_grad_norm: float, force: bool) -> None:
+    """Fine-tune the SPECTRA routers (and optionally LoRA adapters) of MODEL on --data."""
+    from ..console import summary_table
+    from ..finetune import finetune
+
+    targets = tuple(t.strip() for spec in target_modules for t in spec.split(",") if t.strip())
+    if targets and mode != "lora":
+        raise UserError("--target-modules applies to --mode lora only")
+    result = finetune(
+        model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+        lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
+        eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
+        checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
+    )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    before, after = result.eval_before, result.eval_after
+    summary_table(
+        f"finetune ({result.mode}, {result.steps} steps, {result.world_size} process(es)) -> {result.out}",
+        ["metric", "before", "after"],
+        [
+            ["held-out perplexity", before["perplexity"], after["perplexity"]],
+            ["mean load CV", before["mean_cv"], after["mean_cv"]],
+            ["max load CV", max(before["load_cv"]), max(after["load_cv"])],
+            ["Gram orthogonality (mean)", sum(before["gram_orthogonality"]) / len(before["gram_orthogonality"]),
+             sum(after["gram_orthogonality"]) / len(after["gram_orthogonality"])],
+            ["final train loss", "", result.final_loss],
+        ],
+    )

@@ -1,0 +1,273 @@
+"""``spectra_convert.finetune(...)``: the library function behind ``spectra-convert finetune``.
+
+Order of work is chosen so that every user error surfaces before any training time is spent: flags, MODEL,
+OUT, data, LoRA targets and the resume config are all checked first, on every rank, before anyone writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .data import pack, read_texts, split_validation
+from .modes import ModeOptions, get_mode, router_modules
+from ..surgery.checkpoint import atomic_output_dir, resolve_model_dir
+from .state import CheckpointDir
+from .trainer import (
+    LoopConfig,
+    TrainerState,
+    evaluate,
+    install_checkpoint_hooks,
+    router_digest,
+    train_loop,
+)
+from .monitor import RouterMonitor
+
+SUMMARY_FILE = "finetune.json"
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    mode: str
+    steps: int
+    final_loss: float
+    losses: list[float]
+    eval_before: dict[str, Any]
+    eval_after: dict[str, Any]
+    resumed_from_step: int | None
+    world_size: int
+
+
+def resolve_spectra_model(model: str | Path) -> Path:
+    """A local SPECTRA model folder, or a one-line ``UserError`` saying what is wrong with it."""
+    path = resolve_model_dir(str(model))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"MODEL {path} has no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file} is not valid JSON ({exc.msg})") from None
+    if config.get("model_type") != "spectra":
+        raise UserError(
+            f"MODEL {path} has no SPECTRA routers (model_type {config.get('model_type')!r}); "
+            "convert it first with `spectra-convert upcycle` or `spectra-convert reroute`"
+        )
+    return path.resolve()
+
+
+def _stored_dtype(model_path: Path) -> torch.dtype:
+    config = json.loads((model_path / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
+def _model_fingerprint(model_path: Path) -> str:
+    """Cheap identity of the weights: config bytes plus names and sizes of the weight files."""
+    digest = hashlib.sha256((model_path / "config.json").read_bytes())
+    for f in sorted(model_path.glob("*.safetensors")):
+        digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_workers() -> bool:
+    """True for torchrun-style workers on a machine without CUDA.
+
+    ``accelerate launch --multi_gpu`` (or a MULTI_GPU config such as recipes/accelerate/cpu-2proc.yaml) starts
+    the workers through torchrun but does not set ``ACCELERATE_USE_CPU``; accelerate 1.15 then finds no GPU
+    backend and silently runs every worker as an independent single process. Asking for CPU explicitly makes
+    the workers form one gloo group instead.
+    """
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def _check_out(out: Path, *, force: bool, inputs: list[Path]) -> None:
+    """The checks ``atomic_output_dir`` makes, run before any training time is spent."""
+    for item in inputs:
+        source = item.resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise UserError(f"OUT {out} and the input {item} overlap; choose an output outside the inputs")
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite")
+
+
+def _positive(name: str, value: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise UserError(f"{name} must be at least {minimum}, got {value}")
+
+
+def finetune(
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    mode: str = "router",
+    steps: int = 100,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    lr_router: float = 5e-5,
+    lr: float = 1e-5,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    target_modules: tuple[str, ...] | list[str] | None = None,
+    eval_data: str | Path | None = None,
+    save_every: int = 50,
+    resume: bool = False,
+    seed: int = 0,
+    merge: bool = False,
+    force: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    log_every: int = 10,
+    log_file: str | Path | None = None,
+    max_grad_norm: float = 1.0,
+    max_records: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune the routers (``mode="router"``) or LoRA + routers (``mode="lora"``) of a SPECTRA model.
+
+    Writes a complete model folder to ``out`` atomically (for LoRA without ``merge``: a PEFT adapter folder
+    whose ``base_model_name_or_path`` is ``model``), plus ``finetune.json`` with losses and held-out
+    perplexity / load CV before and after. Checkpoints go to ``checkpoint_dir`` (default ``OUT.partial``);
+    ``resume=True`` continues from the newest one if its config matches. Works single-process or under
+    ``accelerate launch`` / ``torchrun`` (the data order and dual biases are rank-consistent).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+    from transformers import AutoTokenizer
+
+    mode_impl = get_mode(mode)
+    if merge and mode != "lora":
+        raise UserError("--merge applies to --mode lora only (router mode always writes a full model)")
+    for name, value, minimum in (("--steps", steps, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
+                                 ("--grad-accum", grad_accum, 1), ("--save-every", save_every, 0),
+                                 ("--log-every", log_every, 1), ("--lora-r", lora_r, 1)):
+        _positive(name, value, minimum)
+    model_path = resolve_spectra_model(model)
+    out = Path(out).expanduser().resolve()
+    inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
+    _check_out(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
+
+    accelerator = Accelerator(cpu=_cpu_workers(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    set_seed(seed)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and merge:
+        raise UserError("--merge is not supported under FSDP/DeepSpeed; save the adapter, then merge it in one process")
+
+    from ..modeling.configuration_spectra import SpectraConfig
+
+    try:
+        # Passing the config keeps AutoTokenizer from reading config.json's auto_map (a trust_remote_code prompt).
+        tokenizer = AutoTokenizer.from_pretrained(model_path, config=SpectraConfig.from_pretrained(model_path),
+                                                  trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"MODEL {model_path} has no usable tokenizer files ({str(exc).splitlines()[0]})") from None
+    texts = read_texts(data, max_records=max_records)
+    blocks = pack(texts, tokenizer, seq_len, source=str(data))
+    if eval_data is not None:
+        train_blocks = blocks
+        val_blocks = pack(read_texts(eval_data, max_records=max_records), tokenizer, seq_len, source=str(eval_data))
+    else:
+        split = split_validation(blocks, source=str(data))
+        train_blocks, val_blocks = split.train, split.validation
+
+    from ..modeling.modeling_spectra import SpectraForCausalLM
+
+    stored_dtype = _stored_dtype(model_path)
+    base = SpectraForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if not base.routers():
+        raise UserError(f"MODEL {model_path} has no SPECTRA routers")
+    if int(train_blocks.max()) >= base.get_input_embeddings().num_embeddings:
+        raise UserError("the tokenizer in MODEL produces ids beyond the model's vocabulary")
+
+    options = ModeOptions(lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+                          target_modules=tuple(target_modules) if target_modules else None)
+    trainable = mode_impl.prepare(base, options)
+
+    run_config = {
+        "model": str(model_path), "model_fingerprint": _model_fingerprint(model_path),
+        "data_sha256": hashlib.sha256(train_blocks.numpy().tobytes()).hexdigest()[:16],
+        "mode": mode, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
+        "world_size": accelerator.num_processes, "lr_router": lr_router, "seed": seed,
+        "max_grad_norm": max_grad_norm, "mixed_precision": str(accelerator.mixed_precision),
+    }
+    if mode == "lora":
+        run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets)
+    default_ckpt = checkpoint_dir is None
+    ckpt = CheckpointDir(Path(checkpoint_dir).resolve() if checkpoint_dir else out.with_name(out.name + ".partial"),
+                         run_config)
+    resume_from = ckpt.check(resume=resume, force=force)  # every rank: same verdict, nobody has written yet
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.initialise(fresh=resume_from is None)
+    accelerator.wait_for_everyone()
+
+    optimizer = torch.optim.AdamW(mode_impl.param_groups(trainable, options), weight_decay=0.0)
+    model_p, optimizer = accelerator.prepare(trainable, optimizer)
+    install_checkpoint_hooks(accelerator, model_p)
+
+    state = TrainerState()
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainerState(**json.loads((resume_from / "trainer_state.json").read_text()))
+        if accelerator.is_main_process:
+            from ..console import err_console
+
+            err_console.print(f"resuming from {resume_from} (step {state.step})", highlight=False)
+    elif resume and accelerator.is_main_process:
+        from ..console import err_console
+
+        err_console.print(f"no checkpoint in {ckpt.path}; starting from step 0", highlight=False)
+
+    monitor = RouterMonitor(accelerator.unwrap_model(model_p))
+    eval_batch = max(1, batch_size)
+    if state.eval_before is None:
+        state.eval_before = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
+    loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
+                      log_every=log_every, max_grad_norm=max_grad_norm,
+                      log_file=Path(log_file) if log_file else None)
+    start_step = state.step
+    state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
+    eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
+    monitor.close()
+
+    unwrapped = accelerator.unwrap_model(model_p)
+    digests = gather_object([router_digest(unwrapped)])
+    summary = {
+        "mode": mode, "merged": merge, "steps": state.step, "final_loss": state.losses[-1] if state.losses else None,
+        "losses": state.losses, "eval_before": state.eval_before, "eval_after": eval_after,
+        "resumed_from_step": start_step if resume_from is not None else None,
+        "world_size": accelerator.num_processes, "rank_router_sha256": list(digests),
+        "train_blocks": int(train_blocks.shape[0]), "validation_blocks": int(val_blocks.shape[0]),
+        "config": run_config,
+    }
+    gathered = None
+    if sharded:  # FSDP / DeepSpeed hold shards: gather the full state on every rank (a collective)
+        gathered = accelerator.get_state_dict(model_p)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+            mode_impl.save(unwrapped, tmp, merge=merge, dtype=stored_dtype, state_dict=gathered)
+            tokenizer.save_pretrained(tmp)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if default_ckpt:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return FinetuneResult(
+        out=out, mode=mode, steps=state.step, final_loss=summary["final_loss"], losses=state.losses,
+        eval_before=state.eval_before, eval_after=eval_after,
+        resumed_from_step=summary["resumed_from_step"], world_size=accelerator.num_processes,
+    )
+
+
+__all__ = ["FinetuneResult", "finetune", "resolve_spectra_model", "router_modules"]

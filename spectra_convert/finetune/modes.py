@@ -1,0 +1,200 @@
+"""What trains in each fine-tuning mode: a small registry, one class per mode behind one interface.
+
+* ``router`` — only the SPECTRA routers (GRU, projector, expert vectors) train; every other tensor stays
+  bit-identical. Cheap, and safe for a freshly upcycled model whose experts are still copies of the parent.
+* ``lora``   — PEFT LoRA on the attention projections and on the fused 3-D expert tensors
+  (``target_parameters``), plus the routers trained fully through ``modules_to_save=["mlp.gate"]`` (the GRU is
+  not a LoRA target; matching ``"mlp.gate"`` rather than ``"gate"`` avoids ``shared_expert_gate``).
+
+A mode prepares the model, tells the trainer its parameter groups (the routers always use ``--lr-router``),
+names the tensors a resumable checkpoint must hold, and writes the final output folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+#: Where SPECTRA routers sit in every parent (dense parents: our MoE block; MoE parents: the parent's gate).
+ROUTER_MODULE = "mlp.gate"
+
+
+@dataclass
+class ModeOptions:
+    """The options that decide what trains; part of the resume config hash."""
+
+    lr_router: float = 5e-5
+    lr: float = 1e-5
+    lora_r: int = 16
+    lora_alpha: int = 32
+    target_modules: tuple[str, ...] | None = None
+    resolved_targets: dict[str, list[str]] = field(default_factory=dict)  # filled by LoraMode.prepare
+
+
+def is_router(module: nn.Module) -> bool:
+    """True for SPECTRA routers, matched by class name (the contract external tools use, DESIGN §3)."""
+    return type(module).__name__ == "SpectraRouter"
+
+
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_router(m)]
+
+
+def rebind_router_context(model: nn.Module) -> None:
+    """Point every router at the model's shared ``RoutingContext``.
+
+    PEFT's ``modules_to_save`` deep-copies the router, and the deep copy gets a private context: it would no
+    longer see the batch shape (its GRU would run across sequences), the cache, or the record list the aux
+    loss is computed from. Re-binding restores the sharing; call it after wrapping, merging or loading.
+    """
+    owner = next((m for m in model.modules() if "routing_context" in m.__dict__), None)
+    if owner is None:
+        return
+    for router in router_modules(model):
+        router.__dict__["context"] = owner.__dict__["routing_context"]
+
+
+def _router_param_ids(model: nn.Module) -> set[int]:
+    return {id(p) for router in router_modules(model) for p in router.parameters()}
+
+
+class RouterMode:
+    """Only router parameters train."""
+
+    name = "router"
+
+    def prepare(self, model: nn.Module, options: ModeOptions) -> nn.Module:
+        model.requires_grad_(False)
+        for router in router_modules(model):
+            router.requires_grad_(True)
+        return model
+
+    def param_groups(self, model: nn.Module, options: ModeOptions) -> list[dict[str, Any]]:
+        params = [p for router in router_modules(model) for p in router.parameters() if p.requires_grad]
+        return [{"params": params, "lr": options.lr_router}]
+
+    def save(self, model: nn.Module, out: Path, *, merge: bool, dtype: torch.dtype,
+             state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if state_dict is not None:  # FSDP / DeepSpeed: the full state was gathered by the trainer
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        model.to(dtype).save_pretrained(out, state_dict=state_dict)
+
+
+class LoraMode:
+    """PEFT LoRA on attention and expert projections; routers trained fully via ``modules_to_save``."""
+
+    name = "lora"
+
+    def prepare(self, model: nn.Module, options: ModeOptions) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        modules, parameters = resolve_lora_targets(model, options.target_modules)
+        options.resolved_targets = {"target_modules": modules, "target_parameters": parameters}
+        config = LoraConfig(
+            r=options.lora_r,
+            lora_alpha=options.lora_alpha,
+            lora_dropout=0.0,  # keeps a resumed run bit-identical to an uninterrupted one
+            target_modules=modules or None,
+            target_parameters=parameters or None,
+            modules_to_save=[ROUTER_MODULE],
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(model, config)
+        rebind_router_context(peft_model)
+        return peft_model
+
+    def param_groups(self, model: nn.Module, options: ModeOptions) -> list[dict[str, Any]]:
+        router_ids = _router_param_ids(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        routers = [p for p in trainable if id(p) in router_ids]
+        others = [p for p in trainable if id(p) not in router_ids]
+        return [{"params": routers, "lr": options.lr_router}, {"params": others, "lr": options.lr}]
+
+    def save(self, model: nn.Module, out: Path, *, merge: bool, dtype: torch.dtype,
+             state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if merge:
+            merged = model.merge_and_unload()
+            rebind_router_context(merged)
+            merged.to(dtype).save_pretrained(out)
+            return
+        # PEFT records the base folder from ``config._name_or_path``: the trainer loads MODEL by absolute path,
+        # so the adapter folder points at its base wherever it is read from.
+        model.save_pretrained(out, state_dict=state_dict)
+
+
+MODES: dict[str, RouterMode | LoraMode] = {"router": RouterMode(), "lora": LoraMode()}
+
+
+def get_mode(name: str) -> RouterMode | LoraMode:
+    if name not in MODES:
+        raise UserError(f"unknown --mode {name!r}; choose one of: {', '.join(MODES)}")
+    return MODES[name]
+
+
+# -- LoRA target resolution ------------------------------------------------------------------------------------
+
+
+def lora_candidates(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(linear module names, 3-D expert parameter names) a LoRA adapter can target, routers excluded.
+
+    Module candidates are leaf names (``q_proj``); expert parameters are dotted suffixes
+    (``mlp.experts.gate_up_proj``) because PEFT's ``target_parameters`` matches on them.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    linear: list[str] = []
+    params: list[str] = []
+    router_prefixes = [name + "." for name, m in model.named_modules() if is_router(m)]
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in router_prefixes) or is_router(module):
+            continue
+        if isinstance(module, (nn.Linear, Conv1D)):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in linear:
+                linear.append(leaf)
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() == 3 and "experts" in name:
+                suffix = ".".join(name.split(".")[-2:] + [pname])
+                if suffix not in params:
+                    params.append(suffix)
+    return linear, params
+
+
+def _attention_linears(model: nn.Module, linear: list[str]) -> list[str]:
+    """Default LoRA module targets: the linear leaves that live inside attention blocks."""
+    names = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in linear and "attn" in name and leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def resolve_lora_targets(model: nn.Module, requested: tuple[str, ...] | None) -> tuple[list[str], list[str]]:
+    """Split requested targets into PEFT ``target_modules`` and ``target_parameters``; refuse unknown names."""
+    linear, params = lora_candidates(model)
+    if not requested:
+        modules = _attention_linears(model, linear)
+        if not modules and not params:
+            raise UserError("no LoRA targets found in MODEL (no attention projections, no fused expert tensors)")
+        return modules, params
+    modules, parameters, unmatched = [], [], []
+    for name in requested:
+        if name in linear:
+            modules.append(name)
+        elif name in params or any(p.endswith("." + name) or p == name for p in params):
+            parameters.extend(p for p in params if p == name or p.endswith("." + name))
+        else:
+            unmatched.append(name)
+    if unmatched:
+        raise UserError(
+            f"LoRA target module(s) {', '.join(unmatched)} match nothing in MODEL; candidates: "
+            f"{', '.join(linear + params)}"
+        )
+    return modules, sorted(set(parameters), key=parameters.index)

@@ -1,0 +1,69 @@
+"""Router health while training: per-layer hard top-k loads (-> load CV) and Gram orthogonality.
+
+Loads are read the way every external tool reads SPECTRA routing (DESIGN §3): a forward hook on modules whose
+class name is ``SpectraRouter`` takes ``selected_experts`` (the third item of its output). Definitions follow
+DESIGN §5: CV = population std / mean of per-expert loads; Gram orthogonality = 1 - ||G - I||_F / (E sqrt 2)
+on the unit expert vectors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modes import router_modules
+
+
+def load_cv(loads: torch.Tensor) -> float:
+    """Coefficient of variation (population std / mean) of one layer's per-expert loads."""
+    loads = loads.double()
+    mean = loads.mean()
+    if mean <= 0:
+        return float("nan")
+    return float(loads.std(unbiased=False) / mean)
+
+
+def gram_orthogonality(expert_vectors: torch.Tensor) -> float:
+    """1 - ||G - I||_F / (E sqrt 2) for the Gram matrix G of the normalised expert vectors (1 = orthogonal)."""
+    mu = F.normalize(expert_vectors.detach().double(), dim=-1)
+    n = mu.shape[0]
+    gram = mu @ mu.T
+    return float(1.0 - torch.linalg.norm(gram - torch.eye(n, dtype=gram.dtype)) / (n * math.sqrt(2.0)))
+
+
+class RouterMonitor:
+    """Accumulates per-layer expert loads from router forward hooks until ``reset()``."""
+
+    def __init__(self, model: nn.Module):
+        self.routers = router_modules(model)
+        self.num_experts = self.routers[0].num_experts if self.routers else 0
+        self.layers = sorted({r.layer_idx for r in self.routers})
+        self.loads = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)
+        self._row = {layer: i for i, layer in enumerate(self.layers)}
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+
+    def _hook(self, module: nn.Module, inputs, output) -> None:
+        selected = output[2].detach().reshape(-1).cpu()
+        self.loads[self._row[module.layer_idx]] += torch.bincount(selected, minlength=self.num_experts).double()
+
+    def reset(self) -> None:
+        self.loads.zero_()
+
+    def cvs(self, loads: torch.Tensor | None = None) -> list[float]:
+        loads = self.loads if loads is None else loads
+        return [load_cv(row) for row in loads]
+
+    def gram_orthogonality(self) -> list[float]:
+        """Per layer, of the router that is active (PEFT keeps a frozen original beside the trained copy)."""
+        active = {}
+        for router in self.routers:  # later modules (PEFT's trained copy) win over the original
+            active[router.layer_idx] = router
+        return [gram_orthogonality(active[layer].expert_vectors) for layer in self.layers]
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

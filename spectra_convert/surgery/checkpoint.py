@@ -1,0 +1,567 @@
+"""Checkpoint I/O for the converters: model folders in, safetensors shards out, atomically.
+
+Why it is hand-rolled around the safetensors *format* rather than ``save_pretrained``: converters must never
+hold a whole model (mergekit #54/#157: conversions killed by RAM, half-written output). So
+
+* ``CheckpointReader`` validates every shard's header up front (a corrupt or truncated file fails in one line
+  naming it, before any expensive work) and reads one tensor at a time with ``pread`` — no mmap, so the bytes
+  it touches do not linger in the process's resident set.
+* ``ShardWriter`` writes shards as they fill (memory ~ one shard), hard-links untouched shards, and rewrites a
+  shard that needs a few tensors changed *by streaming the other tensors' bytes* from the source file
+  (``copy_file_range``): expert tensors keep their names and exact bytes and never enter Python memory.
+* ``atomic_output_dir`` builds the output in a temp folder next to OUT and renames it into place at the end,
+  so an interrupted conversion leaves nothing half-written; OUT is never overwritten without ``--force`` and
+  may not lie inside an input (a rename would then destroy the input).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+AUTO_MAP = {"AutoConfig": "configuration_spectra.SpectraConfig", "AutoModelForCausalLM": "modeling_spectra.SpectraForCausalLM"}
+RUNTIME_FILES = ("configuration_spectra.py", "modeling_spectra.py")
+
+# safetensors dtype names <-> torch dtypes (the subset torch supports on every platform we run).
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolving MODEL and reading its config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.fullmatch(model)) and ".." not in model and not model.startswith(".")
+
+
+def resolve_model_dir(model: str, *, allow_patterns: list[str] | None = None) -> Path:
+    """A local model folder for ``model``: the folder itself, or a Hub snapshot downloaded into the HF cache.
+
+    A path that exists must be a folder. A missing path that looks like a Hub id (``org/name``) is fetched with
+    ``huggingface_hub.snapshot_download``; any failure to reach the Hub (offline, no network) is one line that
+    tells the user to pass a local folder instead.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{model}: not a folder; MODEL must be a model folder or a Hugging Face Hub id")
+        return path.resolve()
+    if not _looks_like_hub_id(model):
+        raise UserError(f"{model}: no such folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns)).resolve()
+    except RepositoryNotFoundError:
+        raise UserError(f"{model}: no such local folder and no such model on the Hugging Face Hub") from None
+    except Exception as exc:  # any network/offline/cache failure: the fix is the same
+        raise UserError(
+            f"{model}: no such local folder, and cannot download {model!r} from the Hugging Face Hub (offline?): "
+            f"pass a local model folder ({type(exc).__name__})"
+        ) from None
+
+
+def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
+    """The parent's ``PretrainedConfig``; one-line errors for a folder that is not a (supported) model."""
+    from transformers import AutoConfig
+
+    from .adapters import ADAPTERS, supported_message
+
+    model_dir = Path(model_dir)
+    if gguf_file:
+        try:
+            return AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file)
+        except Exception as exc:  # gguf parsing errors come in many types
+            raise UserError(f"{model_dir / gguf_file}: cannot read a model config from this GGUF file ({_first_line(exc)})") from None
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{model_dir}: not a model folder (no config.json)")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{config_path}: not a valid JSON config ({_first_line(exc)})") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise UserError(f"{config_path}: no 'model_type' field; not a transformers model config")
+    model_type = raw["model_type"]
+    if model_type == "spectra":
+        raise UserError(f"{model_dir} is already a SPECTRA model; convert its parent model instead")
+    if model_type not in ADAPTERS:
+        raise UserError(f"unsupported architecture {model_type!r}; {supported_message()}")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{config_path}: cannot build a {model_type} config ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path]) -> Iterator[Path]:
+    """Yield a temp folder next to ``out``; on success rename it to ``out``, on any error remove it.
+
+    Checks happen before any work: ``out`` must not exist (unless ``force``), must not be or lie inside an
+    input, and no input may lie inside ``out`` (``--force`` would delete it).
+    """
+    out = Path(out).expanduser()
+    target = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if _is_within(target, source):
+            raise UserError(f"output folder {out} is inside the input {item}; choose an output outside it")
+        if _is_within(source, target):
+            raise UserError(f"the input {item} is inside the output folder {out}; choose another output")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UserError(f"{out} exists; pass --force to overwrite")
+        if not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder; remove it or choose another output")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        _move_into_place(tmp, target, force=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, target: Path, *, force: bool) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if not force:  # appeared while we were working
+        raise UserError(f"{target} exists; pass --force to overwrite")
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rename(target, old / "previous")
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old / "previous", target)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors format: header validation, reading one tensor, streaming writes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live inside a safetensors file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``.
+
+    Raises ``UserError`` naming the file when it is not safetensors, its header is damaged, or it is truncated
+    (a tensor's bytes would lie past the end of the file).
+    """
+    def bad(reason: str) -> UserError:
+        return UserError(f"{path}: corrupt or truncated safetensors file ({reason})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than a header")
+            length = int.from_bytes(prefix, "little")
+            if length <= 0 or length > _MAX_HEADER or 8 + length > size:
+                raise bad("invalid header length")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    base = 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad entry for {name!r}") from None
+        if dtype not in _DTYPES:
+            raise bad(f"unsupported dtype {dtype!r} of {name!r}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        itemsize = _DTYPES[dtype].itemsize
+        if not (0 <= begin <= end) or end - begin != numel * itemsize:
+            raise bad(f"bad data offsets of {name!r}")
+        if base + end > size:
+            raise bad(f"tensor {name!r} ends past the end of the file")
+        tensors[name] = TensorInfo(dtype, shape, base + begin, base + end)
+    return tensors, metadata
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes read with ``pread`` into a fresh tensor (no mmap: memory is exactly the tensor)."""
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        with open(path, "rb", buffering=0) as handle:
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < info.nbytes:
+                count = os.preadv(handle.fileno(), [view[done:]], info.start + done)
+                if count <= 0:
+                    raise UserError(f"{path}: truncated while reading (file changed during conversion?)")
+                done += count
+    return buffer.view(_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _copy_range(src: Any, dst: Any, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of file ``src`` to the current position of ``dst`` (kernel-side)."""
+    src_fd, dst_fd = src.fileno(), dst.fileno()
+    try:
+        while count > 0:
+            done = os.copy_file_range(src_fd, dst_fd, count, offset)
+            if done <= 0:
+                raise OSError("copy_file_range made no progress")
+            offset += done
+            count -= done
+        return
+    except (AttributeError, OSError):
+        pass  # not supported across these filesystems: fall back to a bounded buffer
+    src.seek(offset)
+    while count > 0:
+        chunk = src.read(min(count, 16 * 1024 * 1024))
+        if not chunk:
+            raise UserError(f"{src.name}: truncated while copying")
+        dst.write(chunk)
+        count -= len(chunk)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor to write: either in memory (``tensor``) or a byte range of a source file (``source``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    tensor: torch.Tensor | None = None
+    source: tuple[Path, TensorInfo] | None = None
+
+
+def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
+    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as the reference writer does
+    handles: dict[Path, Any] = {}
+    try:
+        with open(dst, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for entry in entries:
+                if entry.tensor is not None:
+                    out.write(_tensor_bytes(entry.tensor))
+                else:
+                    src_path, info = entry.source  # type: ignore[misc]
+                    if src_path not in handles:
+                        handles[src_path] = open(src_path, "rb")
+                    out.flush()
+                    _copy_range(handles[src_path], out, info.start, info.nbytes)
+                    out.seek(0, os.SEEK_END)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return offset
+
+
+def _memory_entry(name: str, tensor: torch.Tensor) -> _Entry:
+    if tensor.dtype not in _DTYPE_NAMES:
+        raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
+    return _Entry(name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a model folder's checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointReader:
+    """All tensors of a model folder (``model.safetensors.index.json`` + shards, or one ``model.safetensors``).
+
+    Every shard header is validated on construction; tensors are read one at a time on demand.
+    """
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_NAME
+        single = self.model_dir / SINGLE_NAME
+        if index.is_file():
+            try:
+                data = json.loads(index.read_text(encoding="utf-8"))
+                weight_map = data["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            self.metadata: dict[str, Any] = data.get("metadata") or {}
+            self._shard_of = {name: self.model_dir / file for name, file in weight_map.items()}
+        elif single.is_file():
+            self.metadata = {}
+            self._shard_of = None  # filled from the header below
+        else:
+            found = sorted(p.name for p in self.model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+            hint = f" (found {found[0]}; only safetensors checkpoints are supported)" if found else ""
+            raise UserError(f"{self.model_dir}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+        shard_paths = sorted({single} if self._shard_of is None else set(self._shard_of.values()))
+        self.headers: dict[Path, dict[str, TensorInfo]] = {}
+        self.shard_metadata: dict[Path, dict[str, str]] = {}
+        for path in shard_paths:
+            if not path.is_file():
+                raise UserError(f"{index}: names the shard {path.name}, which is missing")
+            self.headers[path], self.shard_metadata[path] = read_header(path)
+        if self._shard_of is None:
+            self._shard_of = {name: single for name in self.headers[single]}
+        for name, path in self._shard_of.items():
+            if name not in self.headers[path]:
+                raise UserError(f"{index}: says {name!r} is in {path.name}, but that shard has no such tensor")
+
+    @property
+    def shards(self) -> list[Path]:
+        return list(self.headers)
+
+    def keys(self) -> list[str]:
+        return list(self._shard_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._shard_of
+
+    def shard_of(self, name: str) -> Path:
+        return self._shard_of[name]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self._shard_of[name]][name]
+
+    def keys_in(self, shard: Path) -> list[str]:
+        """The indexed tensors stored in ``shard``, in file order."""
+        return [name for name in self.headers[shard] if self._shard_of.get(name) == shard]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._shard_of:
+            raise KeyError(name)
+        return read_tensor(self._shard_of[name], self.info(name))
+
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for header in self.headers.values() for info in header.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing shards
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def hardlink_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to ``dst`` (same filesystem); else copy it (kernel-side). Returns True when linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:
+        shutil.copyfile(src, dst)
+        return False
+
+
+class ShardWriter:
+    """Writes safetensors shards + ``model.safetensors.index.json`` into ``out_dir``.
+
+    Three ways to add tensors, which can be mixed:
+    ``add`` (in memory; a shard is flushed when ``max_shard_bytes`` is reached, so memory stays ~ one shard),
+    ``link_shard`` (a whole existing shard, hard-linked or copied), ``rewrite_shard`` (an existing shard with
+    some tensors dropped and others added; kept tensors are byte-copied from the source, never loaded).
+    The final shard count is only known at ``close``, so shards are written under temp names and renamed then.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3):
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = int(max_shard_bytes)
+        self._pending: list[_Entry] = []
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str], int]] = []  # (temp path, names, data bytes)
+        self._names: set[str] = set()
+        self.linked = 0  # shards hard-linked (not copied)
+        self.closed = False
+
+    def _claim(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name in self._names:
+                raise ValueError(f"tensor {name!r} written twice")
+            self._names.add(name)
+
+    def _temp_path(self) -> Path:
+        return self.out_dir / f".shard-{len(self._shards):05d}.safetensors.tmp"
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        entry = _memory_entry(name, tensor.detach().to("cpu").contiguous())
+        self._claim([name])
+        if self._pending and self._pending_bytes + entry.nbytes > self.max_shard_bytes:
+            self.flush()
+        self._pending.append(entry)
+        self._pending_bytes += entry.nbytes
+
+    def flush(self) -> None:
+        """Write the tensors added so far as one shard."""
+        if not self._pending:
+            return
+        path = self._temp_path()
+        size = _write_safetensors(path, self._pending, {"format": "pt"})
+        self._shards.append((path, [e.name for e in self._pending], size))
+        self._pending, self._pending_bytes = [], 0
+
+    def link_shard(self, src_path: Path, names: list[str] | None = None) -> bool:
+        """Add a whole existing shard (hard link, else copy). ``names``: the tensors to index (default all)."""
+        self.flush()
+        header, _ = read_header(Path(src_path))
+        names = list(header) if names is None else list(names)
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise ValueError(f"{src_path} has no tensor {missing[0]!r}")
+        self._claim(names)
+        path = self._temp_path()
+        linked = hardlink_or_copy(Path(src_path), path)
+        self.linked += int(linked)
+        self._shards.append((path, names, sum(info.nbytes for info in header.values())))
+        return linked
+
+    def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor]) -> None:
+        """Write a new shard holding ``keep`` (byte-copied from ``src_path``, in that order) then ``add``."""
+        self.flush()
+        src_path = Path(src_path)
+        header, metadata = read_header(src_path)
+        entries = [_Entry(n, header[n].dtype, header[n].shape, header[n].nbytes, source=(src_path, header[n])) for n in keep]
+        entries += [_memory_entry(n, t.detach().to("cpu").contiguous()) for n, t in add.items()]
+        self._claim(e.name for e in entries)
+        path = self._temp_path()
+        size = _write_safetensors(path, entries, {"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+        self._shards.append((path, [e.name for e in entries], size))
+
+    def close(self, extra_index_entries: dict[str, str] | None = None) -> dict[str, str]:
+        """Name shards ``model-0000i-of-0000N.safetensors``, write the index; returns the weight map."""
+        self.flush()
+        total = len(self._shards)
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for number, (path, names, size) in enumerate(self._shards, start=1):
+            final = f"model-{number:05d}-of-{total:05d}.safetensors"
+            os.rename(path, self.out_dir / final)
+            weight_map.update({name: final for name in names})
+            total_size += size
+        weight_map.update(extra_index_entries or {})
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        self.closed = True
+        return weight_map
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Everything else in an output folder
+# ---------------------------------------------------------------------------------------------------------------
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx", ".npz")
+_NOT_COPIED = {"config.json", "README.md", INDEX_NAME, "pytorch_model.bin.index.json"}
+_SIDE_DIRS = ("additional_chat_templates",)
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
+    """Copy tokenizer files, generation config, chat templates, licence... (not weights, config.json, code,
+    or the parent's README, which the model card replaces). Returns the names copied."""
+    copied = []
+    for path in sorted(Path(src_dir).iterdir()):
+        name = path.name
+        if name.startswith(".") or name in _NOT_COPIED:
+            continue
+        if path.is_dir():
+            if name in _SIDE_DIRS:
+                shutil.copytree(path, Path(dst_dir) / name)
+                copied.append(name + "/")
+            continue
+        if path.suffix in _WEIGHT_SUFFIXES or path.suffix == ".py" or name.endswith(".index.json"):
+            continue
+        shutil.copyfile(path, Path(dst_dir) / name)
+        copied.append(name)
+    return copied
+
+
+def write_runtime_files(dst_dir: Path) -> None:
+    """Ship the SPECTRA runtime (``configuration_spectra.py``, ``modeling_spectra.py``) inside the folder."""
+    runtime = Path(__file__).resolve().parent.parent / "modeling"
+    for name in RUNTIME_FILES:
+        shutil.copyfile(runtime / name, Path(dst_dir) / name)
+
+
+def write_spectra_config(dst_dir: Path, spectra_config: Any) -> Path:
+    """Write ``config.json`` with ``auto_map`` and ``architectures`` so transformers finds the shipped code."""
+    config = copy.deepcopy(spectra_config)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["SpectraForCausalLM"]
+    path = Path(dst_dir) / "config.json"
+    config.to_json_file(path, use_diff=True)
+    return path

@@ -1,0 +1,272 @@
+"""Rerouting: an MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE) -> the same experts routed by SPECTRA.
+
+Only the routers change (DESIGN §4). Flow:
+1. resolve MODEL, read its config, pick the architecture adapter, validate every shard header;
+2. tokenize calibration text and run the parent one decoder layer at a time (``streaming``), so each layer's
+   FFN inputs exist while that layer's new router is initialised (gate | distill | kmeans) and its dual bias
+   calibrated on hard top-k loads; top-k agreement with the old gate is measured on the same tokens;
+3. write the output shard by shard: shards without a gate are hard-linked (copied across filesystems);
+   shards with gates are rewritten with the old ``gate.weight`` dropped and the router tensors added, every
+   other tensor byte-copied from the source file. Expert tensors keep their names and bytes and are never
+   loaded for writing, so memory stays ~ one layer whatever the checkpoint size;
+4. config (``auto_map``), runtime code, tokenizer/side files, model card — all in a temp folder renamed into
+   place at the end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..console import err_console, human_bytes, progress, summary_table
+from ..errors import UserError
+from ..modeling.configuration_spectra import SpectraConfig
+from ..modeling.modeling_spectra import SpectraRouter
+from . import checkpoint
+from .adapters import MoeAdapter, adapter_for
+from .calibrate import INIT_METHODS, calibrate_bias, calibration_batches, init_router, topk_agreement
+from .streaming import stream_ffn_inputs
+
+CALIBRATION_BATCH = 8  # sequences per layer forward while streaming
+
+
+@dataclass
+class RerouteResult:
+    """What a reroute produced (also printed as the closing summary)."""
+
+    output: Path
+    experts: int
+    top_k: int
+    layers: int
+    router_init: str
+    params_total: int
+    params_active: int
+    output_bytes: int
+    layer_cv: dict[int, float] = field(default_factory=dict)
+    layer_agreement: dict[int, float] = field(default_factory=dict)
+    shards_linked: int = 0
+    shards_copied: int = 0
+    shards_rewritten: int = 0
+
+
+def _check_options(router_init: str, calibration_tokens: int, router_dim: int) -> None:
+    if router_init not in INIT_METHODS:
+        raise UserError(f"--router-init must be one of {', '.join(INIT_METHODS)}, got {router_init!r}")
+    if calibration_tokens < 1:
+        raise UserError(f"--calibration-tokens must be positive, got {calibration_tokens}")
+    if router_dim < 1:
+        raise UserError(f"--router-dim must be positive, got {router_dim}")
+
+
+def _moe_shape(model: str, config, adapter) -> tuple[int, int]:
+    if not isinstance(adapter, MoeAdapter):
+        raise UserError(
+            f"{model} is a dense model ({config.model_type}); use `spectra-convert upcycle` to turn it into a "
+            "mixture of experts"
+        )
+    experts, top_k = adapter.num_experts(config), adapter.top_k(config)
+    if experts < 2:
+        raise UserError(f"{model} has {experts} expert(s) per layer; rerouting needs at least 2")
+    if not 1 <= top_k <= experts:
+        raise UserError(f"{model}: config top-k ({top_k}) must be between 1 and the number of experts ({experts})")
+    return experts, top_k
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # tokenizer loading fails in many library-specific ways
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load the tokenizer from {model_dir} (calibration needs it): {text}") from None
+
+
+def _param_counts(reader: checkpoint.CheckpointReader, adapter: MoeAdapter, layers: list[int], experts: int,
+                  top_k: int, gate_keys: set[str], router_numel: int) -> tuple[int, int]:
+    """(total, active per token) parameters of the rerouted model: only top-k of E routed experts run."""
+    def numel(name: str) -> int:
+        count = 1
+        for dim in reader.info(name).shape:
+            count *= dim
+        return count
+
+    total = sum(numel(k) for k in reader.keys() if k not in gate_keys) + router_numel * len(layers)
+    routed = 0
+    for i in layers:
+        pattern = re.compile(re.escape(adapter.disk_prefix(i)) + r"experts\.\d+\.")
+        routed += sum(numel(k) for k in reader.keys() if pattern.match(k))
+    return total, total - routed * (experts - top_k) // experts
+
+
+def reroute(
+    model: str,
+    out: str | Path,
+    *,
+    router_init: str = "gate",
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 8192,
+    router_dim: int = 128,
+    seed: int = 0,
+    force: bool = False,
+) -> RerouteResult:
+    """Replace the routers of the MoE model ``model`` (folder or Hub id) by calibrated SPECTRA routers in ``out``."""
+    from ..textdata import default_calibration_path, load_texts
+
+    _check_options(router_init, calibration_tokens, router_dim)
+    out = Path(out)
+    model_dir = checkpoint.resolve_model_dir(model)
+    parent_config = checkpoint.read_parent_config(model_dir)
+    adapter = adapter_for(parent_config)
+    experts, top_k = _moe_shape(model, parent_config, adapter)
+    reader = checkpoint.CheckpointReader(model_dir)
+    layers = [i for i in range(adapter.num_layers(parent_config)) if adapter.gate_key(i) in reader]
+    if not layers:
+        raise UserError(f"{model_dir}: no router weights found (expected e.g. {adapter.gate_key(0)!r})")
+    gate_keys = {adapter.gate_key(i) for i in layers}
+    try:
+        spectra_config = SpectraConfig(
+            text_config=parent_config.to_dict(),
+            spectra={"num_experts": experts, "top_k": top_k, "router_dim": router_dim, "source": "rerouted"},
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    tokenizer = _load_tokenizer(model_dir)
+    texts = [record.text for record in load_texts(calibration or default_calibration_path())]
+
+    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
+        try:
+            blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if int(blocks.max()) >= parent_config.vocab_size:
+            raise UserError(f"the tokenizer in {model_dir} produces ids beyond the model's vocabulary "
+                            f"({int(blocks.max())} >= {parent_config.vocab_size})")
+        routers, layer_cv, layer_agreement = _calibrate_routers(
+            model_dir, reader, parent_config, spectra_config, adapter, layers, blocks, router_init, seed, top_k
+        )
+        writer = _write_shards(reader, tmp, {adapter.gate_key(i): routers[i] for i in layers})
+        checkpoint.write_spectra_config(tmp, spectra_config)
+        checkpoint.write_runtime_files(tmp)
+        checkpoint.copy_side_files(model_dir, tmp)
+        _write_model_card(tmp, model)
+        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+
+    router_numel = sum(t.numel() for t in next(iter(routers.values())).values())
+    total, active = _param_counts(reader, adapter, layers, experts, top_k, gate_keys, router_numel)
+    result = RerouteResult(
+        output=out, experts=experts, top_k=top_k, layers=len(layers), router_init=router_init,
+        params_total=total, params_active=active, output_bytes=output_bytes, layer_cv=layer_cv,
+        layer_agreement=layer_agreement, shards_linked=writer.linked,
+        shards_copied=writer.link_attempts - writer.linked, shards_rewritten=writer.rewritten,
+    )
+    _print_summary(model, result, blocks.numel())
+    return result
+
+
+def _calibrate_routers(model_dir, reader, parent_config, spectra_config, adapter, layers, blocks, router_init,
+                       seed, top_k):
+    """Stream the parent layer by layer; build, initialise and calibrate one SpectraRouter per MoE layer."""
+    routers: dict[int, dict[str, torch.Tensor]] = {}
+    layer_cv: dict[int, float] = {}
+    layer_agreement: dict[int, float] = {}
+    wanted = set(layers)
+    torch.manual_seed(seed)
+
+    def on_layer(i: int, inputs: torch.Tensor) -> None:
+        if i not in wanted:
+            return
+        router = SpectraRouter(parent_config.hidden_size, spectra_config.spectra, i)
+        gate_weight = reader.get(adapter.gate_key(i)).float()
+        init_router(router, inputs, init=router_init, gate_weight=gate_weight, seed=seed + i)
+        layer_cv[i] = calibrate_bias(router, inputs)
+        layer_agreement[i] = topk_agreement(router, inputs, gate_weight, top_k)
+        routers[i] = {adapter.router_prefix(i) + name: t.detach().float().contiguous()
+                      for name, t in router.state_dict().items()}
+
+    batches = list(blocks.split(CALIBRATION_BATCH))
+    total_layers = adapter.num_layers(parent_config)
+    with progress() as bar:
+        task = bar.add_task(f"calibrating routers on {blocks.numel()} tokens ({router_init} init)", total=total_layers)
+        stream_ffn_inputs(model_dir, parent_config, batches, on_layer=on_layer, reader=reader,
+                          on_progress=lambda i: bar.advance(task))
+    return routers, layer_cv, layer_agreement
+
+
+class _CountingWriter(checkpoint.ShardWriter):
+    """ShardWriter that also counts what it did (for the summary)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.link_attempts = 0
+        self.rewritten = 0
+
+    def link_shard(self, src_path, names=None):
+        self.link_attempts += 1
+        return super().link_shard(src_path, names)
+
+    def rewrite_shard(self, src_path, *, keep, add):
+        self.rewritten += 1
+        return super().rewrite_shard(src_path, keep=keep, add=add)
+
+
+def _write_shards(reader, tmp: Path, routers_by_gate: dict[str, dict[str, torch.Tensor]]):
+    """Link shards without gates; rewrite shards with gates (old gate out, router tensors in, rest byte-copied).
+
+    ``routers_by_gate`` maps an old gate key to the router tensors replacing it (written into the same shard)."""
+    gate_keys = set(routers_by_gate)
+    writer = _CountingWriter(tmp)
+    with progress() as bar:
+        task = bar.add_task("writing shards (experts linked or byte-copied)", total=len(reader.shards))
+        for shard in reader.shards:
+            names = reader.keys_in(shard)
+            gates = [n for n in names if n in gate_keys]
+            if not gates:
+                writer.link_shard(shard, names)
+            else:
+                added: dict[str, torch.Tensor] = {}
+                for gate in gates:
+                    added.update(routers_by_gate[gate])
+                writer.rewrite_shard(shard, keep=[n for n in names if n not in gate_keys], add=added)
+            bar.advance(task)
+    writer.close()
+    return writer
+
+
+def _write_model_card(out_dir: Path, base_model: str) -> None:
+    try:
+        from ..modelcard import write_model_card
+    except ImportError:
+        # The model card module is optional at this layer; the YAML front matter is what the Hub needs.
+        (out_dir / "README.md").write_text(
+            f"---\nbase_model: {base_model}\nlibrary_name: transformers\ntags:\n- moe\n- spectra\n---\n",
+            encoding="utf-8",
+        )
+        return
+    write_model_card(out_dir, base_model=base_model)
+
+
+def _print_summary(model: str, result: RerouteResult, tokens: int) -> None:
+    cvs, agreements = list(result.layer_cv.values()), list(result.layer_agreement.values())
+    summary_table(
+        f"rerouted {model} -> {result.output}",
+        ["", "value"],
+        [["experts / top-k", f"{result.experts} / {result.top_k}"],
+         ["MoE layers", result.layers],
+         ["router init", result.router_init],
+         ["params total / active", f"{result.params_total / 1e6:.2f}M / {result.params_active / 1e6:.2f}M"],
+         ["output size", human_bytes(result.output_bytes)],
+         ["shards linked / copied / rewritten",
+          f"{result.shards_linked} / {result.shards_copied} / {result.shards_rewritten}"],
+         ["calibration CV mean / worst", f"{sum(cvs) / len(cvs):.4f} / {max(cvs):.4f}"],
+         ["top-k agreement with old gate (mean)", f"{sum(agreements) / len(agreements):.4f}"]],
+    )
+    summary_table(
+        f"per-layer calibration ({tokens} tokens; top-k agreement = share of the old gate's top-k kept)",
+        ["layer", "calibration CV", "top-k agreement"],
+        [[i, result.layer_cv[i], result.layer_agreement[i]] for i in sorted(result.layer_cv)],
+    )
+    err_console.print(f"[green]done:[/] {result.output}")

@@ -1,0 +1,162 @@
+"""Run a parent model over calibration tokens one decoder layer at a time, straight from its checkpoint.
+
+Why: a router is calibrated on its layer's FFN inputs, and those depend on every layer below. Loading the
+whole model to get them is what makes peer tools die on big MoE checkpoints (DESIGN §7: "gate init that needs
+the whole model in memory"). Here the model is built on the meta device (no memory), only the embeddings and
+rotary tables are materialised, and each decoder layer is loaded from the checkpoint, run on the hidden states,
+and freed. Peak memory: embeddings + one layer + the calibration activations.
+
+Checkpoints store experts per expert (Mixtral legacy ``block_sparse_moe.experts.N.w1|w2|w3``, Qwen/OLMoE
+``mlp.experts.N.gate_proj|up_proj|down_proj``) while transformers 5 modules hold them fused
+(``mlp.experts.gate_up_proj [E, 2I, H]`` = cat(gate, up) on dim 1, ``mlp.experts.down_proj [E, H, I]``) —
+the same fusion ``transformers/conversion_mapping.py`` applies at load; it is done here per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .adapters import MoeAdapter, adapter_for
+from .checkpoint import CheckpointReader
+
+
+def _module_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise ValueError(f"{type(target).__name__} is not inside {type(root).__name__}")
+
+
+def _layer_state(reader: CheckpointReader, adapter: Any, disk_layer_prefix: str, i: int) -> dict[str, torch.Tensor]:
+    """Layer ``i``'s tensors keyed by module name relative to the layer, experts fused as transformers 5 does."""
+    keys = [k for k in reader.keys() if k.startswith(disk_layer_prefix)]
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, list[tuple[int, str]]] = {}
+    pattern = None
+    if isinstance(adapter, MoeAdapter):
+        roles = {name: role for role, name in adapter.expert_names.items()}
+        pattern = re.compile(re.escape(adapter.disk_prefix(i)) + r"experts\.(\d+)\.(\w+)\.weight")
+    for key in keys:
+        match = pattern.fullmatch(key) if pattern else None
+        if match and match.group(2) in roles:
+            experts.setdefault(roles[match.group(2)], []).append((int(match.group(1)), key))
+            continue
+        name = adapter.to_module_key(key) if isinstance(adapter, MoeAdapter) else key
+        state[name[len(disk_layer_prefix):]] = reader.get(key)
+    if experts:
+        module_prefix = adapter.mlp_prefix(i)[len(disk_layer_prefix):] + "experts."
+        count = max(e for items in experts.values() for e, _ in items) + 1
+        for role, items in experts.items():
+            if sorted(e for e, _ in items) != list(range(count)):
+                raise UserError(f"layer {i}: the checkpoint is missing some experts' {role} weights")
+        state[module_prefix + "gate_up_proj"] = _fuse(reader, [experts["gate"], experts["up"]], count)
+        state[module_prefix + "down_proj"] = _fuse(reader, [experts["down"]], count)
+    return state
+
+
+def _fuse(reader: CheckpointReader, parts: list[list[tuple[int, str]]], count: int) -> torch.Tensor:
+    """Stack per-expert weights into ``[E, sum(rows), cols]`` without holding more than one extra expert."""
+    first = [reader.info(dict(items)[0]) for items in parts]
+    rows = [info.shape[0] for info in first]
+    fused = None
+    for part, items in enumerate(parts):
+        offset = sum(rows[:part])
+        for expert, key in items:
+            tensor = reader.get(key)
+            if fused is None:
+                fused = torch.empty(count, sum(rows), tensor.shape[1], dtype=tensor.dtype)
+            fused[expert, offset : offset + rows[part]] = tensor
+            del tensor
+    assert fused is not None
+    return fused
+
+
+def _mask_kind(config: Any, i: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+
+
+def stream_ffn_inputs(
+    model_dir: Path,
+    config: Any,
+    token_batches: list[torch.Tensor],
+    *,
+    on_layer: Callable[[int, torch.Tensor], None],
+    reader: CheckpointReader | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> None:
+    """Call ``on_layer(i, ffn_input [B, T, H] float32)`` for every decoder layer, loading one layer at a time.
+
+    ``token_batches`` are ``[B, T]`` LongTensors (no padding; causal attention). ``on_layer`` receives the input of
+    ``layer.mlp`` for all batches concatenated along B, and runs in the caller's grad mode (router distillation
+    trains inside it); the parent's forward runs without autograd.
+    """
+    grad_mode = torch.is_grad_enabled()
+    with torch.no_grad():
+        _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode)
+
+
+def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode: bool) -> None:
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from ..modeling.modeling_spectra import decoder_layers
+
+    reader = reader or CheckpointReader(Path(model_dir))
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base = skeleton.base_model
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        raise UserError(f"layer-streamed calibration supports rotary decoder models, not {config.model_type}")
+    rotary = type(rotary)(config=skeleton.config)  # real inv_freq buffers on CPU (meta ones hold no values)
+    embeddings = skeleton.get_input_embeddings()
+    embed_key = _module_name(skeleton, embeddings) + ".weight"
+    if embed_key not in reader:
+        raise UserError(f"{model_dir}: the checkpoint has no {embed_key!r}")
+    embeddings.load_state_dict({"weight": reader.get(embed_key)}, assign=True)
+    layers = decoder_layers(skeleton)
+    layers_name = _module_name(skeleton, layers)
+
+    hidden = [embeddings(ids) for ids in token_batches]
+    embeddings.to("meta")  # free it: only the layers are needed from here on
+    position_ids = [torch.arange(ids.shape[1]).unsqueeze(0) for ids in token_batches]
+    position_embeddings = [rotary(h, pos) for h, pos in zip(hidden, position_ids)]
+    mask_fn = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+    for i, layer in enumerate(layers):
+        state = _layer_state(reader, adapter, f"{layers_name}.{i}.", i)
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise UserError(f"layer {i} of {model_dir} does not match its config ({str(exc).splitlines()[0]})") from None
+        del state
+        captured: list[torch.Tensor] = []
+        hook = layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].float()))
+        try:
+            for b, h in enumerate(hidden):
+                mask = mask_fn[_mask_kind(skeleton.config, i)](
+                    config=skeleton.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                    position_ids=position_ids[b],
+                )
+                out = layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
+                            use_cache=False, position_embeddings=position_embeddings[b])
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+        finally:
+            hook.remove()
+        layer.to("meta")  # drop this layer's weights before the next one is loaded
+        with torch.set_grad_enabled(grad_mode):
+            on_layer(i, torch.cat(captured))
+        del captured
+        if on_progress is not None:
+            on_progress(i)

@@ -1,0 +1,299 @@
+"""Upcycling: a dense causal LM -> a SPECTRA mixture-of-experts model, calibrated before any training.
+
+Flow (DESIGN §4):
+1. load the dense parent (the input; GGUF is dequantised by transformers) and its tokenizer;
+2. one forward over calibration text captures every layer's FFN input (the router's input);
+3. layer by layer: build experts from the dense FFN (``copy`` + noise, or ``split`` neurons), initialise the
+   router's prototypes by k-means on that layer's inputs, calibrate its dual bias on hard top-k loads, and
+   stream the layer's tensors into safetensors shards — only one MoE layer exists in memory at a time;
+4. write the non-FFN tensors, config (auto_map), runtime files, tokenizer, generation config, model card —
+   all in a temp folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..console import human_bytes, progress, summary_table
+from ..errors import UserError
+from ..modeling.configuration_spectra import SpectraConfig
+from ..modeling.modeling_spectra import RoutingContext, SpectraMoeBlock
+from . import adapters as adapter_registry
+from . import checkpoint
+from .calibrate import calibrate_bias, calibration_batches, init_router
+
+METHODS = ("copy", "split")
+SPLIT_MODES = ("random", "balanced")
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class UpcycleResult:
+    output: Path
+    experts: int
+    top_k: int
+    layers: int
+    params_total: int
+    params_active: int
+    output_bytes: int
+    layer_cv: list[float] = field(default_factory=list)
+
+
+# -- loading the dense parent ------------------------------------------------------------------------------------
+
+
+def load_dense_parent(model_dir: Path, gguf_file: str | None, dtype: torch.dtype):
+    """The dense model and tokenizer. GGUF weights are dequantised; its quantizer state is dropped (DESIGN §7)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot load the dense model from {model_dir}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    if gguf_file:  # a GGUF-loaded model refuses save_pretrained; we only keep its dequantised tensors
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.config.architectures = [type(model).__name__]
+    return model, tokenizer
+
+
+@torch.no_grad()
+def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch."""
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: captured[i].append(args[0].float()))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with progress() as bar:
+            task = bar.add_task("capturing router inputs", total=batches.shape[0])
+            for start in range(0, batches.shape[0], batch_size):
+                chunk = batches[start : start + batch_size]
+                model(input_ids=chunk, use_cache=False)
+                bar.advance(task, chunk.shape[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {i: torch.cat(parts) for i, parts in captured.items()}
+
+
+# -- building experts ----------------------------------------------------------------------------------------
+
+
+def _noisy(tensor: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    if noise == 0.0:
+        return tensor.clone()
+    std = float(tensor.float().std()) * noise
+    return tensor + torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * std
+
+
+def neuron_groups(dense: dict[str, torch.Tensor], experts: int, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
+    """Partition the intermediate neurons into ``experts`` equal groups (LLaMA-MoE style).
+
+    ``random``: a seeded permutation. ``balanced``: cosine k-means on the neurons' input weight rows, then a
+    capacity-constrained assignment so every expert gets the same number of neurons of similar function.
+    """
+    rows = dense["gate_up"][: dense["gate_up"].shape[0] // 2] if "gate_up" in dense else dense["up"]
+    inter = rows.shape[0]
+    if inter % experts:
+        raise UserError(f"--method split needs the intermediate size ({inter}) to be divisible by --experts ({experts})")
+    size = inter // experts
+    if mode == "random":
+        return list(torch.randperm(inter, generator=generator).view(experts, size))
+    from .calibrate import spherical_kmeans
+
+    points = F.normalize(rows.float(), dim=-1)
+    centroids = spherical_kmeans(points, experts, seed=int(torch.randint(1 << 30, (1,), generator=generator)))
+    sims = points @ centroids.T
+    capacity = [size] * experts
+    assigned = [False] * inter
+    groups: list[list[int]] = [[] for _ in range(experts)]
+    for flat in torch.argsort(sims.flatten(), descending=True).tolist():
+        neuron, expert = divmod(flat, experts)
+        if capacity[expert] and not assigned[neuron]:
+            groups[expert].append(neuron)
+            assigned[neuron] = True
+            capacity[expert] -= 1
+    return [torch.tensor(sorted(g)) for g in groups]
+
+
+def build_experts(dense: dict[str, torch.Tensor], experts: int, method: str, noise: float, split_mode: str,
+                  generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fused expert tensors (SpectraExperts layout) from one dense FFN."""
+    if method == "copy":
+        return {
+            name: torch.stack([_noisy(tensor, noise if not name.endswith("bias") else 0.0, generator) for _ in range(experts)])
+            for name, tensor in dense.items()
+        }
+    groups = neuron_groups(dense, experts, split_mode, generator)
+    # Top-k over E equal groups sees k/E of the neurons; scaling each expert's output by E keeps the expected
+    # FFN output equal to the dense one (mixing weights sum to 1). Output biases are not scaled.
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in dense}
+    for group in groups:
+        if "gate_up" in dense:
+            inter = dense["gate_up"].shape[0] // 2
+            out["gate_up"].append(torch.cat([dense["gate_up"][group], dense["gate_up"][group + inter]]))
+        else:
+            out["up"].append(dense["up"][group])
+            out["up_bias"].append(dense["up_bias"][group])
+            out["down_bias"].append(dense["down_bias"].clone())
+        out["down"].append(dense["down"][:, group] * experts)
+    return {name: _noisy(torch.stack(parts), noise if not name.endswith("bias") else 0.0, generator)
+            for name, parts in out.items()}
+
+
+_EXPERT_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_bias": "up_bias",
+                 "down_bias": "down_bias"}
+
+
+# -- the verb -------------------------------------------------------------------------------------------------
+
+
+def upcycle(
+    model: str,
+    out: str | Path,
+    *,
+    experts: int = 8,
+    top_k: int = 2,
+    method: str = "copy",
+    noise: float = 0.01,
+    split_mode: str = "random",
+    router_dim: int = 128,
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 8192,
+    dtype: str | None = None,
+    gguf_file: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+) -> UpcycleResult:
+    """Convert the dense causal LM ``model`` (folder or Hub id) into a calibrated SPECTRA MoE folder ``out``."""
+    from ..textdata import default_calibration_path, load_texts
+
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if split_mode not in SPLIT_MODES:
+        raise UserError(f"--split-mode must be one of {', '.join(SPLIT_MODES)}, got {split_mode!r}")
+    if experts < 2:
+        raise UserError(f"--experts must be at least 2, got {experts}")
+    if not 1 <= top_k <= experts:
+        raise UserError(f"--top-k ({top_k}) must be between 1 and --experts ({experts})")
+    if noise < 0:
+        raise UserError(f"--noise must be >= 0, got {noise}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    model_dir = checkpoint.resolve_model_dir(model)
+    if gguf_file and not (model_dir / gguf_file).is_file():
+        raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
+    parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+    adapter = adapter_registry.adapter_for(parent_config)
+    if adapter.is_moe:
+        raise UserError(
+            f"{model} is a mixture-of-experts model ({parent_config.model_type}); "
+            "use `spectra-convert reroute` to keep its experts and replace the gates"
+        )
+    texts = [r.text for r in load_texts(calibration or default_calibration_path())]
+    out_dtype = DTYPES[dtype] if dtype else torch.float32
+    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write.
+    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
+        torch.manual_seed(seed)
+        dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32)
+        text_config = dense.config
+        try:
+            spectra_config = SpectraConfig(
+                text_config=text_config.to_dict(),
+                spectra={"num_experts": experts, "top_k": top_k, "router_dim": router_dim,
+                         "expert_kind": adapter.expert_kind, "source": "upcycled"},
+            )
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        spectra_config.dtype = str(out_dtype).removeprefix("torch.")
+        try:
+            blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        from ..modeling.modeling_spectra import decoder_layers
+
+        layers = decoder_layers(dense)
+        ffn_inputs = capture_ffn_inputs(dense, layers, blocks)
+        dense_state = dense.state_dict()
+        generator = torch.Generator().manual_seed(seed)
+        writer = checkpoint.ShardWriter(tmp)
+        layer_cv: list[float] = []
+        context = RoutingContext()
+        ffn_prefixes = [adapter.mlp_prefix(i) for i in range(len(layers))]
+        with progress() as bar:
+            task = bar.add_task("building + calibrating experts", total=len(layers))
+            for i in range(len(layers)):
+                block = SpectraMoeBlock(spectra_config.text_config, spectra_config.spectra, i, context)
+                dense_ffn = adapter.ffn_tensors(dense_state.__getitem__, i)
+                with torch.no_grad():
+                    for name, tensor in build_experts(dense_ffn, experts, method, noise, split_mode, generator).items():
+                        getattr(block.experts, _EXPERT_PARAM[name]).copy_(tensor)
+                init_router(block.gate, ffn_inputs[i], init="kmeans", seed=seed + i)
+                layer_cv.append(calibrate_bias(block.gate, ffn_inputs[i]))
+                for name, tensor in block.state_dict().items():
+                    writer.add(ffn_prefixes[i] + name, tensor.to(out_dtype))
+                del ffn_inputs[i], block
+                bar.advance(task)
+        tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
+        for name, tensor in dense_state.items():
+            if any(name.startswith(p) for p in ffn_prefixes) or name in tied:
+                continue
+            writer.add(name, tensor.to(out_dtype))
+        writer.close()
+        checkpoint.write_spectra_config(tmp, spectra_config)
+        checkpoint.write_runtime_files(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_generation_config(dense, tmp)
+        _write_model_card(tmp, model)
+        expert_params = sum(t.numel() for t in adapter.ffn_tensors(dense_state.__getitem__, 0).values())
+        if method == "split":
+            expert_params //= experts
+        non_ffn = sum(t.numel() for n, t in dense_state.items() if not any(n.startswith(p) for p in ffn_prefixes) and n not in tied)
+        router_params = _router_param_count(spectra_config)
+        total = non_ffn + len(layers) * (experts * expert_params + router_params)
+        active = non_ffn + len(layers) * (top_k * expert_params + router_params)
+        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    result = UpcycleResult(out, experts, top_k, len(layers), total, active, output_bytes, layer_cv)
+    summary_table(
+        f"upcycled {model} -> {out}",
+        ["experts", "top-k", "method", "layers", "params total", "params active", "output size",
+         "calibration CV mean", "calibration CV worst"],
+        [[experts, top_k, method, len(layers), f"{total / 1e6:.1f}M", f"{active / 1e6:.1f}M", human_bytes(output_bytes),
+          sum(layer_cv) / len(layer_cv), max(layer_cv)]],
+    )
+    return result
+
+
+def _router_param_count(config: SpectraConfig) -> int:
+    from ..modeling.modeling_spectra import SpectraRouter
+
+    return sum(p.numel() for p in SpectraRouter(config.text_config.hidden_size, config.spectra, 0).parameters())
+
+
+def _write_generation_config(dense, out_dir: Path) -> None:
+    generation_config = getattr(dense, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out_dir)
+
+
+def _write_model_card(out_dir: Path, base_model: str) -> None:
+    try:
+        from ..modelcard import write_model_card
+    except ImportError:  # pragma: no cover - modelcard ships with the package
+        return
+    write_model_card(out_dir, base_model=base_model)

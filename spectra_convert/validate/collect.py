@@ -1,0 +1,494 @@
+"""Run a model over held-out texts and record what its routers did.
+
+Routers are found by class name (``SpectraRouter``) rather than by import, because a converted folder loads
+its own copy of ``modeling_spectra.py`` through ``trust_remote_code`` — the class object differs from ours,
+the contract (DESIGN §3: ``(router_logits, routing_weights, selected_experts)``) does not. A forward hook per
+router reads ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
+because we pass ``output_router_logits=True``) and, for the baselines, the router's input hidden states.
+Pad tokens are dropped with the attention mask; NLL is computed from the logits here (the model's own
+``loss`` would add the router auxiliary loss).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..textdata import TextRecord
+
+ROUTER_CLASS = "SpectraRouter"
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(name: str | Path, *, what: str = "model") -> Path:
+    """A local folder, or a Hub id already in the local Hugging Face cache (validate never downloads)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UserError(f"{what} {name}: not a folder; pass the folder that holds config.json")
+    text = str(name)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any failure means "not available offline"
+            pass
+        raise UserError(f"{what} {name}: not a local folder and not in the local Hugging Face cache; "
+                        "download it first or pass a local folder")
+    raise UserError(f"{what} {name}: no such folder")
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r}: {exc}") from None
+
+
+def _dtype(dtype: str | None, device: torch.device) -> Any:
+    """float32 on CPU (exact comparisons, and CPU bf16 matmuls are slow); the checkpoint's dtype on GPU."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(table)}")
+    return table[dtype]
+
+
+def spectra_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's SPECTRA routers in layer order (matched by class name, see the module docstring)."""
+    routers = [m for m in model.modules() if type(m).__name__ == ROUTER_CLASS]
+    return sorted(routers, key=lambda r: getattr(r, "layer_idx", 0))
+
+
+def _not_spectra(path: Path, detail: str) -> UserError:
+    return UserError(
+        f"{path} has no SPECTRA routers ({detail}); convert it first with `spectra-convert upcycle` (dense) "
+        "or `spectra-convert reroute` (MoE)"
+    )
+
+
+def load_spectra_model(name: str | Path, *, device: str | None = None, dtype: str | None = None):
+    """Load a converted SPECTRA folder and its tokenizer; a non-SPECTRA model is a one-line UserError."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json; pass a model folder written by spectra-convert")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot read is a user problem
+        raise UserError(f"{path}/config.json: cannot load the config ({type(exc).__name__}: {exc})") from None
+    if getattr(config, "model_type", None) != "spectra":
+        raise _not_spectra(path, f"model_type is {getattr(config, 'model_type', None)!r}")
+    dev = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=_dtype(dtype, dev))
+    if not spectra_routers(model):
+        raise _not_spectra(path, "no SpectraRouter module after loading")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+    model.to(dev).eval()
+    return model, tokenizer
+
+
+def load_parent_model(name: str | Path, *, device: str | None = None, dtype: str | None = None):
+    """The parent (dense or original MoE) for perplexity and gate agreement: a folder or a ``.gguf`` file."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name).expanduser()
+    dev = pick_device(device)
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"--parent {name}: no such file")
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype(dtype, dev))
+    else:
+        folder = resolve_model_dir(name, what="--parent")
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--parent {folder}: no config.json; pass a model folder or a .gguf file")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(dtype, dev))
+    return model.to(dev).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokens and batches
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedTexts:
+    """Token ids per text (truncated, capped), with the index and domain of the record each came from."""
+
+    ids: list[list[int]]
+    record_index: list[int]
+    domains: list[str] | None
+
+
+def tokenize_texts(
+    tokenizer: Any, records: Sequence[TextRecord], *, max_length: int = 512, max_tokens: int | None = None
+) -> TokenizedTexts:
+    """Tokenise each text (truncate to ``max_length``), stopping when ``max_tokens`` real tokens are taken."""
+    if max_length < 2:
+        raise UserError(f"max_length must be at least 2, got {max_length}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2, got {max_tokens}")
+    has_domains = any(r.domain is not None for r in records)
+    ids, index, domains = [], [], []
+    total = 0
+    for i, record in enumerate(records):
+        tokens = tokenizer(record.text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        if max_tokens is not None:
+            tokens = tokens[: max_tokens - total]
+        if len(tokens) < 2:  # nothing to predict and no consecutive pair
+            if max_tokens is not None and total >= max_tokens:
+                break
+            continue
+        ids.append(list(tokens))
+        index.append(i)
+        domains.append(record.domain if record.domain is not None else "(none)")
+        total += len(tokens)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if not ids:
+        raise UserError("the data has no text that tokenises to 2 or more tokens")
+    return TokenizedTexts(ids, index, domains if has_domains else None)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T], counted over real tokens only (left padding safe)
+
+
+def make_batch(seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right") -> Batch:
+    """Pad ``seqs`` into one batch; positions count real tokens so padding never shifts them."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids, mask, positions)
+
+
+def plan_batches(seqs: Sequence[Sequence[int]], pad_id: int, *, batch_tokens: int = 2048) -> list[Batch]:
+    """Consecutive sequences grouped while ``rows x longest`` stays within ``batch_tokens`` (order kept)."""
+    batches, group, longest = [], [], 0
+    for seq in seqs:
+        new_longest = max(longest, len(seq))
+        if group and new_longest * (len(group) + 1) > batch_tokens:
+            batches.append(make_batch(group, pad_id))
+            group, new_longest = [], len(seq)
+        group.append(seq)
+        longest = new_longest
+    if group:
+        batches.append(make_batch(group, pad_id))
+    return batches
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RouterTap:
+    """Forward hooks on routers; after each batch, ``take(mask)`` returns per-layer real-token captures."""
+
+    def __init__(self, routers: Sequence[torch.nn.Module], *, capture_inputs: bool = False,
+                 reader: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None):
+        self.routers = list(routers)
+        self.capture_inputs = capture_inputs
+        self.reader = reader
+        self._handles: list[Any] = []
+        self._calls: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __enter__(self) -> RouterTap:
+        for position, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._hook(position)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, position: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden = args[0] if args else None
+            entry: dict[str, torch.Tensor] = {}
+            if self.reader is not None:
+                entry["selected"] = self.reader(module, output)
+            else:
+                entry["selected"] = output[2]
+                entry["scores"] = _scores_of(module, output)
+            if self.capture_inputs and hidden is not None:
+                entry["inputs"] = hidden.reshape(-1, hidden.shape[-1])
+            self._calls[position] = entry
+
+        return hook
+
+    def take(self, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """This batch's captures per router, restricted to real tokens (flattened row-major)."""
+        flat = mask.reshape(-1).bool()
+        out = []
+        for position in range(len(self.routers)):
+            entry = self._calls.get(position)
+            if entry is None:
+                raise RuntimeError(f"router {position} did not run in this forward pass")
+            out.append({k: v[flat.to(v.device)] for k, v in entry.items()})
+        self._calls.clear()
+        return out
+
+
+def _scores_of(router: torch.nn.Module, output: Any) -> torch.Tensor:
+    """Cosine scores S / tau of this call (from context.records); else the selection logits -C/tau."""
+    records = getattr(getattr(router, "context", None), "records", None)
+    temperature = float(getattr(router, "temperature", 1.0))
+    if records:
+        last = records[-1]
+        if last.get("layer") == getattr(router, "layer_idx", None) and "scores" in last:
+            return last["scores"].float() / temperature
+    return output[0].float()
+
+
+def gate_reader(top_k: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
+    """Selected experts of a parent MoE's own gate: its index output, or top-k of its logits."""
+
+    def read(module: torch.nn.Module, output: Any) -> torch.Tensor:
+        if isinstance(output, tuple):
+            last = output[-1]
+            if isinstance(last, torch.Tensor) and not last.is_floating_point():
+                return last.reshape(-1, last.shape[-1])
+            output = output[0]
+        return torch.topk(output.reshape(-1, output.shape[-1]).float(), top_k, dim=-1).indices
+
+    return read
+
+
+def parent_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A MoE parent's original routers: the modules at ``...mlp.gate`` (Mixtral, Qwen-MoE, OLMoE), layer order."""
+    found = []
+    for name, module in model.named_modules():
+        match = re.search(r"\.(\d+)\.mlp\.gate$", name)
+        if match:
+            found.append((int(match.group(1)), module))
+    return [module for _, module in sorted(found, key=lambda item: item[0])]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerCapture:
+    layer: int
+    selected: np.ndarray  # [N, k] int64, best first
+    entropy_sum: float = 0.0  # sum over tokens of the routing entropy (nats)
+    inputs: torch.Tensor | None = None  # [N, H] float16 router inputs (baselines only)
+
+
+@dataclass
+class Collection:
+    """Everything validate measures comes from here; token order is row-major over the batches."""
+
+    num_experts: int
+    top_k: int
+    token_ids: np.ndarray  # [N]
+    seq_ids: np.ndarray  # [N] index into the tokenised texts
+    domains: np.ndarray | None  # [N] domain per token
+    layers: list[LayerCapture]
+    nll_sum: float = 0.0
+    nll_count: int = 0
+    expert_vectors: list[np.ndarray] = field(default_factory=list)  # per layer, [E, d]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+def _nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
+    """Summed next-token NLL over pairs of real tokens, one row at a time (V-wide logits are large)."""
+    total, count = 0.0, 0
+    ids, mask = batch.input_ids.to(logits.device), batch.attention_mask.to(logits.device).bool()
+    for row in range(logits.shape[0]):
+        valid = mask[row, :-1] & mask[row, 1:]
+        if not bool(valid.any()):
+            continue
+        pred = logits[row, :-1][valid].float()
+        target = ids[row, 1:][valid]
+        total += float(F.cross_entropy(pred, target, reduction="sum"))
+        count += int(valid.sum())
+    return total, count
+
+
+def _forward(model: torch.nn.Module, batch: Batch, *, router_records: bool) -> Any:
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = dict(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device), use_cache=False,
+    )
+    if router_records:
+        kwargs["output_router_logits"] = True
+    return model(**kwargs)
+
+
+@torch.inference_mode()
+def collect_routing(
+    model: torch.nn.Module,
+    texts: TokenizedTexts,
+    pad_id: int,
+    *,
+    batch_tokens: int = 2048,
+    capture_inputs: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> Collection:
+    """Run ``model`` over ``texts``; record every router's choices, routing entropy, NLL (and inputs)."""
+    routers = spectra_routers(model)
+    if not routers:
+        raise UserError("the model has no SPECTRA routers; convert it first with `spectra-convert upcycle` "
+                        "(dense) or `spectra-convert reroute` (MoE)")
+    first = routers[0]
+    num_experts, top_k = int(first.num_experts), int(first.top_k)
+    layers = [LayerCapture(int(getattr(r, "layer_idx", i)), np.zeros((0, top_k), dtype=np.int64))
+              for i, r in enumerate(routers)]
+    selected_parts: list[list[np.ndarray]] = [[] for _ in routers]
+    input_parts: list[list[torch.Tensor]] = [[] for _ in routers]
+    token_ids, seq_ids = [], []
+    nll_sum, nll_count = 0.0, 0
+    batches = plan_batches(texts.ids, pad_id, batch_tokens=batch_tokens)
+    seq_offset = 0
+    with RouterTap(routers, capture_inputs=capture_inputs) as tap:
+        for batch in batches:
+            out = _forward(model, batch, router_records=True)
+            captured = tap.take(batch.attention_mask)
+            for index, entry in enumerate(captured):
+                selected_parts[index].append(entry["selected"].cpu().numpy().astype(np.int64))
+                log_p = torch.log_softmax(entry["scores"].float(), dim=-1)
+                layers[index].entropy_sum += float(-(log_p.exp() * log_p).sum())
+                if capture_inputs:
+                    input_parts[index].append(entry["inputs"].to("cpu", torch.float16))
+            mask = batch.attention_mask.bool()
+            token_ids.append(batch.input_ids[mask].numpy())
+            rows = torch.arange(batch.input_ids.shape[0]).unsqueeze(1).expand_as(mask)
+            seq_ids.append((rows[mask] + seq_offset).numpy())
+            seq_offset += batch.input_ids.shape[0]
+            part_sum, part_count = _nll(out.logits, batch)
+            nll_sum, nll_count = nll_sum + part_sum, nll_count + part_count
+            del out
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+    for index, layer in enumerate(layers):
+        layer.selected = np.concatenate(selected_parts[index])
+        if capture_inputs:
+            layer.inputs = torch.cat(input_parts[index])
+    seq = np.concatenate(seq_ids)
+    domains = None
+    if texts.domains is not None:
+        domains = np.asarray(texts.domains, dtype=object)[seq]
+    vectors = [r.unit_expert_vectors().detach().float().cpu().numpy() for r in routers]
+    return Collection(num_experts, top_k, np.concatenate(token_ids), seq, domains, layers, nll_sum, nll_count,
+                      vectors)
+
+
+@torch.inference_mode()
+def parent_pass(
+    parent: torch.nn.Module,
+    texts: TokenizedTexts,
+    pad_id: int,
+    *,
+    batch_tokens: int = 2048,
+    gate_top_k: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[float, int, list[np.ndarray] | None]:
+    """NLL of the parent on the same tokens, and (MoE parents) its original gates' selected experts per layer."""
+    gates = parent_gates(parent) if gate_top_k else []
+    selected_parts: list[list[np.ndarray]] = [[] for _ in gates]
+    nll_sum, nll_count = 0.0, 0
+    tap = RouterTap(gates, reader=gate_reader(gate_top_k or 1))
+    with tap:
+        for batch in plan_batches(texts.ids, pad_id, batch_tokens=batch_tokens):
+            out = _forward(parent, batch, router_records=False)
+            if gates:
+                for index, entry in enumerate(tap.take(batch.attention_mask)):
+                    selected_parts[index].append(entry["selected"].cpu().numpy().astype(np.int64))
+            part_sum, part_count = _nll(out.logits, batch)
+            nll_sum, nll_count = nll_sum + part_sum, nll_count + part_count
+            del out
+            if on_batch is not None:
+                on_batch(int(batch.attention_mask.sum()))
+    selected = [np.concatenate(parts) for parts in selected_parts] if gates else None
+    return nll_sum, nll_count, selected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch invariance
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def batch_invariance(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
+    """Route each sequence alone, then all together with right and with left padding; count disagreements.
+
+    SPECTRA's dual-bias routing is per-token and causal (DESIGN §3), so a token's experts must not depend on
+    its batch-mates or on where padding sits. Sequences are cut to different lengths so padding really occurs.
+    Compared: the selected expert SET of every real token in every layer.
+    """
+    routers = spectra_routers(model)
+    sample = [list(s[: max(2, 96 - 16 * i)]) for i, s in enumerate(seqs)]
+    alone: list[list[np.ndarray]] = []
+    with RouterTap(routers) as tap:
+        for seq in sample:
+            batch = make_batch([seq], pad_id)
+            _forward(model, batch, router_records=True)
+            alone.append([np.sort(e["selected"].cpu().numpy(), axis=-1) for e in tap.take(batch.attention_mask)])
+        result: dict[str, Any] = {"texts": len(sample), "tokens": int(sum(len(s) for s in sample)),
+                                  "layers": len(routers)}
+        for side in ("right", "left"):
+            batch = make_batch(sample, pad_id, side=side)
+            _forward(model, batch, router_records=True)
+            captured = tap.take(batch.attention_mask)
+            lengths = [len(s) for s in sample]
+            disagree = 0
+            for layer, entry in enumerate(captured):
+                rows = np.split(np.sort(entry["selected"].cpu().numpy(), axis=-1), np.cumsum(lengths)[:-1])
+                for text, got in enumerate(rows):
+                    disagree += int((got != alone[text][layer]).any(axis=-1).sum())
+            result[f"disagree_{side}_padding"] = disagree
+    result["comparisons"] = result["tokens"] * result["layers"]
+    result["agree"] = result["disagree_right_padding"] == 0 and result["disagree_left_padding"] == 0
+    return result
+
+
+def mean_routing_entropy(layer: LayerCapture) -> float:
+    n = layer.selected.shape[0]
+    return layer.entropy_sum / n if n else math.nan

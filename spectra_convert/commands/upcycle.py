@@ -16,6 +16,8 @@ import click
               help="How --method split partitions neurons.")
 @click.option("--noise", default=0.01, show_default=True, help="Relative std of the noise added to expert copies.")
 @click.option("--router-dim", default=128, show_default=True, help="Router GRU/expression dimension.")
+@click.option("--router-init", type=click.Choice(["orthogonal", "kmeans"]), default="orthogonal", show_default=True,
+              help="Prototype init: orthonormal (balances best on unseen text) or k-means on calibration states.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Calibration text (JSONL with `text` or .txt); default: the shipped real-text corpus.")
 @click.option("--calibration-tokens", default=8192, show_default=True, help="Tokens used for router calibration.")

@@ -34,6 +34,7 @@ SPECTRA_DEFAULTS: dict[str, Any] = {
     "repulsion": 0.5,  # lambda of the OSR repulsive cost; 0 disables repulsion
     "sinkhorn_iters": 20,  # fixed number of log-domain Sinkhorn iterations
     "balance_mode": "dual_bias",  # "dual_bias" (per-token, batch-invariant) | "in_batch" (paper-literal)
+    "sequence_balance": 1.0,  # beta: per-sequence running-load correction of selection (0 = off), see router
     "bias_ema": 0.05,  # EMA rate of the Sinkhorn column potentials into the dual bias (training)
     "bias_update_rate": 0.0,  # rate of the hard-load correction of the bias applied in training (0 = off)
     "router_entropy_coef": 0.1,  # weight of the mean per-token routing entropy in the training loss
@@ -68,6 +69,8 @@ def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
         raise ValueError(f"spectra.router_dim must be a positive integer, got {d!r}")
     if not knobs["temperature"] > 0:
         raise ValueError(f"spectra.temperature must be > 0, got {knobs['temperature']!r}")
+    if knobs["sequence_balance"] < 0:
+        raise ValueError(f"spectra.sequence_balance must be >= 0, got {knobs['sequence_balance']!r}")
     if knobs["repulsion"] < 0:
         raise ValueError(f"spectra.repulsion must be >= 0, got {knobs['repulsion']!r}")
     if not isinstance(knobs["sinkhorn_iters"], int) or knobs["sinkhorn_iters"] < 1:

@@ -172,6 +172,7 @@ def upcycle(
     noise: float = 0.01,
     split_mode: str = "random",
     router_dim: int = 128,
+    router_init: str = "orthogonal",
     calibration: str | Path | None = None,
     calibration_tokens: int = 8192,
     dtype: str | None = None,
@@ -190,6 +191,8 @@ def upcycle(
         raise UserError(f"--experts must be at least 2, got {experts}")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k ({top_k}) must be between 1 and --experts ({experts})")
+    if router_init not in ("orthogonal", "kmeans"):
+        raise UserError(f"--router-init must be 'orthogonal' or 'kmeans' for upcycle, got {router_init!r}")
     if noise < 0:
         raise UserError(f"--noise must be >= 0, got {noise}")
     if dtype is not None and dtype not in DTYPES:
@@ -243,7 +246,7 @@ def upcycle(
                 with torch.no_grad():
                     for name, tensor in build_experts(dense_ffn, experts, method, noise, split_mode, generator).items():
                         getattr(block.experts, _EXPERT_PARAM[name]).copy_(tensor)
-                init_router(block.gate, ffn_inputs[i], init="kmeans", seed=seed + i)
+                init_router(block.gate, ffn_inputs[i], init=router_init, seed=seed + i)
                 layer_cv.append(calibrate_bias(block.gate, ffn_inputs[i]))
                 for name, tensor in block.state_dict().items():
                     writer.add(ffn_prefixes[i] + name, tensor.to(out_dtype))

@@ -79,3 +79,17 @@ def run_without_package(script: str, cwd, timeout: int = 600):
         [sys.executable, "-I", "-c", _BLOCK_PACKAGE + script], cwd=cwd, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def upcycled_smollm2(tmp_path_factory, smollm2_gguf):
+    """SmolLM2-135M (real weights) upcycled 8x top-2 with copy experts and the default calibration corpus.
+
+    Shared by the upcycle, validate and finetune tests so the conversion runs once per session.
+    """
+    from spectra_convert.surgery.upcycle import upcycle
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-8x"
+    upcycle(str(smollm2_gguf.parent), out, experts=8, top_k=2, gguf_file=smollm2_gguf.name,
+            calibration_tokens=4096, seed=0)
+    return out

@@ -184,6 +184,7 @@ def test_streamed_ffn_inputs_equal_full_forward(sources, model_type: str) -> Non
 # -- router init variants ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the distillation loop (150 router steps per layer) dominates; minutes on a loaded 2-core box
 def test_distill_agrees_with_old_gate_more_than_kmeans(sources, tmp_path: Path) -> None:
     src = sources["qwen2_moe"]
     kmeans = reroute(str(src), tmp_path / "k", router_init="kmeans", **SMALL)

@@ -156,6 +156,9 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path]) -> Iter
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
     except OSError as exc:
         raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
     try:

@@ -274,10 +274,11 @@ def upcycle(
     result = UpcycleResult(out, experts, top_k, len(layers), total, active, output_bytes, layer_cv)
     summary_table(
         f"upcycled {model} -> {out}",
-        ["experts", "top-k", "method", "layers", "params total", "params active", "output size",
-         "calibration CV mean", "calibration CV worst"],
-        [[experts, top_k, method, len(layers), f"{total / 1e6:.1f}M", f"{active / 1e6:.1f}M", human_bytes(output_bytes),
-          sum(layer_cv) / len(layer_cv), max(layer_cv)]],
+        ["", "value"],
+        [["experts / top-k", f"{experts} / {top_k}"], ["method", method], ["MoE layers", len(layers)],
+         ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
+         ["output size", human_bytes(output_bytes)],
+         ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
     return result
 

@@ -1,0 +1,158 @@
+"""Upcycle (issue 4): dense -> SPECTRA MoE on real SmolLM2 weights and a tiny gpt2; bad inputs via the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from spectra_convert.surgery.upcycle import upcycle
+from tests.finetune_helpers import build_tokenizer
+
+
+def tree_checksums(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spectra_convert", *args], capture_output=True, text=True, timeout=900)
+
+
+def load_dense(gguf: Path):
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random gpt2 (structure only) with a real BPE tokenizer trained on stdlib sources."""
+    path = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    tokenizer = build_tokenizer(vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_copy_noise_zero_equals_dense_logits(smollm2_gguf, tmp_path) -> None:
+    before = tree_checksums(smollm2_gguf.parent)
+    out = tmp_path / "moe"
+    result = upcycle(str(smollm2_gguf.parent), out, experts=4, top_k=2, noise=0.0, gguf_file=smollm2_gguf.name,
+                     calibration_tokens=512)
+    assert tree_checksums(smollm2_gguf.parent) == before, "input folder modified"
+    assert result.layers == 30 and len(result.layer_cv) == 30
+    dense = load_dense(smollm2_gguf)
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(moe(ids).logits, dense(ids).logits, atol=2e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "spectra" and "AutoModelForCausalLM" in config["auto_map"]
+    assert config["spectra"]["num_experts"] == 4 and config["spectra"]["source"] == "upcycled"
+    for name in ("configuration_spectra.py", "modeling_spectra.py", "tokenizer.json", "generation_config.json",
+                 "README.md", "model.safetensors.index.json"):
+        assert (out / name).exists(), name
+
+
+@pytest.mark.slow
+def test_upcycled_model_is_balanced_and_generates(upcycled_smollm2) -> None:
+    from transformers import AutoTokenizer
+
+    from spectra_convert.modeling.configuration_spectra import SpectraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(upcycled_smollm2, trust_remote_code=True).eval()
+    config = SpectraConfig.from_pretrained(upcycled_smollm2)
+    tokenizer = AutoTokenizer.from_pretrained(upcycled_smollm2, config=config)
+    prompt = tokenizer("def fibonacci(n):", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 12
+    assert len(model.routers()) == 30
+    assert any(float(r.dual_bias.abs().sum()) > 0 for r in model.routers()), "bias was not calibrated"
+
+
+@pytest.mark.slow
+def test_split_method_partitions_neurons(smollm2_gguf, tmp_path) -> None:
+    out = tmp_path / "split"
+    upcycle(str(smollm2_gguf.parent), out, experts=4, top_k=2, method="split", split_mode="balanced",
+            gguf_file=smollm2_gguf.name, calibration_tokens=512)
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    experts = moe.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 2 * 1536 // 4, 576)
+    dense = load_dense(smollm2_gguf)
+    # Every dense neuron appears in exactly one expert (rows of gate_proj are a partition).
+    dense_gate = dense.model.layers[0].mlp.gate_proj.weight
+    split_gate = experts.gate_up_proj[:, : 1536 // 4].reshape(-1, 576)
+    matches = (split_gate @ dense_gate.T).argmax(0)
+    assert torch.allclose(split_gate[matches], dense_gate, atol=1e-2)
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(moe(ids).logits).all()
+
+
+def test_tiny_gpt2_copy_noise_zero_matches_dense(tiny_gpt2_dir, tmp_path) -> None:
+    out = tmp_path / "gpt2-moe"
+    corpus = Path(__file__).parent / "fixtures" / "corpus" / "train.jsonl"
+    upcycle(str(tiny_gpt2_dir), out, experts=4, top_k=2, noise=0.0, calibration=str(corpus), calibration_tokens=512,
+            router_dim=16)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(moe(ids).logits, dense(ids).logits, atol=1e-5)
+    assert moe.transformer.h[0].mlp.experts.up_bias.shape == (4, 128)
+
+
+def test_noise_makes_experts_differ(tiny_gpt2_dir, tmp_path) -> None:
+    out = tmp_path / "noisy"
+    upcycle(str(tiny_gpt2_dir), out, experts=4, top_k=2, noise=0.05, calibration_tokens=512, router_dim=16,
+            calibration=str(Path(__file__).parent / "fixtures" / "corpus" / "train.jsonl"))
+    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    up = moe.transformer.h[0].mlp.experts.up_proj
+    assert not torch.equal(up[0], up[1])
+    relative = float((up[0] - up[1]).std() / up[0].std())
+    assert 0.03 < relative < 0.1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/nonexistent/model"], "no such"),
+        (["{tmp}"], "config.json"),
+        (["{gpt2}", "--experts", "1"], "--experts"),
+        (["{gpt2}", "--top-k", "5", "--experts", "4"], "--top-k"),
+        (["{gpt2}", "--calibration", "/nonexistent.jsonl"], "nonexistent.jsonl"),
+        (["{gpt2}", "--calibration", "{empty}"], "no documents"),
+        (["{gpt2}", "--out-inside"], "inside"),
+        (["{gpt2}", "--out-exists"], "--force"),
+        (["{mixtral}"], "reroute"),
+    ],
+)
+def test_bad_inputs_one_line_error(args, message, tiny_gpt2_dir, tmp_path) -> None:
+    from tests.conftest import tiny_parent_config
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    mixtral = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(tiny_parent_config("mixtral")).save_pretrained(mixtral)
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path, gpt2=tiny_gpt2_dir, empty=empty, mixtral=mixtral) for a in args]
+    if "--out-inside" in args:
+        args.remove("--out-inside")
+        out = tiny_gpt2_dir / "inside"
+    if "--out-exists" in args:
+        args.remove("--out-exists")
+        out.mkdir()
+    result = cli("upcycle", *args, "-o", str(out), "--calibration-tokens", "256", "--router-dim", "8")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-1500:]

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Conversion cost, measured side by side in one run against copying the same bytes.
+
+Sections (each a function in ``SECTIONS``; more can be appended):
+
+* ``reroute`` — builds a Mixtral-shaped sharded checkpoint of >= 2 GB (random bf16 weights, the real on-disk
+  format: legacy ``block_sparse_moe.experts.N.w1|w2|w3`` names, ``model.safetensors.index.json``, config.json,
+  a real BPE tokenizer trained on stdlib sources) in a temp folder on the output's filesystem, then times
+  ``cp -r`` of the folder and ``spectra-convert reroute`` of it (a subprocess, so its own peak RSS is read from
+  ``wait4``). Targets: reroute time <= 1.5x cp, reroute peak RSS < 2 GiB whatever the checkpoint size.
+  The reroute runs its calibration forward on ``--calibration-tokens`` tokens (default here 512: the bench
+  measures conversion I/O and memory, not calibration quality; real conversions use 8192).
+
+Usage: ``python bench/conversion.py [--sections reroute] [--gb 2.2] [--calibration-tokens 512] [--workdir DIR]``
+The temp folders are removed at the end (check free space first: the bench needs ~3x the checkpoint size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+GIB = 1024**3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers shared by sections
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int, str]:
+    """Run ``cmd``; return (wall seconds, peak RSS bytes of that child alone, exit code, stderr tail)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read() if proc.stderr else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, stderr.decode(errors="replace")[-2000:]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 4096) -> None:
+    """A real byte-level BPE trained on a few stdlib sources, saved as tokenizer.json + config."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    stdlib = Path(os.__file__).parent
+    texts = [(stdlib / n).read_text(encoding="utf-8") for n in ("argparse.py", "textwrap.py", "shlex.py", "typing.py")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="</s>").save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# section: reroute
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_mixtral_checkpoint(folder: Path, target_bytes: int, *, hidden: int = 1024, inter: int = 3584,
+                             experts: int = 8, vocab: int = 32000, shard_bytes: int = 400 * 1024**2) -> dict:
+    """Write a Mixtral-shaped bf16 checkpoint of >= ``target_bytes`` shard by shard (memory ~ one shard)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import MixtralConfig
+
+    heads, kv_heads = 16, 4
+    head_dim = hidden // heads
+    per_layer = 2 * (experts * 3 * hidden * inter + hidden * (2 * hidden + 2 * kv_heads * head_dim) + experts * hidden + 2 * hidden)
+    fixed = 2 * (2 * vocab * hidden + hidden)
+    layers = max(2, -(-(target_bytes - fixed) // per_layer))
+    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
+                           num_experts_per_tok=2, max_position_embeddings=4096, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0, dtype="bfloat16", architectures=["MixtralForCausalLM"])
+    folder.mkdir(parents=True)
+    config.save_pretrained(folder)
+    build_tokenizer(folder)
+
+    def shapes():  # the order Hub Mixtral shards follow: embeddings, layer by layer, final norm + head
+        yield "model.embed_tokens.weight", (vocab, hidden)
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", (hidden,)
+            for e in range(experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                yield q + "w1.weight", (inter, hidden)
+                yield q + "w2.weight", (hidden, inter)
+                yield q + "w3.weight", (inter, hidden)
+            yield p + "block_sparse_moe.gate.weight", (experts, hidden)
+            yield p + "post_attention_layernorm.weight", (hidden,)
+            yield p + "self_attn.k_proj.weight", (kv_heads * head_dim, hidden)
+            yield p + "self_attn.o_proj.weight", (hidden, hidden)
+            yield p + "self_attn.q_proj.weight", (hidden, hidden)
+            yield p + "self_attn.v_proj.weight", (kv_heads * head_dim, hidden)
+        yield "model.norm.weight", (hidden,)
+        yield "lm_head.weight", (vocab, hidden)
+
+    generator = torch.Generator().manual_seed(0)
+    shards: list[tuple[str, list[str]]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes, total = 0, 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        name = f"model-{len(shards) + 1:05d}.safetensors.partial"
+        save_file(pending, folder / name, metadata={"format": "pt"})
+        shards.append((name, list(pending)))
+        pending, pending_bytes = {}, 0
+
+    for name, shape in shapes():
+        if name.endswith("norm.weight"):
+            tensor = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        size = tensor.numel() * 2
+        if pending and pending_bytes + size > shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        total += size
+    flush()
+    weight_map = {}
+    for number, (partial, names) in enumerate(shards, start=1):
+        final = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(folder / partial, folder / final)
+        weight_map.update({n: final for n in names})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return {"layers": layers, "shards": len(shards), "bytes": total, "hidden": hidden, "intermediate": inter,
+            "experts": experts}
+
+
+def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    src, copied, out = workdir / "mixtral", workdir / "mixtral-cp", workdir / "mixtral-rerouted"
+    t0 = time.perf_counter()
+    info = build_mixtral_checkpoint(src, int(args.gb * 1e9))
+    size = folder_bytes(src)
+    print(f"built {src}: {size / 1e9:.2f} GB, {info['layers']} layers x {info['experts']} experts "
+          f"(hidden {info['hidden']}, intermediate {info['intermediate']}), {info['shards']} shards, "
+          f"in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    cp_times = []
+    reroute_time = reroute_rss = None
+    # Interleave cp, reroute, cp so that page-cache state and load from other processes hit both alike.
+    for step in ("cp", "reroute", "cp"):
+        if step == "cp":
+            seconds, _, code, err = run_measured(["cp", "-r", str(src), str(copied)])
+            if code:
+                raise SystemExit(f"cp failed: {err}")
+            cp_times.append(seconds)
+            shutil.rmtree(copied)
+        else:
+            cmd = [sys.executable, "-m", "spectra_convert", "reroute", str(src), "-o", str(out),
+                   "--calibration-tokens", str(args.calibration_tokens)]
+            reroute_time, reroute_rss, code, err = run_measured(cmd, env)
+            if code:
+                raise SystemExit(f"reroute failed ({code}): {err}")
+        print(f"  {step}: done", flush=True)
+    cp_time = sum(cp_times) / len(cp_times)
+    ratio = reroute_time / cp_time
+    linked = sum(1 for p in out.glob("model-*.safetensors") if p.stat().st_nlink > 1)
+    rows = [
+        ("checkpoint", f"{size / 1e9:.2f} GB, {info['shards']} shards", "", ""),
+        ("cp -r time (mean of 2)", f"{cp_time:.2f} s", "", ""),
+        ("reroute time", f"{reroute_time:.2f} s ({args.calibration_tokens} calibration tokens)", "", ""),
+        ("reroute / cp time", f"{ratio:.2f}x", "<= 1.5x", verdict(ratio <= 1.5)),
+        ("reroute peak RSS", f"{reroute_rss / GIB:.2f} GiB", "< 2 GiB", verdict(reroute_rss < 2 * GIB)),
+        ("output shards hard-linked", f"{linked} of {info['shards']}", "", ""),
+    ]
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Path, argparse.Namespace], list[tuple[str, str, str, str]]]] = {
+    "reroute": bench_reroute,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    parser.add_argument("--gb", type=float, default=2.2, help="checkpoint size to build (GB, >= 2 for the target)")
+    parser.add_argument("--calibration-tokens", type=int, default=512)
+    parser.add_argument("--workdir", type=Path, default=None, help="where temp folders go (default: system temp)")
+    args = parser.parse_args()
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    from rich.console import Console
+    from rich.table import Table
+
+    for section in args.sections.split(","):
+        workdir = Path(tempfile.mkdtemp(prefix=f"spectra-bench-{section}-", dir=args.workdir))
+        try:
+            rows = SECTIONS[section](workdir, args)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        table = Table(title=f"conversion bench: {section}")
+        for column in ("measure", "value", "target", "result"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        Console(width=120).print(table)
+
+
+if __name__ == "__main__":
+    main()

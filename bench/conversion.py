@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,17 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     stderr = proc.stderr.read() if proc.stderr else b""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, stderr.decode(errors="replace")[-2000:]
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, stderr.decode(errors="replace")[-8000:]
+
+
+def progress_elapsed(stderr: str, prefix: str) -> str:
+    """The elapsed time rich printed for the progress bar whose description starts with ``prefix``."""
+    for line in reversed(stderr.splitlines()):
+        if line.strip().startswith(prefix):
+            times = re.findall(r"\d+:\d\d:\d\d", line)
+            if times:
+                return times[0]
+    return "?"
 
 
 def folder_bytes(folder: Path) -> int:
@@ -160,6 +171,8 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     cp_times = []
     reroute_time = reroute_rss = None
+    reroute_err = ""
+    import_time, _, _, _ = run_measured([sys.executable, "-c", "import spectra_convert.surgery.reroute"], env)
     # Interleave cp, reroute, cp so that page-cache state and load from other processes hit both alike.
     for step in ("cp", "reroute", "cp"):
         if step == "cp":
@@ -172,6 +185,7 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
             cmd = [sys.executable, "-m", "spectra_convert", "reroute", str(src), "-o", str(out),
                    "--calibration-tokens", str(args.calibration_tokens)]
             reroute_time, reroute_rss, code, err = run_measured(cmd, env)
+            reroute_err = err
             if code:
                 raise SystemExit(f"reroute failed ({code}): {err}")
         print(f"  {step}: done", flush=True)
@@ -182,6 +196,9 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
         ("checkpoint", f"{size / 1e9:.2f} GB, {info['shards']} shards", "", ""),
         ("cp -r time (mean of 2)", f"{cp_time:.2f} s", "", ""),
         ("reroute time", f"{reroute_time:.2f} s ({args.calibration_tokens} calibration tokens)", "", ""),
+        ("  of which: interpreter + imports", f"{import_time:.1f} s (measured separately)", "", ""),
+        ("  of which: calibration forward", progress_elapsed(reroute_err, "calibrating routers"), "", ""),
+        ("  of which: writing shards", progress_elapsed(reroute_err, "writing shards"), "", ""),
         ("reroute / cp time", f"{ratio:.2f}x", "<= 1.5x", verdict(ratio <= 1.5)),
         ("reroute peak RSS", f"{reroute_rss / GIB:.2f} GiB", "< 2 GiB", verdict(reroute_rss < 2 * GIB)),
         ("output shards hard-linked", f"{linked} of {info['shards']}", "", ""),

@@ -444,3 +444,29 @@ def test_smollm2_upcycled_8x_top2(smollm2_gguf, tmp_path):
     assert report["domain_expert"]["domains"] == ["changelog", "code", "docs", "legal"]
     print(json.dumps({"summary": summary, "parent": {k: parent[k] for k in ("perplexity", "ppl_ratio")},
                       "baselines": report["baselines"]}, indent=1, default=str))
+
+
+def test_token_cap_keeps_every_domain_of_a_domain_sorted_file(tokenizer_dir):
+    """mixed_eval.jsonl is sorted by domain: a cap in file order would keep only the first domains."""
+    from transformers import AutoTokenizer
+
+    from spectra_convert.textdata import load_texts
+
+    records = load_texts(CORPUS / "mixed_eval.jsonl")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir[0])
+    texts = collect.tokenize_texts(tok, records, max_length=64, max_tokens=500)
+    assert sum(len(ids) for ids in texts.ids) == 500
+    assert set(texts.domains) == {r.domain for r in records} == {"code", "docs", "legal", "changelog"}
+    assert texts.domains[:4] == ["code", "docs", "legal", "changelog"]  # round-robin in file order of domains
+
+
+def test_loss_free_bias_split_alternates_texts_within_each_domain():
+    from spectra_convert.validate.baselines import split_fit_eval
+
+    seq_ids = np.array([0, 0, 1, 1, 2, 3, 3, 4, 5])
+    domains = np.array(["a", "a", "b", "b", "a", "b", "b", "a", "b"])
+    fit, evaluate = split_fit_eval(seq_ids, domains)
+    # texts of a: 0, 2, 4 -> fit 0, 4 / evaluate 2; texts of b: 1, 3, 5 -> fit 1, 5 / evaluate 3
+    assert sorted(set(seq_ids[fit])) == [0, 1, 4, 5] and sorted(set(seq_ids[evaluate])) == [2, 3]
+    fit, evaluate = split_fit_eval(np.zeros(6, dtype=int))
+    assert fit.tolist() == [0, 1, 2] and evaluate.tolist() == [3, 4, 5]

@@ -4,12 +4,13 @@ Why: a router is calibrated on its layer's FFN inputs, and those depend on every
 whole model to get them is what makes peer tools die on big MoE checkpoints (DESIGN §7: "gate init that needs
 the whole model in memory"). Here the model is built on the meta device (no memory), only the embeddings and
 rotary tables are materialised, and each decoder layer is loaded from the checkpoint, run on the hidden states,
-and freed. Peak memory: embeddings + one layer + the calibration activations.
+and freed. Peak memory: embeddings + one layer's non-expert weights + one expert + the calibration activations.
 
 Checkpoints store experts per expert (Mixtral legacy ``block_sparse_moe.experts.N.w1|w2|w3``, Qwen/OLMoE
 ``mlp.experts.N.gate_proj|up_proj|down_proj``) while transformers 5 modules hold them fused
-(``mlp.experts.gate_up_proj [E, 2I, H]`` = cat(gate, up) on dim 1, ``mlp.experts.down_proj [E, H, I]``) —
-the same fusion ``transformers/conversion_mapping.py`` applies at load; it is done here per layer.
+(``mlp.experts.gate_up_proj [E, 2I, H]`` = cat(gate, up) on dim 1, ``mlp.experts.down_proj [E, H, I]``).
+Rather than fusing them, ``StreamedExperts`` stands in for the fused module, reading one expert at a time from disk, so not even one
+layer's experts are ever resident together.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -34,11 +36,39 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
     raise ValueError(f"{type(target).__name__} is not inside {type(root).__name__}")
 
 
-def _layer_state(reader: CheckpointReader, adapter: Any, disk_layer_prefix: str, i: int) -> dict[str, torch.Tensor]:
-    """Layer ``i``'s tensors keyed by module name relative to the layer, experts fused as transformers 5 does."""
+class StreamedExperts(nn.Module):
+    """Drop-in for transformers 5's fused ``*Experts`` modules that loads ONE expert at a time from disk.
+
+    Same call as ``MixtralExperts`` / ``Qwen2MoeExperts`` / ``OlmoeExperts``: ``(hidden [N, H], top_k_index
+    [N, k], top_k_weights [N, k]) -> [N, H]`` with gated experts ``down(act(gate(x)) * up(x))``. Holding one
+    expert instead of a layer's E experts is what keeps calibration memory independent of the model size (one
+    Mixtral-8x7B layer's experts are 2.8 GB in bf16; one expert is 350 MB). Math runs in float32.
+    """
+
+    def __init__(self, reader: CheckpointReader, keys: dict[int, dict[str, str]], act_fn: nn.Module):
+        super().__init__()
+        self.reader, self.keys, self.act_fn = reader, keys, act_fn
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32)
+        for expert in torch.unique(top_k_index).tolist():
+            token, slot = torch.where(top_k_index == expert)
+            x = hidden_states[token].float()
+            gate = F.linear(x, self.reader.get(self.keys[expert]["gate"]).float())
+            up = F.linear(x, self.reader.get(self.keys[expert]["up"]).float())
+            y = F.linear(self.act_fn(gate) * up, self.reader.get(self.keys[expert]["down"]).float())
+            # a token appears once per expert, so accumulate-put is exact (and much faster than index_add_ on CPU)
+            out.index_put_((token,), y * top_k_weights[token, slot, None].float(), accumulate=True)
+        return out.to(hidden_states.dtype)
+
+
+def _layer_state(reader: CheckpointReader, adapter: Any, disk_layer_prefix: str, i: int
+                 ) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, str]]]:
+    """Layer ``i``'s non-expert tensors keyed by module name relative to the layer, and its per-expert keys
+    (``{expert: {role: on-disk key}}``; empty for a dense layer or an already fused checkpoint)."""
     keys = [k for k in reader.keys() if k.startswith(disk_layer_prefix)]
     state: dict[str, torch.Tensor] = {}
-    experts: dict[str, list[tuple[int, str]]] = {}
+    experts: dict[int, dict[str, str]] = {}
     pattern = None
     if isinstance(adapter, MoeAdapter):
         roles = {name: role for role, name in adapter.expert_names.items()}
@@ -46,36 +76,13 @@ def _layer_state(reader: CheckpointReader, adapter: Any, disk_layer_prefix: str,
     for key in keys:
         match = pattern.fullmatch(key) if pattern else None
         if match and match.group(2) in roles:
-            experts.setdefault(roles[match.group(2)], []).append((int(match.group(1)), key))
+            experts.setdefault(int(match.group(1)), {})[roles[match.group(2)]] = key
             continue
         name = adapter.to_module_key(key) if isinstance(adapter, MoeAdapter) else key
         state[name[len(disk_layer_prefix):]] = reader.get(key)
-    if experts:
-        module_prefix = adapter.mlp_prefix(i)[len(disk_layer_prefix):] + "experts."
-        count = max(e for items in experts.values() for e, _ in items) + 1
-        for role, items in experts.items():
-            if sorted(e for e, _ in items) != list(range(count)):
-                raise UserError(f"layer {i}: the checkpoint is missing some experts' {role} weights")
-        state[module_prefix + "gate_up_proj"] = _fuse(reader, [experts["gate"], experts["up"]], count)
-        state[module_prefix + "down_proj"] = _fuse(reader, [experts["down"]], count)
-    return state
-
-
-def _fuse(reader: CheckpointReader, parts: list[list[tuple[int, str]]], count: int) -> torch.Tensor:
-    """Stack per-expert weights into ``[E, sum(rows), cols]`` without holding more than one extra expert."""
-    first = [reader.info(dict(items)[0]) for items in parts]
-    rows = [info.shape[0] for info in first]
-    fused = None
-    for part, items in enumerate(parts):
-        offset = sum(rows[:part])
-        for expert, key in items:
-            tensor = reader.get(key)
-            if fused is None:
-                fused = torch.empty(count, sum(rows), tensor.shape[1], dtype=tensor.dtype)
-            fused[expert, offset : offset + rows[part]] = tensor
-            del tensor
-    assert fused is not None
-    return fused
+    if experts and (sorted(experts) != list(range(len(experts))) or any(len(r) != 3 for r in experts.values())):
+        raise UserError(f"layer {i}: the checkpoint is missing some experts' weights")
+    return state, experts
 
 
 def _mask_kind(config: Any, i: int) -> str:
@@ -128,14 +135,19 @@ def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, gra
     layers = decoder_layers(skeleton)
     layers_name = _module_name(skeleton, layers)
 
-    hidden = [embeddings(ids) for ids in token_batches]
+    if len({ids.shape[1] for ids in token_batches}) != 1:
+        raise ValueError("all token batches must have the same length")
+    # One forward per layer over all tokens: each expert is then read from disk once per layer.
+    hidden = [embeddings(torch.cat(token_batches))]
     embeddings.to("meta")  # free it: only the layers are needed from here on
-    position_ids = [torch.arange(ids.shape[1]).unsqueeze(0) for ids in token_batches]
+    position_ids = [torch.arange(hidden[0].shape[1]).unsqueeze(0)]
     position_embeddings = [rotary(h, pos) for h, pos in zip(hidden, position_ids)]
     mask_fn = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
     for i, layer in enumerate(layers):
-        state = _layer_state(reader, adapter, f"{layers_name}.{i}.", i)
+        state, expert_keys = _layer_state(reader, adapter, f"{layers_name}.{i}.", i)
+        if expert_keys:
+            layer.mlp.experts = StreamedExperts(reader, expert_keys, layer.mlp.experts.act_fn)
         try:
             layer.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:

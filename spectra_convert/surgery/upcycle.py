@@ -179,8 +179,14 @@ def upcycle(
     gguf_file: str | None = None,
     seed: int = 0,
     force: bool = False,
+    spectra_overrides: dict | None = None,
 ) -> UpcycleResult:
-    """Convert the dense causal LM ``model`` (folder or Hub id) into a calibrated SPECTRA MoE folder ``out``."""
+    """Convert the dense causal LM ``model`` (folder or Hub id) into a calibrated SPECTRA MoE folder ``out``.
+
+    ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
+    False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
+    conversion time, and the bias is calibrated with the knobs the model will route with.
+    """
     from ..textdata import default_calibration_path, load_texts
 
     if method not in METHODS:
@@ -197,6 +203,7 @@ def upcycle(
         raise UserError(f"--noise must be >= 0, got {noise}")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    overrides = _check_overrides(spectra_overrides)
     out = Path(out)
     model_dir = checkpoint.resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
@@ -218,8 +225,11 @@ def upcycle(
         try:
             spectra_config = SpectraConfig(
                 text_config=text_config.to_dict(),
-                spectra={"num_experts": experts, "top_k": top_k, "router_dim": router_dim,
-                         "expert_kind": adapter.expert_kind, "source": "upcycled"},
+                spectra={**overrides, "num_experts": experts, "top_k": top_k, "router_dim": router_dim,
+                         "expert_kind": adapter.expert_kind, "source": "upcycled",
+                         # split experts hold 1/E of the dense neurons each
+                         "intermediate_size": (adapter.intermediate_size(text_config) // experts
+                                               if method == "split" else overrides.get("intermediate_size"))},
             )
         except ValueError as exc:
             raise UserError(str(exc)) from exc
@@ -281,6 +291,29 @@ def upcycle(
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
     return result
+
+
+#: Knobs that upcycle sets from its own arguments or the parent; an override of them would be ambiguous.
+_OWN_KNOBS = {"num_experts": "experts", "top_k": "top_k", "router_dim": "router_dim", "expert_kind": None,
+              "source": None}
+
+
+def _check_overrides(overrides: dict | None) -> dict:
+    """Unknown or argument-owned knobs fail before the (slow) model load, with one line naming the field."""
+    from ..modeling.configuration_spectra import SPECTRA_DEFAULTS
+
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"spectra overrides must be a mapping of knob -> value, got {type(overrides).__name__}")
+    for name in overrides:
+        if name not in SPECTRA_DEFAULTS:
+            raise UserError(f"spectra.{name}: unknown field; allowed fields: {', '.join(SPECTRA_DEFAULTS)}")
+        if name in _OWN_KNOBS:
+            arg = _OWN_KNOBS[name]
+            hint = f"use the {arg!r} argument" if arg else "it is set from the parent architecture"
+            raise UserError(f"spectra.{name} cannot be overridden in upcycle ({hint})")
+    return dict(overrides)
 
 
 def _router_param_count(config: SpectraConfig) -> int:

@@ -35,8 +35,8 @@ DEFAULT_MAX_TOKENS = 16384
 DEFAULT_MAX_LENGTH = 512
 INVARIANCE_TEXTS = 4
 BASELINES_NOTE = ("baselines route the same captured router inputs with a linear gate W = mu P[:, :H] (the hidden-"
-                  "state part of the model's own router); loss-free-bias is fitted on even-indexed texts and "
-                  "scored on the others; baseline perplexity is not computed")
+                  "state part of the model's own router); loss-free-bias is fitted on every other text of each "
+                  "domain and scored on the rest; baseline perplexity is not computed")
 
 
 def validate(

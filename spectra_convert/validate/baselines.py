@@ -19,9 +19,9 @@ Routers (k = the model's top-k unless named):
 * ``hash`` — a fixed random hash of the token id picks k distinct experts (Roller et al. 2021).
 * ``loss-free-bias`` — switch gate plus a per-expert bias moved by ``u · sign(mean load − load)`` after each
   mini-batch (Wang et al. 2024, used by DeepSeek-V3). The bias is fitted on every other text (even-indexed
-  sequences) and the metrics are measured on the others, so it is scored on text it never saw; interleaving
-  rather than splitting the token stream in two halves keeps a file sorted by domain from fitting on one
-  domain and scoring on another.
+  sequences of each domain) and the metrics are measured on the others, so it is scored on text it never
+  saw; alternating texts within each domain rather than splitting the token stream in two halves keeps a
+  file sorted by domain from fitting on one domain and scoring on another.
 """
 
 from __future__ import annotations
@@ -127,11 +127,23 @@ def loss_free_bias(
                            _entropy(logits[torch.as_tensor(evaluate)]))
 
 
-def split_fit_eval(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token positions of even-indexed texts (fit) and odd-indexed texts (evaluate); halves if one text."""
-    order = np.unique(seq_ids, return_inverse=True)[1]
-    fit = np.nonzero(order % 2 == 0)[0]
-    evaluate = np.nonzero(order % 2 == 1)[0]
+def split_fit_eval(seq_ids: np.ndarray, domains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token positions of texts to fit on and texts to evaluate on, alternating texts within each domain.
+
+    Alternating within a domain (not over the whole stream) keeps both halves' domain mix equal even when
+    texts arrive round-robin over domains. A single text is split into halves.
+    """
+    texts, first = np.unique(seq_ids, return_index=True)
+    text_domain = domains[first] if domains is not None else np.zeros(len(texts), dtype=int)
+    rank = np.zeros(len(texts), dtype=int)
+    seen: dict[object, int] = {}
+    for position in np.argsort(first, kind="stable"):
+        key = text_domain[position]
+        rank[position] = seen.get(key, 0)
+        seen[key] = rank[position] + 1
+    text_of_token = np.searchsorted(texts, seq_ids)
+    fit = np.nonzero(rank[text_of_token] % 2 == 0)[0]
+    evaluate = np.nonzero(rank[text_of_token] % 2 == 1)[0]
     if evaluate.size == 0:
         half = len(seq_ids) // 2
         fit, evaluate = np.arange(half), np.arange(half, len(seq_ids))
@@ -140,12 +152,13 @@ def split_fit_eval(seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def route_layer(
     inputs: torch.Tensor, router: Any, token_ids: np.ndarray, seq_ids: np.ndarray, top_k: int, *, seed: int = 0,
+    domains: np.ndarray | None = None,
 ) -> dict[str, BaselineRouting]:
     """Every baseline's routing of one layer's captured router inputs ``[N, H]``."""
     gate = linear_gate(router)
     logits = inputs.float() @ gate.T
     e = gate.shape[0]
-    fit, evaluate = split_fit_eval(seq_ids)
+    fit, evaluate = split_fit_eval(seq_ids, domains)
     return {
         "switch-top1": switch(logits, 1, gate),
         "switch-top2": switch(logits, min(2, e), gate),
@@ -178,7 +191,7 @@ def run_baselines(collection: Collection, routers: list[Any], *, seed: int = 0) 
     per_layer: dict[str, list[dict[str, float]]] = {name: [] for name in BASELINES}
     for layer, router in zip(collection.layers, routers):
         routings = route_layer(layer.inputs, router, collection.token_ids, collection.seq_ids, collection.top_k,
-                               seed=seed)
+                               seed=seed, domains=collection.domains)
         for name, routing in routings.items():
             per_layer[name].append(layer_metrics(routing, collection))
     return per_layer

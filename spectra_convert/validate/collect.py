@@ -153,7 +153,8 @@ def tokenize_texts(
     has_domains = any(r.domain is not None for r in records)
     ids, index, domains = [], [], []
     total = 0
-    for i, record in enumerate(records):
+    for i in interleave_domains(records) if max_tokens is not None else range(len(records)):
+        record = records[i]
         tokens = tokenizer(record.text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         if max_tokens is not None:
             tokens = tokens[: max_tokens - total]
@@ -170,6 +171,22 @@ def tokenize_texts(
     if not ids:
         raise UserError("the data has no text that tokenises to 2 or more tokens")
     return TokenizedTexts(ids, index, domains if has_domains else None)
+
+
+def interleave_domains(records: Sequence[TextRecord]) -> list[int]:
+    """Record indices taken round-robin over domains (file order within a domain).
+
+    A token cap applied in file order would keep only the first domains of a file sorted by domain (the
+    fixture ``mixed_eval.jsonl`` is); round-robin keeps every domain in the sample.
+    """
+    queues: dict[str | None, list[int]] = {}
+    for i, record in enumerate(records):
+        queues.setdefault(record.domain, []).append(i)
+    order: list[int] = []
+    lists = list(queues.values())
+    for rank in range(max(len(q) for q in lists)):
+        order.extend(q[rank] for q in lists if rank < len(q))
+    return order
 
 
 @dataclass

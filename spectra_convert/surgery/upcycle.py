@@ -244,7 +244,7 @@ def upcycle(
         ffn_inputs = capture_ffn_inputs(dense, layers, blocks)
         dense_state = dense.state_dict()
         generator = torch.Generator().manual_seed(seed)
-        writer = checkpoint.ShardWriter(tmp)
+        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=512 * 1024**2)  # bounds buffered bytes
         layer_cv: list[float] = []
         context = RoutingContext()
         ffn_prefixes = [adapter.mlp_prefix(i) for i in range(len(layers))]

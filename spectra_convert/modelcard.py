@@ -223,6 +223,7 @@ def _as_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
 
 
 def _is_hub_id(value: str) -> bool:
+    value = str(value)
     return bool(_HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 

@@ -179,3 +179,21 @@ def test_cli_dry_run_prints_stages(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "reroute" in done.stdout and "47 GiB" in done.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_upcycle_spectra_overrides_are_checked_before_loading(tmp_path: Path) -> None:
+    from spectra_convert.surgery.upcycle import upcycle
+
+    missing = str(tmp_path / "no-such-model")  # never reached: the override check comes first
+    with pytest.raises(UserError, match=r"spectra\.use_grus: unknown field; allowed fields: .*use_gru"):
+        upcycle(missing, tmp_path / "o", spectra_overrides={"use_grus": False})
+    with pytest.raises(UserError, match=r"spectra\.num_experts cannot be overridden in upcycle \(use the 'experts'"):
+        upcycle(missing, tmp_path / "o", spectra_overrides={"num_experts": 4})
+    with pytest.raises(UserError, match="must be a mapping"):
+        upcycle(missing, tmp_path / "o", spectra_overrides=["use_gru"])  # type: ignore[arg-type]
+    # a bad *value* is caught by SpectraConfig (ValueError -> UserError) once the parent config is known
+    dense = build_dense_llama(tmp_path / "dense")
+    with pytest.raises(UserError, match=r"spectra\.balance_mode must be one of"):
+        upcycle(str(dense), tmp_path / "o", experts=4, router_dim=16, calibration_tokens=256,
+                spectra_overrides={"balance_mode": "batch"})
+    assert not (tmp_path / "o").exists()

@@ -143,7 +143,8 @@ def _expand(entry: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]
     out = []
     for combo in itertools.product(*sweep.values()):
         suffix = ",".join(f"{k}={v}" for k, v in zip(sweep, combo))
-        out.append((f"{name}-{suffix}" if name else suffix, {**spectra, **dict(zip(sweep, combo))}))
+        plain = list(sweep) == [name]  # `name: temperature, sweep: {temperature: [...]}` -> temperature=0.05
+        out.append((suffix if plain else f"{name}-{suffix}", {**spectra, **dict(zip(sweep, combo))}))
     return out
 
 
@@ -184,6 +185,10 @@ def parse_plan(data: Any, path: Path) -> Plan:
         check_keys(f"{vwhere}.convert", vconvert, [k for k in convert_keys() if k != "spectra"])
         vfinetune = _mapping(entry.get("finetune"), f"{vwhere}.finetune")
         check_keys(f"{vwhere}.finetune", vfinetune, finetune_keys())
+        merged_ft = {**finetune, **vfinetune}
+        if merged_ft.get("mode", "router") == "lora" and not merged_ft.get("merge"):
+            raise UserError(f"{vwhere}: finetune mode lora writes an adapter folder, which validate cannot route; "
+                            "use mode router or set merge: true")
         for name, knobs in _expand(entry, vwhere):
             variants.append(Variant(name=name, spectra={**plan_spectra, **knobs}, convert={**convert, **vconvert},
                                     finetune={**finetune, **vfinetune}, description=str(entry.get("description", ""))))

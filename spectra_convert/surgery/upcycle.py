@@ -272,7 +272,7 @@ def upcycle(
         checkpoint.write_runtime_files(tmp)
         tokenizer.save_pretrained(tmp)
         _write_generation_config(dense, tmp)
-        _write_model_card(tmp, model)
+        _write_model_card(tmp, str(model))
         expert_params = sum(t.numel() for t in adapter.ffn_tensors(dense_state.__getitem__, 0).values())
         if method == "split":
             expert_params //= experts

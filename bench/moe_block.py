@@ -130,7 +130,8 @@ def bench_shape(name: str, hidden: int, inter: int, args: argparse.Namespace, ta
     cache = SpectraCache(config=LlamaConfig(num_hidden_layers=1))
     context.cache = cache
     spectra.gate(x)  # fills cache.spectra_router_states[0] with each row's state after 512 tokens
-    assert cache.spectra_router_states[0].shape == (BATCH, spectra.gate.router_dim)
+    # state = [GRU state | running routing sums (E) | token count]
+    assert cache.spectra_router_states[0].shape == (BATCH, spectra.gate.router_dim + spectra.gate.num_experts + 1)
     step = x[:, -1:, :].contiguous()
     decode = median_ms({"cached_step": lambda: spectra.gate(step)}, repeats * 20, args.warmup * 10)
     context.cache = None

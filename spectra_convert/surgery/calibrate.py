@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..modeling.modeling_spectra import SpectraRouter, sinkhorn
+from ..modeling.modeling_spectra import SpectraRouter, single_cpu_thread, sinkhorn
 
 INIT_METHODS = ("orthogonal", "kmeans", "gate", "distill")
 
@@ -106,12 +106,13 @@ def _distill(router: SpectraRouter, inputs: torch.Tensor, gate_weight: torch.Ten
     saved = router.balance_mode, router.bias_ema
     router.bias_ema = 0.0  # distillation must not move the bias; calibration sets it afterwards
     try:
-        for _ in range(steps):
-            logits, _, _ = router(inputs.to(router.expert_vectors.dtype))
-            loss = F.kl_div(torch.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        with single_cpu_thread(inputs):  # small sequential GRU forward/backward: thread sync costs more than it buys
+            for _ in range(steps):
+                logits, _, _ = router(inputs.to(router.expert_vectors.dtype))
+                loss = F.kl_div(torch.log_softmax(logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
     finally:
         router.balance_mode, router.bias_ema = saved
         router.eval()

@@ -231,10 +231,15 @@ class SpectraRouter(nn.Module):
         return bias, running[:, -1] + totals0
 
     def express(self, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-        """z = normalize(P [h; r]): the token's expression vector on the unit sphere."""
-        x = torch.cat([h, r], dim=-1) if r is not None else h
-        if self.use_projector:
-            x = F.linear(x, self.projector)
+        """z = normalize(P [h; r]): the token's expression vector on the unit sphere.
+
+        With a projector, P [h; r] = P_h h + P_r r: two GEMMs, no [N, H+d] concatenation copy.
+        """
+        if not self.use_projector:
+            return F.normalize(torch.cat([h, r], dim=-1) if r is not None else h, dim=-1)
+        x = F.linear(h, self.projector[:, : self.hidden_size])
+        if r is not None:
+            x = x + F.linear(r, self.projector[:, self.hidden_size :])
         return F.normalize(x, dim=-1)
 
     def unit_expert_vectors(self) -> torch.Tensor:

@@ -302,23 +302,27 @@ class SpectraRouter(nn.Module):
         router_logits = -self.osr_cost(scores) / self.temperature
         flat_mask = mask.reshape(-1) if mask is not None else None
 
-        bias = self.dual_bias
-        if self.balance_mode == "in_batch" or self.training:
-            real_logits = router_logits.detach() if flat_mask is None else router_logits.detach()[flat_mask]
-            if real_logits.shape[0] > 0:
-                _, potentials = sinkhorn(real_logits, self.top_k, self.sinkhorn_iters)
-                if self.balance_mode == "in_batch":
-                    bias = potentials.to(bias.dtype)
-                elif self.training:
-                    with torch.no_grad():
-                        self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
-                        bias = self.dual_bias
-
-        selection = router_logits.detach() + bias
+        # What top-k ranks before the dual bias: logits plus this sequence's running-load correction.
+        unbiased = router_logits.detach()
         totals = None
         if self.sequence_balance > 0:
             seq_bias, totals = self.sequence_bias(router_logits.view(batch, steps, -1), mask, totals0)
-            selection = selection + seq_bias.reshape(batch * steps, -1).to(selection.dtype)
+            unbiased = unbiased + seq_bias.reshape(batch * steps, -1).to(unbiased.dtype)
+
+        bias = self.dual_bias
+        if self.balance_mode == "in_batch" or self.training:
+            # Potentials of the same scores selection uses (sequence correction included), so the bias does
+            # not correct twice what the sequence term already balances.
+            real = unbiased if flat_mask is None else unbiased[flat_mask]
+            if real.shape[0] > 0:
+                _, potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)
+                if self.balance_mode == "in_batch":
+                    bias = potentials.to(bias.dtype)
+                else:
+                    with torch.no_grad():
+                        self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
+                    bias = self.dual_bias
+        selection = unbiased + bias
         if states is not None:
             parts = [last if last is not None else h.new_zeros(batch, 0)]
             parts.append(totals if totals is not None else h.new_zeros(batch, self.num_experts + 1))

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..surgery.calibrate import recalibrate_model_bias
 from ..errors import UserError
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode, router_modules
@@ -238,6 +239,9 @@ def finetune(
                       log_file=Path(log_file) if log_file else None)
     start_step = state.step
     state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
+    # Training moved the routers: end with the hard-load bias correction on training text (same blocks on
+    # every rank, so the biases stay identical across processes).
+    recalibrate_model_bias(accelerator.unwrap_model(model_p), train_blocks[:16].to(accelerator.device))
     eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
     monitor.close()
 

@@ -8,30 +8,21 @@ on the unit expert vectors.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..validate import metrics
 from .modes import router_modules
 
 
 def load_cv(loads: torch.Tensor) -> float:
-    """Coefficient of variation (population std / mean) of one layer's per-expert loads."""
-    loads = loads.double()
-    mean = loads.mean()
-    if mean <= 0:
-        return float("nan")
-    return float(loads.std(unbiased=False) / mean)
+    """Coefficient of variation (population std / mean) of one layer's per-expert loads (DESIGN §5)."""
+    return metrics.load_cv(loads.detach().double().cpu().numpy())
 
 
 def gram_orthogonality(expert_vectors: torch.Tensor) -> float:
-    """1 - ||G - I||_F / (E sqrt 2) for the Gram matrix G of the normalised expert vectors (1 = orthogonal)."""
-    mu = F.normalize(expert_vectors.detach().double(), dim=-1)
-    n = mu.shape[0]
-    gram = mu @ mu.T
-    return float(1.0 - torch.linalg.norm(gram - torch.eye(n, dtype=gram.dtype)) / (n * math.sqrt(2.0)))
+    """1 - ||G - I||_F / (E sqrt 2) for the normalised expert vectors (1 = orthogonal), as validate reports it."""
+    return metrics.gram_orthogonality(expert_vectors.detach().double().cpu().numpy())
 
 
 class RouterMonitor:

@@ -53,9 +53,10 @@ def selection_scores(router: SpectraRouter, inputs: torch.Tensor) -> torch.Tenso
 
 
 def load_cv(selected: torch.Tensor, num_experts: int) -> float:
-    """Population coefficient of variation of hard loads (assignments per expert)."""
-    loads = torch.bincount(selected.reshape(-1), minlength=num_experts).float()
-    return float(loads.std(unbiased=False) / loads.mean().clamp(min=1e-9))
+    """Population coefficient of variation of the hard loads of ``selected`` (the validate metric)."""
+    from ..validate.metrics import load_cv as cv_of_loads
+
+    return cv_of_loads(torch.bincount(selected.reshape(-1), minlength=num_experts).numpy())
 
 
 def spherical_kmeans(points: torch.Tensor, k: int, *, iters: int = 25, seed: int = 0) -> torch.Tensor:

@@ -174,6 +174,66 @@ def test_link_and_rewrite_shard_keep_bytes(tmp_path: Path, mixtral_dir: Path) ->
     assert _reference(extra)["extra"].tolist() == [1.0, 1.0, 1.0]
 
 
+def _write_mixed(writer: ShardWriter, shards: list[Path]) -> dict[str, str]:
+    """The same mixed sequence of link / rewrite / add, for the sync and background writers."""
+    writer.link_shard(shards[0])
+    source = _reference(shards[1])
+    dropped = sorted(source)[0]
+    writer.rewrite_shard(shards[1], keep=[k for k in source if k != dropped])
+    writer.rewrite_shard(shards[2], keep=list(_reference(shards[2])), add={"new.bias": torch.arange(4.0)})
+    for i in range(5):
+        writer.add(f"extra.{i}", torch.full((64, 32), float(i)))
+    return writer.close()
+
+
+def test_background_writer_writes_the_same_bytes(tmp_path: Path, mixtral_dir: Path) -> None:
+    shards = sorted(mixtral_dir.glob("model-*.safetensors"))
+    sync_dir, background_dir = tmp_path / "sync", tmp_path / "background"
+    sync_dir.mkdir()
+    background_dir.mkdir()
+    sync_map = _write_mixed(ShardWriter(sync_dir, max_shard_bytes=20_000), shards)
+    with ShardWriter(background_dir, max_shard_bytes=20_000, background=True, max_background_bytes=1) as writer:
+        background_map = _write_mixed(writer, shards)
+    assert sync_map == background_map
+    names = sorted(p.name for p in sync_dir.iterdir())
+    assert names == sorted(p.name for p in background_dir.iterdir()) and len(names) >= 5
+    for name in names:
+        assert (sync_dir / name).read_bytes() == (background_dir / name).read_bytes(), name
+
+
+def test_background_writer_reports_errors_and_cancels(tmp_path: Path, mixtral_dir: Path) -> None:
+    shards = sorted(mixtral_dir.glob("model-*.safetensors"))
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(shards[1].read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, background=True)
+    writer.rewrite_shard(victim, keep=list(_reference(victim)))
+    victim.unlink()  # the source vanishes before (or while) the thread copies it
+    with pytest.raises(OSError):
+        writer.close()
+    # an error on the main thread cancels queued copies, and atomic_output_dir then removes the temp folder
+    target = tmp_path / "result"
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        with atomic_output_dir(target, force=False, inputs=[mixtral_dir]) as tmp, \
+                ShardWriter(tmp, background=True) as writer:
+            for shard in shards:
+                writer.rewrite_shard(shard, keep=list(_reference(shard)))
+            raise RuntimeError("calibration failed")
+    assert not target.exists() and not list(tmp_path.glob(".result.tmp-*"))
+
+
+def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:
+    shard = max(mixtral_dir.glob("model-*.safetensors"), key=lambda p: len(read_header(p)[0]))
+    header, _ = read_header(shard)
+    entries = [checkpoint._Entry(n, i.dtype, i.shape, i.nbytes, source=(shard, i)) for n, i in header.items()]
+    ordered = sorted(entries, key=lambda e: e.source[1].start)
+    runs = list(checkpoint._source_runs(ordered))
+    assert len(runs) == 1 and runs[0][1] == sum(e.nbytes for e in entries)
+    gap = ordered[:1] + ordered[2:]  # dropping a tensor splits the run in two
+    assert [length for _, length in checkpoint._source_runs(gap)] == [ordered[0].nbytes, sum(e.nbytes for e in ordered[2:])]
+
+
 def test_hardlink_or_copy_falls_back_to_copy(tmp_path: Path) -> None:
     src = tmp_path / "a.bin"
     src.write_bytes(b"abc" * 1000)

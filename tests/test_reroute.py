@@ -298,3 +298,18 @@ def test_cli_bad_input_is_one_line_error(sources, tmp_path: Path, case: str) -> 
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     assert folder_checksums(sources["mixtral"]) == before
+
+
+def test_shard_copy_can_start_before_torch_is_imported() -> None:
+    """reroute queues its shard copies before the heavy imports (the copy overlaps them): the modules that
+    phase needs must not pull in torch or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spectra_convert.cli, spectra_convert.surgery.reroute, spectra_convert.textdata; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from spectra_convert.surgery import calibrate, reroute
+
+    assert reroute.INIT_METHODS == calibrate.INIT_METHODS

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 
-Getter = Callable[[str], torch.Tensor]
+if TYPE_CHECKING:  # torch is imported where tensors are built: reroute reads adapters before importing torch
+    import torch
+
+Getter = Callable[[str], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class DenseAdapter:
 
     def ffn_tensors(self, get: Getter, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s dense FFN as one expert in ``SpectraExperts`` layout (``get`` maps a key to a tensor)."""
+        import torch
+
         p = self.mlp_prefix(i)
         names = self.projections
         if self.expert_kind == "gated":

@@ -23,27 +23,41 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+
+if TYPE_CHECKING:  # torch is imported lazily: reroute starts copying shards before torch/transformers load
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 AUTO_MAP = {"AutoConfig": "configuration_spectra.SpectraConfig", "AutoModelForCausalLM": "modeling_spectra.SpectraForCausalLM"}
 RUNTIME_FILES = ("configuration_spectra.py", "modeling_spectra.py")
 
-# safetensors dtype names <-> torch dtypes (the subset torch supports on every platform we run).
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+# safetensors dtype names -> item sizes (header validation needs no torch) and torch dtype attribute names
+# (the subset torch supports on every platform we run).
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPE_ATTRS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, _TORCH_DTYPE_ATTRS[name])
+
+
+def _dtype_name(dtype: torch.dtype) -> str | None:
+    import torch
+
+    return next((n for n, attr in _TORCH_DTYPE_ATTRS.items() if getattr(torch, attr) == dtype), None)
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -87,19 +101,12 @@ def resolve_model_dir(model: str, *, allow_patterns: list[str] | None = None) ->
         ) from None
 
 
-def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
-    """The parent's ``PretrainedConfig``; one-line errors for a folder that is not a (supported) model."""
-    from transformers import AutoConfig
-
+def read_raw_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` as a dict, checked to be a supported parent — without importing transformers (reroute
+    reads it to start copying shards while the heavy imports still run)."""
     from .adapters import ADAPTERS, supported_message
 
-    model_dir = Path(model_dir)
-    if gguf_file:
-        try:
-            return AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file)
-        except Exception as exc:  # gguf parsing errors come in many types
-            raise UserError(f"{model_dir / gguf_file}: cannot read a model config from this GGUF file ({_first_line(exc)})") from None
-    config_path = model_dir / "config.json"
+    config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise UserError(f"{model_dir}: not a model folder (no config.json)")
     try:
@@ -113,10 +120,24 @@ def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
         raise UserError(f"{model_dir} is already a SPECTRA model; convert its parent model instead")
     if model_type not in ADAPTERS:
         raise UserError(f"unsupported architecture {model_type!r}; {supported_message()}")
+    return raw
+
+
+def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
+    """The parent's ``PretrainedConfig``; one-line errors for a folder that is not a (supported) model."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if gguf_file:
+        try:
+            return AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file)
+        except Exception as exc:  # gguf parsing errors come in many types
+            raise UserError(f"{model_dir / gguf_file}: cannot read a model config from this GGUF file ({_first_line(exc)})") from None
+    raw = read_raw_config(model_dir)
     try:
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{config_path}: cannot build a {model_type} config ({_first_line(exc)})") from None
+        raise UserError(f"{model_dir / 'config.json'}: cannot build a {raw['model_type']} config ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -240,12 +261,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise bad(f"bad entry for {name!r}") from None
-        if dtype not in _DTYPES:
+        if dtype not in _DTYPE_SIZES:
             raise bad(f"unsupported dtype {dtype!r} of {name!r}")
         numel = 1
         for dim in shape:
             numel *= dim
-        itemsize = _DTYPES[dtype].itemsize
+        itemsize = _DTYPE_SIZES[dtype]
         if not (0 <= begin <= end) or end - begin != numel * itemsize:
             raise bad(f"bad data offsets of {name!r}")
         if base + end > size:
@@ -256,6 +277,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     """One tensor's bytes read with ``pread`` into a fresh tensor (no mmap: memory is exactly the tensor)."""
+    import torch
+
     buffer = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
         with open(path, "rb", buffering=0) as handle:
@@ -266,20 +289,31 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
                 if count <= 0:
                     raise UserError(f"{path}: truncated while reading (file changed during conversion?)")
                 done += count
-    return buffer.view(_DTYPES[info.dtype]).reshape(info.shape)
+    return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-def _copy_range(src: Any, dst: Any, offset: int, count: int) -> None:
+_COPY_CHUNK = 64 * 1024 * 1024  # bytes per kernel copy call: cancellation is checked between calls
+
+
+class Cancelled(Exception):
+    """A background write was stopped because the conversion failed elsewhere."""
+
+
+def _copy_range(src: Any, dst: Any, offset: int, count: int, cancel: threading.Event | None = None) -> None:
     """Copy ``count`` bytes at ``offset`` of file ``src`` to the current position of ``dst`` (kernel-side)."""
     src_fd, dst_fd = src.fileno(), dst.fileno()
     try:
         while count > 0:
-            done = os.copy_file_range(src_fd, dst_fd, count, offset)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled
+            done = os.copy_file_range(src_fd, dst_fd, min(count, _COPY_CHUNK), offset)
             if done <= 0:
                 raise OSError("copy_file_range made no progress")
             offset += done
@@ -289,6 +323,8 @@ def _copy_range(src: Any, dst: Any, offset: int, count: int) -> None:
         pass  # not supported across these filesystems: fall back to a bounded buffer
     src.seek(offset)
     while count > 0:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled
         chunk = src.read(min(count, 16 * 1024 * 1024))
         if not chunk:
             raise UserError(f"{src.name}: truncated while copying")
@@ -308,8 +344,8 @@ class _Entry:
     source: tuple[Path, TensorInfo] | None = None
 
 
-def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
-    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed."""
+def _header_bytes(entries: list[_Entry], metadata: dict[str, str]) -> tuple[bytes, int]:
+    """The safetensors header for ``entries`` laid out in order, and the data section's size."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for entry in entries:
@@ -317,12 +353,37 @@ def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as the reference writer does
+    return len(raw).to_bytes(8, "little") + raw, offset
+
+
+def _source_runs(entries: list[_Entry]) -> Iterator[tuple[_Entry, int]]:
+    """Group consecutive entries whose source bytes are adjacent in the same file: ``(first entry, run bytes)``.
+
+    A rewritten shard keeps almost all of its tensors in order, so its data is copied in a handful of kernel
+    calls instead of one per tensor."""
+    run: _Entry | None = None
+    length = 0
+    for entry in entries:
+        if run is not None and entry.source is not None and run.source is not None and run.source[0] == entry.source[0] \
+                and run.source[1].start + length == entry.source[1].start:
+            length += entry.nbytes
+            continue
+        if run is not None:
+            yield run, length
+        run, length = entry, entry.nbytes
+    if run is not None:
+        yield run, length
+
+
+def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str],
+                       cancel: threading.Event | None = None) -> int:
+    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed."""
+    header, size = _header_bytes(entries, metadata)
     handles: dict[Path, Any] = {}
     try:
         with open(dst, "wb") as out:
-            out.write(len(raw).to_bytes(8, "little"))
-            out.write(raw)
-            for entry in entries:
+            out.write(header)
+            for entry, length in _source_runs(entries):
                 if entry.tensor is not None:
                     out.write(_tensor_bytes(entry.tensor))
                 else:
@@ -330,18 +391,19 @@ def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str
                     if src_path not in handles:
                         handles[src_path] = open(src_path, "rb")
                     out.flush()
-                    _copy_range(handles[src_path], out, info.start, info.nbytes)
+                    _copy_range(handles[src_path], out, info.start, length, cancel)
                     out.seek(0, os.SEEK_END)
     finally:
         for handle in handles.values():
             handle.close()
-    return offset
+    return size
 
 
 def _memory_entry(name: str, tensor: torch.Tensor) -> _Entry:
-    if tensor.dtype not in _DTYPE_NAMES:
+    dtype = _dtype_name(tensor.dtype)
+    if dtype is None:
         raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-    return _Entry(name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor)
+    return _Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,14 +485,92 @@ class CheckpointReader:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def hardlink_or_copy(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` to ``dst`` (same filesystem); else copy it (kernel-side). Returns True when linked."""
+def _copy_file(src: Path, dst: Path, cancel: threading.Event | None = None) -> None:
+    """Copy a whole file kernel-side (``copy_file_range``), checking ``cancel`` between chunks."""
+    with open(src, "rb") as source, open(dst, "wb") as target:
+        _copy_range(source, target, 0, os.fstat(source.fileno()).st_size, cancel)
+
+
+def _hardlink(src: Path, dst: Path) -> bool:
     try:
         os.link(src, dst)
         return True
-    except OSError:
-        shutil.copyfile(src, dst)
+    except OSError:  # another filesystem (or links not allowed)
         return False
+
+
+def hardlink_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to ``dst`` (same filesystem); else copy it (kernel-side). Returns True when linked."""
+    if _hardlink(src, dst):
+        return True
+    _copy_file(src, dst)
+    return False
+
+
+class _BackgroundWrites:
+    """One thread that runs queued file writes in order, so shard I/O overlaps the caller's compute.
+
+    ``copy_file_range`` and tensor writes release the GIL, so the calibration forward (or expert building) on
+    the main thread and the byte copying proceed together. The first error is kept and re-raised by ``wait``;
+    ``cancel`` stops the queue (between 64 MB chunks) so a failed conversion removes its temp folder promptly.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[Callable[[threading.Event], None]] = []
+        self._ready = threading.Condition()
+        self._cancel = threading.Event()
+        self._closing = False
+        self._submitted = 0
+        self._finished = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spectra-shard-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[threading.Event], None]) -> None:
+        with self._ready:
+            self._queue.append(job)
+            self._submitted += 1
+            self._ready.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closing:
+                    self._ready.wait()
+                if not self._queue:
+                    return
+                job = self._queue.pop(0)
+            try:
+                if self._error is None and not self._cancel.is_set():  # after a failure: drain without running
+                    job(self._cancel)
+            except BaseException as exc:  # kept for the main thread
+                self._error = exc
+            with self._ready:
+                self._finished += 1
+                self._ready.notify_all()
+
+    def wait(self, on_progress: Callable[[int, int], None] | None = None) -> None:
+        """Run everything queued, stop the thread, re-raise the first error. ``on_progress(done, total)`` is
+        called as jobs finish (for a progress bar)."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify_all()
+            while self._finished < self._submitted:
+                if on_progress is not None:
+                    on_progress(self._finished, self._submitted)
+                self._ready.wait()
+        if on_progress is not None:
+            on_progress(self._finished, self._submitted)
+        self._thread.join()
+        if self._error is not None and not isinstance(self._error, Cancelled):
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        with self._ready:
+            self._closing = True
+            self._ready.notify_all()
+        self._thread.join()
 
 
 class ShardWriter:
@@ -441,9 +581,15 @@ class ShardWriter:
     ``link_shard`` (a whole existing shard, hard-linked or copied), ``rewrite_shard`` (an existing shard with
     some tensors dropped and others added; kept tensors are byte-copied from the source, never loaded).
     The final shard count is only known at ``close``, so shards are written under temp names and renamed then.
+
+    ``background=True`` queues every file write on one writer thread (in submission order) and returns at
+    once; ``close`` waits for them. Use it as a context manager so an exception cancels the queued writes
+    before the caller removes the folder. Memory: at most ``max_background_bytes`` of flushed in-memory shards
+    wait for the thread (``add`` then blocks until the thread catches up).
     """
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3):
+    def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3, *, background: bool = False,
+                 max_background_bytes: int = 1024**3):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = int(max_shard_bytes)
         self._pending: list[_Entry] = []
@@ -452,6 +598,17 @@ class ShardWriter:
         self._names: set[str] = set()
         self.linked = 0  # shards hard-linked (not copied)
         self.closed = False
+        self._writes = _BackgroundWrites() if background else None
+        self._memory_unit = 64 * 1024**2
+        self._memory_permits = max(1, int(max_background_bytes) // self._memory_unit)
+        self._queued_memory = threading.Semaphore(self._memory_permits)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._writes is not None:
+            self._writes.cancel()
 
     def _claim(self, names: Iterable[str]) -> None:
         for name in names:
@@ -461,6 +618,27 @@ class ShardWriter:
 
     def _temp_path(self) -> Path:
         return self.out_dir / f".shard-{len(self._shards):05d}.safetensors.tmp"
+
+    def _write(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
+        """Write (or queue) one shard; returns its data size (known from the entries before writing)."""
+        size = sum(e.nbytes for e in entries)
+        if self._writes is None:
+            return _write_safetensors(path, entries, metadata)
+        in_memory = sum(e.nbytes for e in entries if e.tensor is not None)
+        held = min(self._memory_permits, max(1, in_memory // self._memory_unit))
+        for _ in range(held):  # bound the memory of in-memory tensors waiting for the thread
+            self._queued_memory.acquire()
+
+        def job(cancel: threading.Event) -> None:
+            try:
+                _write_safetensors(path, entries, metadata, cancel)
+            finally:
+                entries.clear()  # drop the tensors as soon as they are on disk
+                for _ in range(held):
+                    self._queued_memory.release()
+
+        self._writes.submit(job)
+        return size
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         entry = _memory_entry(name, tensor.detach().to("cpu").contiguous())
@@ -475,12 +653,14 @@ class ShardWriter:
         if not self._pending:
             return
         path = self._temp_path()
-        size = _write_safetensors(path, self._pending, {"format": "pt"})
-        self._shards.append((path, [e.name for e in self._pending], size))
+        names = [e.name for e in self._pending]
+        size = self._write(path, self._pending, {"format": "pt"})
+        self._shards.append((path, names, size))
         self._pending, self._pending_bytes = [], 0
 
     def link_shard(self, src_path: Path, names: list[str] | None = None) -> bool:
-        """Add a whole existing shard (hard link, else copy). ``names``: the tensors to index (default all)."""
+        """Add a whole existing shard (hard link, else copy). ``names``: the tensors to index (default all).
+        Returns True when hard-linked."""
         self.flush()
         header, _ = read_header(Path(src_path))
         names = list(header) if names is None else list(names)
@@ -489,26 +669,36 @@ class ShardWriter:
             raise ValueError(f"{src_path} has no tensor {missing[0]!r}")
         self._claim(names)
         path = self._temp_path()
-        linked = hardlink_or_copy(Path(src_path), path)
-        self.linked += int(linked)
         self._shards.append((path, names, sum(info.nbytes for info in header.values())))
-        return linked
+        if _hardlink(Path(src_path), path):
+            self.linked += 1
+            return True
+        if self._writes is None:
+            _copy_file(Path(src_path), path)
+        else:
+            self._writes.submit(lambda cancel: _copy_file(Path(src_path), path, cancel))
+        return False
 
-    def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor]) -> None:
+    def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor] | None = None) -> None:
         """Write a new shard holding ``keep`` (byte-copied from ``src_path``, in that order) then ``add``."""
         self.flush()
         src_path = Path(src_path)
         header, metadata = read_header(src_path)
         entries = [_Entry(n, header[n].dtype, header[n].shape, header[n].nbytes, source=(src_path, header[n])) for n in keep]
-        entries += [_memory_entry(n, t.detach().to("cpu").contiguous()) for n, t in add.items()]
+        entries += [_memory_entry(n, t.detach().to("cpu").contiguous()) for n, t in (add or {}).items()]
         self._claim(e.name for e in entries)
         path = self._temp_path()
-        size = _write_safetensors(path, entries, {"format": "pt", **{k: str(v) for k, v in metadata.items()}})
-        self._shards.append((path, [e.name for e in entries], size))
+        names = [e.name for e in entries]
+        size = self._write(path, entries, {"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+        self._shards.append((path, names, size))
 
-    def close(self, extra_index_entries: dict[str, str] | None = None) -> dict[str, str]:
-        """Name shards ``model-0000i-of-0000N.safetensors``, write the index; returns the weight map."""
+    def close(self, extra_index_entries: dict[str, str] | None = None,
+              on_progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+        """Wait for queued writes (``on_progress(done, total)`` as they finish), name shards
+        ``model-0000i-of-0000N.safetensors``, write the index; returns the weight map."""
         self.flush()
+        if self._writes is not None:
+            self._writes.wait(on_progress)
         total = len(self._shards)
         weight_map: dict[str, str] = {}
         total_size = 0

@@ -42,21 +42,31 @@ class StreamedExperts(nn.Module):
     Same call as ``MixtralExperts`` / ``Qwen2MoeExperts`` / ``OlmoeExperts``: ``(hidden [N, H], top_k_index
     [N, k], top_k_weights [N, k]) -> [N, H]`` with gated experts ``down(act(gate(x)) * up(x))``. Holding one
     expert instead of a layer's E experts is what keeps calibration memory independent of the model size (one
-    Mixtral-8x7B layer's experts are 2.8 GB in bf16; one expert is 350 MB). Math runs in float32.
+    Mixtral-8x7B layer's experts are 2.8 GB in bf16; one expert is 350 MB). Matmuls run in the checkpoint's
+    dtype when it is bf16 and the CPU has native bf16 kernels (as the layer's attention already does: 2.7x
+    faster than converting to float32 on an AVX512-BF16 core), else in float32; outputs accumulate in float32.
     """
 
     def __init__(self, reader: CheckpointReader, keys: dict[int, dict[str, str]], act_fn: nn.Module):
         super().__init__()
         self.reader, self.keys, self.act_fn = reader, keys, act_fn
 
+    @staticmethod
+    def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+        if weight_dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(hidden_states.shape, dtype=torch.float32)
         for expert in torch.unique(top_k_index).tolist():
             token, slot = torch.where(top_k_index == expert)
-            x = hidden_states[token].float()
-            gate = F.linear(x, self.reader.get(self.keys[expert]["gate"]).float())
-            up = F.linear(x, self.reader.get(self.keys[expert]["up"]).float())
-            y = F.linear(self.act_fn(gate) * up, self.reader.get(self.keys[expert]["down"]).float())
+            weights = {role: self.reader.get(key) for role, key in self.keys[expert].items()}
+            dtype = self.compute_dtype(weights["gate"].dtype)
+            x = hidden_states[token].to(dtype)
+            gate = F.linear(x, weights["gate"].to(dtype))
+            up = F.linear(x, weights["up"].to(dtype))
+            y = F.linear(self.act_fn(gate) * up, weights["down"].to(dtype)).float()
             # a token appears once per expert, so accumulate-put is exact (and much faster than index_add_ on CPU)
             out.index_put_((token,), y * top_k_weights[token, slot, None].float(), accumulate=True)
         return out.to(hidden_states.dtype)

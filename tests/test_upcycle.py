@@ -156,3 +156,34 @@ def test_bad_inputs_one_line_error(args, message, tiny_gpt2_dir, tmp_path) -> No
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-1500:]
+
+
+@pytest.mark.slow
+def test_gguf_file_is_parsed_once_per_upcycle_and_library_restored(smollm2_gguf: Path) -> None:
+    """config, tokenizer and weights of a GGUF parent share one gguf.GGUFReader inside ``parsed_once``
+    (transformers' legacy path parses it once per load otherwise); outside it the library is untouched."""
+    import gguf
+
+    from spectra_convert.surgery.checkpoint import read_parent_config
+    from spectra_convert.surgery.gguf_once import parsed_once
+    from spectra_convert.surgery.upcycle import load_dense_parent
+
+    original = gguf.GGUFReader
+    parsed: list[str] = []
+
+    class CountingReader(original):  # type: ignore[misc, valid-type]
+        def __init__(self, path, mode="r"):
+            parsed.append(str(path))
+            super().__init__(path, mode)
+
+    gguf.GGUFReader = CountingReader
+    try:
+        with parsed_once():
+            config = read_parent_config(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+            model, tokenizer = load_dense_parent(smollm2_gguf.parent, smollm2_gguf.name, torch.float32, config=config)
+        assert len(parsed) == 1 and gguf.GGUFReader is CountingReader
+        assert model.config.num_hidden_layers == config.num_hidden_layers and tokenizer("def f(): pass").input_ids
+        read_parent_config(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+        assert len(parsed) == 2  # outside the block: a fresh parse, as transformers does
+    finally:
+        gguf.GGUFReader = original

@@ -21,6 +21,33 @@ sys.path.insert(0, str(REPO))  # tests.conftest locates the SmolLM2 GGUF
 CORPUS = REPO / "tests" / "fixtures" / "corpus"
 
 
+def dense_parent_perplexity(seq_len: int, max_records: int | None) -> float:
+    """Perplexity of the dense SmolLM2 parent on the held-out blocks the fine-tune evaluates on (same packing,
+    same token-weighted next-token NLL as ``finetune.trainer.evaluate``): the bar the MoE must not exceed."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from spectra_convert.finetune.data import pack, read_texts
+    from spectra_convert.surgery.upcycle import load_dense_parent
+    from tests.conftest import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    model, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
+    heldout = CORPUS / "heldout.jsonl"
+    blocks = pack(read_texts(heldout, max_records=max_records), tokenizer, seq_len, source=str(heldout))
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], 4):
+            ids = blocks[start:start + 4]
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                         reduction="sum"))
+            tokens += ids[:, 1:].numel()
+    return math.exp(nll / tokens)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spectra-finetune-demo"))
@@ -49,6 +76,7 @@ def main() -> None:
         upcycle(str(gguf.parent), upcycled, experts=8, top_k=2, gguf_file=gguf.name, seed=0, force=True)
         timings["upcycle"] = time.perf_counter() - start
 
+    dense_ppl = dense_parent_perplexity(args.seq_len, args.max_eval_records)
     rows = []
     for mode in args.modes.split(","):
         start = time.perf_counter()
@@ -61,7 +89,7 @@ def main() -> None:
         timings[mode] = time.perf_counter() - start
         b, a = result.eval_before, result.eval_after
         rows.append({
-            "mode": mode, "steps": result.steps, "ppl_before": b["perplexity"], "ppl_after": a["perplexity"],
+            "mode": mode, "dense_ppl": dense_ppl, "steps": result.steps, "ppl_before": b["perplexity"], "ppl_after": a["perplexity"],
             "mean_cv_before": b["mean_cv"], "mean_cv_after": a["mean_cv"],
             "max_cv_before": max(b["load_cv"]), "max_cv_after": max(a["load_cv"]),
             "loss_first": result.losses[0], "loss_last": result.losses[-1], "seconds": timings[mode],
@@ -69,12 +97,12 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct upcycled 8x top-2; held-out = {CORPUS / 'heldout.jsonl'}; "
           f"seq-len {args.seq_len}, batch {args.batch_size}, {args.steps} steps, CPU")
-    header = ("mode", "ppl before", "ppl after", "mean CV before", "mean CV after", "max CV before",
+    header = ("mode", "dense parent ppl", "ppl before", "ppl after", "mean CV before", "mean CV after", "max CV before",
               "max CV after", "train loss first", "train loss last", "seconds")
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([r["mode"]] + [f"{r[k]:.4g}" for k in (
-            "ppl_before", "ppl_after", "mean_cv_before", "mean_cv_after", "max_cv_before", "max_cv_after",
+            "dense_ppl", "ppl_before", "ppl_after", "mean_cv_before", "mean_cv_after", "max_cv_before", "max_cv_after",
             "loss_first", "loss_last", "seconds")]))
     (args.work / "demo.json").write_text(json.dumps({"rows": rows, "timings": timings, "args": vars(args)},
                                                     indent=2, default=str))

@@ -6,8 +6,8 @@ Why: for architectures on transformers' legacy GGUF path (llama among them in tr
 and the weight-name mapping rebuilds ``gguf``'s tensor-name table once per module. On SmolLM2-135M that is
 about 10 s of a 37 s upcycle, for a file that never changes during the load.
 
-``parsed_once()`` makes ``gguf.GGUFReader`` return one reader per (file, mode, size, mtime) and memoises
-``gguf.get_tensor_name_map`` for the duration of the block only, then restores both, so code outside the
+``GgufParses().active()`` makes ``gguf.GGUFReader`` return one reader per (file, mode, size, mtime) and
+memoises ``gguf.get_tensor_name_map`` for the duration of the block only, then restores both, so code outside the
 block (the user's own) sees the library untouched. transformers imports both names at call time
 (``from gguf import ...`` inside its functions), which is what makes the substitution visible to it.
 Readers are opened read-only (``mode='r'``) and never mutated by transformers, so sharing one is safe.
@@ -16,35 +16,52 @@ Readers are opened read-only (``mode='r'``) and never mutated by transformers, s
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator
 from typing import Any
 
 
+class GgufParses:
+    """Remembers the GGUF readers built while ``active()``; reuse them across several ``with`` blocks (upcycle
+    reads the config before it checks OUT, and the tokenizer + weights after)."""
+
+    def __init__(self) -> None:
+        self._readers: dict[tuple[str, str, int, int], Any] = {}
+        self._name_maps: dict[tuple[Any, ...], Any] = {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block, repeated GGUF parses of the same unchanged file reuse the first one."""
+        try:
+            import gguf
+        except ImportError:  # transformers raises its own clear error when gguf is missing
+            yield
+            return
+        original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+        def shared_reader(path: Any, mode: str = "r") -> Any:
+            if mode != "r":
+                return original_reader(path, mode)
+            stat = os.stat(path)
+            key = (os.path.realpath(path), mode, stat.st_size, stat.st_mtime_ns)
+            if key not in self._readers:
+                self._readers[key] = original_reader(path, mode)
+            return self._readers[key]
+
+        def shared_name_map(*args: Any) -> Any:
+            if args not in self._name_maps:
+                self._name_maps[args] = original_name_map(*args)
+            return self._name_maps[args]
+
+        gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_name_map
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+
+
 @contextlib.contextmanager
 def parsed_once() -> Iterator[None]:
-    """Within the block, repeated GGUF parses of the same unchanged file reuse the first one."""
-    try:
-        import gguf
-    except ImportError:  # transformers raises its own clear error when gguf is missing
+    """One-block form of ``GgufParses().active()``."""
+    with GgufParses().active():
         yield
-        return
-    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    readers: dict[tuple[str, str, int, int], Any] = {}
-
-    def shared_reader(path: Any, mode: str = "r") -> Any:
-        if mode != "r":
-            return original_reader(path, mode)
-        stat = os.stat(path)
-        key = (os.path.realpath(path), mode, stat.st_size, stat.st_mtime_ns)
-        if key not in readers:
-            readers[key] = original_reader(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = shared_reader
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map

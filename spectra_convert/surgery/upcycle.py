@@ -12,7 +12,6 @@ Flow (DESIGN §4):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from ..modeling.modeling_spectra import RoutingContext, SpectraMoeBlock, Spectra
 from . import adapters as adapter_registry
 from . import checkpoint
 from .calibrate import calibrate_bias, calibration_batches, init_router
+from .gguf_once import GgufParses
 
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")
@@ -216,34 +216,6 @@ def upcycle(
     False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
     conversion time, and the bias is calibrated with the knobs the model will route with.
     """
-    from .gguf_once import parsed_once
-
-    with parsed_once() if gguf_file else contextlib.nullcontext():
-        return _upcycle(model, out, experts=experts, top_k=top_k, method=method, noise=noise, split_mode=split_mode,
-                        router_dim=router_dim, router_init=router_init, calibration=calibration,
-                        calibration_tokens=calibration_tokens, dtype=dtype, gguf_file=gguf_file, seed=seed,
-                        force=force, spectra_overrides=spectra_overrides)
-
-
-def _upcycle(
-    model: str,
-    out: str | Path,
-    *,
-    experts: int = 8,
-    top_k: int = 2,
-    method: str = "copy",
-    noise: float = 0.01,
-    split_mode: str = "random",
-    router_dim: int = 128,
-    router_init: str = "orthogonal",
-    calibration: str | Path | None = None,
-    calibration_tokens: int = 8192,
-    dtype: str | None = None,
-    gguf_file: str | None = None,
-    seed: int = 0,
-    force: bool = False,
-    spectra_overrides: dict | None = None,
-) -> UpcycleResult:
     from ..textdata import default_calibration_path, load_texts
 
     if method not in METHODS:
@@ -265,7 +237,9 @@ def _upcycle(
     model_dir = checkpoint.resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
         raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
-    parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+    gguf_parses = GgufParses()  # config now, tokenizer + weights later: one parse of a GGUF file
+    with gguf_parses.active():
+        parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
     adapter = adapter_registry.adapter_for(parent_config)
     if adapter.is_moe:
         raise UserError(
@@ -277,7 +251,8 @@ def _upcycle(
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write.
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
         torch.manual_seed(seed)
-        dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
+        with gguf_parses.active():
+            dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
         text_config = dense.config
         try:
             spectra_config = SpectraConfig(

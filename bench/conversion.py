@@ -69,17 +69,11 @@ def verdict(ok: bool) -> str:
 
 def build_tokenizer(folder: Path, vocab_size: int = 4096) -> None:
     """A real byte-level BPE trained on a few stdlib sources, saved as tokenizer.json + config."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.bpe import train_byte_bpe
 
-    stdlib = Path(os.__file__).parent
-    texts = [(stdlib / n).read_text(encoding="utf-8") for n in ("argparse.py", "textwrap.py", "shlex.py", "typing.py")]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="</s>").save_pretrained(folder)
+    sources = ("argparse.py", "textwrap.py", "shlex.py", "typing.py")
+    train_byte_bpe(vocab_size, sources, eos="</s>", bos="</s>").save_pretrained(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

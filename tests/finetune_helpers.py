@@ -27,16 +27,9 @@ def write_corpus(path: Path, names: list[str] = SOURCES, chunk: int = 1500) -> P
 
 
 def build_tokenizer(vocab_size: int = 320):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
-    from transformers import PreTrainedTokenizerFast
+    from tests.bpe import train_byte_bpe
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train([str(STDLIB / n) for n in SOURCES], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    return train_byte_bpe(vocab_size, SOURCES, unk="<unk>", eos="<eos>", pad="<eos>")
 
 
 def build_tiny_model(path: Path, *, seed: int = 0, experts: int = 4, top_k: int = 2, hidden: int = 32,

@@ -18,20 +18,10 @@ _TOKENIZER_SOURCES = ("textwrap.py", "shlex.py", "fnmatch.py")
 
 def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
     """A real byte-level BPE tokenizer (``PreTrainedTokenizerFast``) trained on stdlib sources."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.bpe import train_byte_bpe
 
-    stdlib = Path(sys.modules["os"].__file__).parent
-    texts = [(stdlib / name).read_text(encoding="utf-8") for name in _TOKENIZER_SOURCES]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    assert tokenizer.get_vocab_size() <= vocab_size
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
+    eos = "<|endoftext|>"
+    return train_byte_bpe(vocab_size, _TOKENIZER_SOURCES, eos=eos, bos=eos, pad=eos)
 
 
 def tiny_moe_config(model_type: str, **overrides):

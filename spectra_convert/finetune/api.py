@@ -65,6 +65,20 @@ def resolve_spectra_model(model: str | Path) -> Path:
     return path.resolve()
 
 
+RECALIBRATION_TOKENS = 8192  # as many tokens as upcycle calibrates on by default
+
+
+def recalibration_blocks(train_blocks: torch.Tensor) -> torch.Tensor:
+    """~8192 tokens of training blocks spread evenly over the whole training set (deterministic).
+
+    The first blocks of a packed file can all come from one or two long records (one stdlib module spans
+    dozens of blocks), and a bias corrected on one domain unbalances the others."""
+    n, seq_len = train_blocks.shape
+    count = min(n, max(16, -(-RECALIBRATION_TOKENS // seq_len)))
+    picks = torch.linspace(0, n - 1, steps=count).round().long().unique()
+    return train_blocks[picks]
+
+
 def _stored_dtype(model_path: Path) -> torch.dtype:
     config = json.loads((model_path / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
@@ -241,7 +255,7 @@ def finetune(
     state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
     # Training moved the routers: end with the hard-load bias correction on training text (same blocks on
     # every rank, so the biases stay identical across processes).
-    recalibrate_model_bias(accelerator.unwrap_model(model_p), train_blocks[:16].to(accelerator.device))
+    recalibrate_model_bias(accelerator.unwrap_model(model_p), recalibration_blocks(train_blocks).to(accelerator.device))
     eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
     monitor.close()
 

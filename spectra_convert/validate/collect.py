@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..surgery import checkpoint
 from ..textdata import TextRecord
 
 ROUTER_CLASS = "SpectraRouter"
@@ -34,22 +35,7 @@ ROUTER_CLASS = "SpectraRouter"
 
 def resolve_model_dir(name: str | Path, *, what: str = "model") -> Path:
     """A local folder, or a Hub id already in the local Hugging Face cache (validate never downloads)."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UserError(f"{what} {name}: not a folder; pass the folder that holds config.json")
-    text = str(name)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means "not available offline"
-            pass
-        raise UserError(f"{what} {name}: not a local folder and not in the local Hugging Face cache; "
-                        "download it first or pass a local folder")
-    raise UserError(f"{what} {name}: no such folder")
+    return checkpoint.resolve_model_dir(str(name), download=False, what=what)
 
 
 def pick_device(device: str | None) -> torch.device:

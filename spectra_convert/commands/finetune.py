@@ -49,12 +49,14 @@ class _ModeChoice(click.ParamType):
 @click.option("--log-every", default=10, type=int, help="Log loss, load CV, Gram orthogonality, tokens/s every N steps.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="Also append the logs here as JSONL.")
 @click.option("--max-grad-norm", default=1.0, type=float, help="Gradient clipping (0: off).")
+@click.option("--recalibration-tokens", default=65536, show_default=True, type=click.IntRange(min=1),
+              help="Training tokens (spread over --data) the routers' dual bias is re-corrected on after training.")
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
             grad_accum: int, lr_router: float, lr: float, lora_r: int, lora_alpha: int,
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
-            max_grad_norm: float, force: bool) -> None:
+            max_grad_norm: float, recalibration_tokens: int, force: bool) -> None:
     """Fine-tune the SPECTRA routers (and optionally LoRA adapters) of MODEL on --data."""
     from ..console import summary_table
     from ..finetune import finetune
@@ -67,6 +69,7 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
+        recalibration_tokens=recalibration_tokens,
     )
     from accelerate import PartialState
 

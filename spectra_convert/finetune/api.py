@@ -68,14 +68,14 @@ def resolve_spectra_model(model: str | Path) -> Path:
 RECALIBRATION_TOKENS = 65536  # SmolLM2 8x: held-out CV 0.077 with a bias corrected on 8k tokens, 0.046 on 54k
 
 
-def recalibration_blocks(train_blocks: torch.Tensor) -> torch.Tensor:
-    """Up to 65536 tokens of training blocks spread evenly over the whole training set (deterministic).
+def recalibration_blocks(train_blocks: torch.Tensor, tokens: int = RECALIBRATION_TOKENS) -> torch.Tensor:
+    """Up to ``tokens`` (default 65536) tokens of training blocks spread evenly over the whole training set (deterministic).
 
     The first blocks of a packed file can all come from one or two long records (one stdlib module spans
     dozens of blocks), and a bias corrected on one domain unbalances the others; too few tokens leave the
     hard-load estimate noisy (see ``recalibrate_model_bias``)."""
     n, seq_len = train_blocks.shape
-    count = min(n, max(16, -(-RECALIBRATION_TOKENS // seq_len)))
+    count = min(n, max(16, -(-tokens // seq_len)))
     picks = torch.linspace(0, n - 1, steps=count).round().long().unique()
     return train_blocks[picks]
 
@@ -148,6 +148,7 @@ def finetune(
     log_file: str | Path | None = None,
     max_grad_norm: float = 1.0,
     max_records: int | None = None,
+    recalibration_tokens: int = RECALIBRATION_TOKENS,
 ) -> FinetuneResult:
     """Fine-tune the routers (``mode="router"``) or LoRA + routers (``mode="lora"``) of a SPECTRA model.
 
@@ -166,7 +167,8 @@ def finetune(
         raise UserError("--merge applies to --mode lora only (router mode always writes a full model)")
     for name, value, minimum in (("--steps", steps, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
                                  ("--grad-accum", grad_accum, 1), ("--save-every", save_every, 0),
-                                 ("--log-every", log_every, 1), ("--lora-r", lora_r, 1)):
+                                 ("--log-every", log_every, 1), ("--lora-r", lora_r, 1),
+                                 ("--recalibration-tokens", recalibration_tokens, 1)):
         _positive(name, value, minimum)
     model_path = resolve_spectra_model(model)
     out = Path(out).expanduser().resolve()
@@ -256,7 +258,8 @@ def finetune(
     state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
     # Training moved the routers: end with the hard-load bias correction on training text (same blocks on
     # every rank, so the biases stay identical across processes).
-    recalibrate_model_bias(accelerator.unwrap_model(model_p), recalibration_blocks(train_blocks).to(accelerator.device))
+    recalibrate_model_bias(accelerator.unwrap_model(model_p),
+                           recalibration_blocks(train_blocks, recalibration_tokens).to(accelerator.device))
     eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
     monitor.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -192,7 +193,7 @@ def test_background_writer_writes_the_same_bytes(tmp_path: Path, mixtral_dir: Pa
     sync_dir.mkdir()
     background_dir.mkdir()
     sync_map = _write_mixed(ShardWriter(sync_dir, max_shard_bytes=20_000), shards)
-    with ShardWriter(background_dir, max_shard_bytes=20_000, background=True, max_background_bytes=1) as writer:
+    with ShardWriter(background_dir, max_shard_bytes=20_000, background=True, max_queued_shards=1) as writer:
         background_map = _write_mixed(writer, shards)
     assert sync_map == background_map
     names = sorted(p.name for p in sync_dir.iterdir())
@@ -223,6 +224,34 @@ def test_background_writer_reports_errors_and_cancels(tmp_path: Path, mixtral_di
     assert not target.exists() and not list(tmp_path.glob(".result.tmp-*"))
 
 
+def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, mixtral_dir: Path) -> None:
+    """In-memory shards wait for a queue slot; jobs skipped after a failure must still free theirs."""
+    import threading
+
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(sorted(mixtral_dir.glob("model-*.safetensors"))[1].read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, max_shard_bytes=1, background=True, max_queued_shards=1)
+    writer.rewrite_shard(victim, keep=list(_reference(victim)))
+    victim.unlink()
+    outcome: dict[str, BaseException] = {}
+
+    def feed() -> None:
+        try:
+            for i in range(6):  # max_shard_bytes=1: every add flushes the previous tensor as a queued shard
+                writer.add(f"t{i}", torch.ones(8))
+            writer.close()
+        except BaseException as exc:  # noqa: BLE001 - handed to the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=feed, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "writer deadlocked after a failed background job"
+    assert isinstance(outcome.get("error"), OSError)
+
+
 def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:
     shard = max(mixtral_dir.glob("model-*.safetensors"), key=lambda p: len(read_header(p)[0]))
     header, _ = read_header(shard)
@@ -234,19 +263,26 @@ def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:
     assert [length for _, length in checkpoint._source_runs(gap)] == [ordered[0].nbytes, sum(e.nbytes for e in ordered[2:])]
 
 
-def test_hardlink_or_copy_falls_back_to_copy(tmp_path: Path) -> None:
-    src = tmp_path / "a.bin"
-    src.write_bytes(b"abc" * 1000)
-    assert checkpoint.hardlink_or_copy(src, tmp_path / "b.bin")
-    assert os.stat(tmp_path / "b.bin").st_ino == os.stat(src).st_ino
+def test_link_shard_falls_back_to_copy(tmp_path: Path, mixtral_dir: Path) -> None:
+    src = sorted(mixtral_dir.glob("model-*.safetensors"))[0]
+    linked_dir = tmp_path / "linked"
+    linked_dir.mkdir()
+    assert ShardWriter(linked_dir).link_shard(src)
+    assert os.stat(linked_dir / ".shard-00000.safetensors.tmp").st_ino == os.stat(src).st_ino
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev and os.access(shm, os.W_OK):
-        dst = shm / f"spectra-test-{os.getpid()}.bin"
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(mixtral_dir).st_dev and os.access(shm, os.W_OK):
+        copy_dir = shm / f"spectra-test-{os.getpid()}"
+        copy_dir.mkdir()
         try:
-            assert not checkpoint.hardlink_or_copy(src, dst)  # another filesystem: copied
-            assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_ino != os.stat(src).st_ino
+            for background in (False, True):
+                with ShardWriter(copy_dir, background=background) as writer:
+                    assert not writer.link_shard(src)  # another filesystem: copied
+                    writer.close()
+                dst = copy_dir / "model-00001-of-00001.safetensors"
+                assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_ino != os.stat(src).st_ino
+                dst.unlink()
         finally:
-            dst.unlink(missing_ok=True)
+            shutil.rmtree(copy_dir, ignore_errors=True)
 
 
 # -- atomic output ----------------------------------------------------------------------------------------------

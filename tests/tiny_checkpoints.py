@@ -7,7 +7,6 @@ standard-library sources (real text on this machine), sized to the tiny config's
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import torch

@@ -241,7 +241,9 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
     a token), so many tokens fit: on SmolLM2 8x a bias corrected on 8k training tokens left held-out CV at
     0.077, on 54k tokens 0.046. Returns the per-router calibration CV.
     """
-    routers = [m for m in model.modules() if type(m).__name__ == "SpectraRouter"]
+    from ..validate.collect import spectra_routers
+
+    routers = spectra_routers(model)
     scores: dict[int, list[torch.Tensor]] = {id(r): [] for r in routers}
     batch_inputs: dict[int, torch.Tensor] = {}
 

@@ -25,6 +25,8 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -509,78 +511,52 @@ def _hardlink(src: Path, dst: Path) -> bool:
         return False
 
 
-def hardlink_or_copy(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` to ``dst`` (same filesystem); else copy it (kernel-side). Returns True when linked."""
-    if _hardlink(src, dst):
-        return True
-    _copy_file(src, dst)
-    return False
-
-
 class _BackgroundWrites:
-    """One thread that runs queued file writes in order, so shard I/O overlaps the caller's compute.
+    """One writer thread that runs queued file writes in submission order, so shard I/O overlaps the caller's
+    compute (``copy_file_range`` and tensor writes release the GIL).
 
-    ``copy_file_range`` and tensor writes release the GIL, so the calibration forward (or expert building) on
-    the main thread and the byte copying proceed together. The first error is kept and re-raised by ``wait``;
-    ``cancel`` stops the queue (between 64 MB chunks) so a failed conversion removes its temp folder promptly.
+    The first failure sets ``cancel``: later jobs are skipped and running copies stop between 64 MB chunks,
+    so a failed conversion removes its temp folder promptly; ``wait`` re-raises that first failure.
     """
 
     def __init__(self) -> None:
-        self._queue: list[Callable[[threading.Event], None]] = []
-        self._ready = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-shard-writer")
         self._cancel = threading.Event()
-        self._closing = False
-        self._submitted = 0
-        self._finished = 0
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="spectra-shard-writer", daemon=True)
-        self._thread.start()
+        self._futures: list[Future] = []
 
-    def submit(self, job: Callable[[threading.Event], None]) -> None:
-        with self._ready:
-            self._queue.append(job)
-            self._submitted += 1
-            self._ready.notify_all()
+    def submit(self, job: Callable[[threading.Event], None]) -> Future:
+        future = self._pool.submit(self._guarded, job)
+        self._futures.append(future)
+        return future
 
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._queue and not self._closing:
-                    self._ready.wait()
-                if not self._queue:
-                    return
-                job = self._queue.pop(0)
-            try:
-                if self._error is None and not self._cancel.is_set():  # after a failure: drain without running
-                    job(self._cancel)
-            except BaseException as exc:  # kept for the main thread
-                self._error = exc
-            with self._ready:
-                self._finished += 1
-                self._ready.notify_all()
+    def _guarded(self, job: Callable[[threading.Event], None]) -> None:
+        if self._cancel.is_set():
+            return
+        try:
+            job(self._cancel)
+        except BaseException:
+            self._cancel.set()
+            raise
 
     def wait(self, on_progress: Callable[[int, int], None] | None = None) -> None:
         """Run everything queued, stop the thread, re-raise the first error. ``on_progress(done, total)`` is
         called as jobs finish (for a progress bar)."""
-        with self._ready:
-            self._closing = True
-            self._ready.notify_all()
-            while self._finished < self._submitted:
-                if on_progress is not None:
-                    on_progress(self._finished, self._submitted)
-                self._ready.wait()
+        total = len(self._futures)
+        for done, future in enumerate(self._futures):  # the single worker finishes them in this order
+            if on_progress is not None:
+                on_progress(done, total)
+            futures_wait([future])
         if on_progress is not None:
-            on_progress(self._finished, self._submitted)
-        self._thread.join()
-        if self._error is not None and not isinstance(self._error, Cancelled):
-            raise self._error
+            on_progress(total, total)
+        self._pool.shutdown()
+        errors = [f.exception() for f in self._futures if f.exception() is not None]
+        real = [e for e in errors if not isinstance(e, Cancelled)]
+        if real:
+            raise real[0]
 
     def cancel(self) -> None:
         self._cancel.set()
-        with self._ready:
-            self._closing = True
-            self._ready.notify_all()
-        self._thread.join()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ShardWriter:
@@ -594,12 +570,12 @@ class ShardWriter:
 
     ``background=True`` queues every file write on one writer thread (in submission order) and returns at
     once; ``close`` waits for them. Use it as a context manager so an exception cancels the queued writes
-    before the caller removes the folder. Memory: at most ``max_background_bytes`` of flushed in-memory shards
-    wait for the thread (``add`` then blocks until the thread catches up).
+    before the caller removes the folder. Memory: at most ``max_queued_shards`` flushed in-memory shards wait
+    for the thread (``add`` then blocks until the thread catches up).
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3, *, background: bool = False,
-                 max_background_bytes: int = 1024**3):
+                 max_queued_shards: int = 1):
         self.out_dir = Path(out_dir)
         self.max_shard_bytes = int(max_shard_bytes)
         self._pending: list[_Entry] = []
@@ -609,9 +585,7 @@ class ShardWriter:
         self.linked = 0  # shards hard-linked (not copied)
         self.closed = False
         self._writes = _BackgroundWrites() if background else None
-        self._memory_unit = 64 * 1024**2
-        self._memory_permits = max(1, int(max_background_bytes) // self._memory_unit)
-        self._queued_memory = threading.Semaphore(self._memory_permits)
+        self._queued_shards = threading.Semaphore(max(1, int(max_queued_shards)))
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -629,25 +603,29 @@ class ShardWriter:
     def _temp_path(self) -> Path:
         return self.out_dir / f".shard-{len(self._shards):05d}.safetensors.tmp"
 
+    def _run(self, job: Callable[[threading.Event | None], None], *, holds_tensors: bool = False) -> None:
+        """Run a file write now, or queue it on the writer thread. A job holding in-memory tensors waits for a
+        free slot first (``max_queued_shards``), which bounds the memory of queued shards."""
+        if self._writes is None:
+            job(None)
+            return
+        if holds_tensors:
+            self._queued_shards.acquire()
+        future = self._writes.submit(job)
+        if holds_tensors:  # released when the job ends, fails, is skipped after a failure or is cancelled
+            future.add_done_callback(lambda _: self._queued_shards.release())
+
     def _write(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
         """Write (or queue) one shard; returns its data size (known from the entries before writing)."""
-        size = sum(e.nbytes for e in entries)
-        if self._writes is None:
-            return _write_safetensors(path, entries, metadata)
-        in_memory = sum(e.nbytes for e in entries if e.tensor is not None)
-        held = min(self._memory_permits, max(1, in_memory // self._memory_unit))
-        for _ in range(held):  # bound the memory of in-memory tensors waiting for the thread
-            self._queued_memory.acquire()
 
-        def job(cancel: threading.Event) -> None:
+        def write(cancel: threading.Event | None) -> None:
             try:
                 _write_safetensors(path, entries, metadata, cancel)
             finally:
                 entries.clear()  # drop the tensors as soon as they are on disk
-                for _ in range(held):
-                    self._queued_memory.release()
 
-        self._writes.submit(job)
+        size = sum(e.nbytes for e in entries)
+        self._run(write, holds_tensors=any(e.tensor is not None for e in entries))
         return size
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -683,10 +661,7 @@ class ShardWriter:
         if _hardlink(Path(src_path), path):
             self.linked += 1
             return True
-        if self._writes is None:
-            _copy_file(Path(src_path), path)
-        else:
-            self._writes.submit(lambda cancel: _copy_file(Path(src_path), path, cancel))
+        self._run(lambda cancel: _copy_file(Path(src_path), path, cancel))  # another filesystem: copy the bytes
         return False
 
     def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor] | None = None) -> None:

@@ -54,12 +54,10 @@ def load_dense_parent(model_dir: Path, gguf_file: str | None, dtype: torch.dtype
     ``config``: the parent config already read (saves transformers a second parse of a GGUF file)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    if config is not None:
-        kwargs["config"] = config
+    gguf: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **{k: v for k, v in kwargs.items() if k != "config"})
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, config=config, **gguf)
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load the dense model from {model_dir}: {str(exc).splitlines()[0]}") from exc
     model.eval()
@@ -278,8 +276,7 @@ def upcycle(
         generator = torch.Generator().manual_seed(seed)
         # Shards are written by a background thread while the next layers are built (bounded queue: at most
         # one 512 MB shard waits), so the conversion costs about max(build, write) rather than their sum.
-        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=512 * 1024**2, background=True,
-                                        max_background_bytes=512 * 1024**2)
+        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=512 * 1024**2, background=True, max_queued_shards=1)
         layer_cv: list[float] = []
         context = RoutingContext()
         ffn_prefixes = [adapter.mlp_prefix(i) for i in range(len(layers))]

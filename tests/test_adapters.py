@@ -77,6 +77,7 @@ def test_dense_ffn_as_one_expert_equals_parent_ffn(model_type: str) -> None:
         x = torch.randn(5, hidden)
         assert torch.allclose(expert.expert(0, x), layers[1].mlp(x), atol=1e-6)
     assert all(k.startswith(adapter.mlp_prefix(1)) for k in state if ".1.mlp." in k)
+    assert {name: tuple(t.shape) for name, t in tensors.items()} == adapter.ffn_shapes(config)
     if model_type == "gpt2":
         assert tensors["up"].shape == (inter, hidden) and tensors["down"].shape == (hidden, inter)
     else:

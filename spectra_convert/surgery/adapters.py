@@ -55,6 +55,13 @@ class DenseAdapter:
     def activation(self, config: Any) -> str:
         return config.activation_function if self.expert_kind == "mlp" else config.hidden_act
 
+    def ffn_shapes(self, config: Any) -> dict[str, tuple[int, ...]]:
+        """Shapes of ``ffn_tensors`` from the config alone (upcycle draws expert noise before the weights load)."""
+        hidden, inter = int(config.hidden_size), self.intermediate_size(config)
+        if self.expert_kind == "gated":
+            return {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+        return {"up": (inter, hidden), "up_bias": (inter,), "down": (hidden, inter), "down_bias": (hidden,)}
+
     def ffn_tensors(self, get: Getter, i: int) -> dict[str, torch.Tensor]:
         """Layer ``i``'s dense FFN as one expert in ``SpectraExperts`` layout (``get`` maps a key to a tensor)."""
         import torch

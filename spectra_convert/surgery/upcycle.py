@@ -12,6 +12,9 @@ Flow (DESIGN §4):
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from . import adapters as adapter_registry
 from . import checkpoint
 from .calibrate import calibrate_bias, calibration_batches, init_router
 from .gguf_once import GgufParses
+from .noise import NoiseAhead
 
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")
@@ -71,7 +75,10 @@ def load_dense_parent(model_dir: Path, gguf_file: str | None, dtype: torch.dtype
 
 @torch.no_grad()
 def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch."""
+    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch.
+    Runs the decoder without its LM head (``base_model``): the vocabulary projection is a fifth of SmolLM2's
+    forward and its logits are not needed."""
+    body = getattr(model, "base_model", model)
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
     hooks = [
         layer.mlp.register_forward_pre_hook(lambda module, args, i=i: captured[i].append(args[0].float()))
@@ -82,7 +89,7 @@ def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8
             task = bar.add_task("capturing router inputs", total=batches.shape[0])
             for start in range(0, batches.shape[0], batch_size):
                 chunk = batches[start : start + batch_size]
-                model(input_ids=chunk, use_cache=False)
+                body(input_ids=chunk, use_cache=False)
                 bar.advance(task, chunk.shape[0])
     finally:
         for hook in hooks:
@@ -93,14 +100,21 @@ def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8
 # -- building experts ----------------------------------------------------------------------------------------
 
 
-def _noisy(stacked: torch.Tensor, noise: float, generator: torch.Generator, reference: torch.Tensor) -> torch.Tensor:
+def _noisy(stacked: torch.Tensor, noise: float, drawn: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor:
     """``stacked`` (``[E, ...]``, or one tensor broadcast to ``[E, ...]`` by ``_copies``) plus Gaussian noise of
-    ``noise`` x the std of ``reference``. The noise buffer becomes the result (one pass, no extra temporaries:
-    randn is most of an upcycle's compute)."""
-    if noise == 0.0:
+    ``noise`` x the std of ``reference``; ``drawn`` holds that many standard normals, drawn ahead by
+    ``NoiseAhead``, and becomes the result (one pass, no extra temporaries)."""
+    if noise == 0.0 or drawn is None:
         return stacked.contiguous()
     std = float(reference.float().std()) * noise
-    return torch.randn(stacked.shape, generator=generator, dtype=stacked.dtype).mul_(std).add_(stacked)
+    return drawn.view(stacked.shape).to(stacked.dtype).mul_(std).add_(stacked)
+
+
+def noise_sizes(shapes: dict[str, tuple[int, ...]], experts: int, method: str) -> dict[str, int]:
+    """Element counts of the noise each noisy expert tensor needs (biases get none): ``copy`` stacks E full
+    copies, ``split`` stacks E groups that together hold the dense tensor once."""
+    copies = experts if method == "copy" else 1
+    return {name: copies * math.prod(shape) for name, shape in shapes.items() if not name.endswith("bias")}
 
 
 def _copies(tensor: torch.Tensor, experts: int) -> torch.Tensor:
@@ -139,13 +153,15 @@ def neuron_groups(dense: dict[str, torch.Tensor], experts: int, mode: str, gener
 
 
 def build_experts(dense: dict[str, torch.Tensor], experts: int, method: str, noise: float, split_mode: str,
-                  generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Fused expert tensors (SpectraExperts layout) from one dense FFN."""
+                  generator: torch.Generator, drawn: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Fused expert tensors (SpectraExperts layout) from one dense FFN. ``drawn``: standard normals per noisy
+    tensor (``noise_sizes``), required when ``noise > 0``; ``generator`` drives the ``split`` partition."""
+    drawn = drawn or {}
+    if noise and set(drawn) != set(noise_sizes({n: t.shape for n, t in dense.items()}, experts, method)):
+        raise ValueError(f"noise was drawn for {sorted(drawn)}, the experts need it for the non-bias tensors")
     if method == "copy":
-        return {
-            name: _noisy(_copies(tensor, experts), noise if not name.endswith("bias") else 0.0, generator, reference=tensor)
-            for name, tensor in dense.items()
-        }
+        return {name: _noisy(_copies(tensor, experts), noise, drawn.get(name), reference=tensor)
+                for name, tensor in dense.items()}
     groups = neuron_groups(dense, experts, split_mode, generator)
     # Top-k over E equal groups sees k/E of the neurons; scaling each expert's output by E keeps the expected
     # FFN output equal to the dense one (mixing weights sum to 1). Output biases are not scaled.
@@ -160,8 +176,7 @@ def build_experts(dense: dict[str, torch.Tensor], experts: int, method: str, noi
             out["down_bias"].append(dense["down_bias"].clone())
         out["down"].append(dense["down"][:, group] * experts)
     stacked = {name: torch.stack(parts) for name, parts in out.items()}
-    return {name: _noisy(tensor, noise if not name.endswith("bias") else 0.0, generator, reference=tensor)
-            for name, tensor in stacked.items()}
+    return {name: _noisy(tensor, noise, drawn.get(name), reference=tensor) for name, tensor in stacked.items()}
 
 
 _EXPERT_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_bias": "up_bias",
@@ -184,6 +199,28 @@ def _moe_block(spectra_config: SpectraConfig, layer: int, context: RoutingContex
         block.shared_expert.to_empty(device="cpu")
         block.shared_expert.reset_parameters()
     return block
+
+
+def split_cores(cores: int) -> tuple[int, int]:
+    """(noise workers, intra-op threads of the main thread) for ``cores`` CPU threads.
+
+    Why split instead of sharing: the main thread's torch ops (capture forward, QR, GRU scans) run OpenMP
+    parallel regions whose threads wait for each other; with noise workers and the shard writer competing for
+    the same cores those waits stall (measured on 2 cores: router init + calibration 2.3 s -> 7.6 s). A quarter
+    of the cores (at least one) draw noise, the rest compute."""
+    workers = max(1, cores // 4)
+    return workers, max(1, cores - workers)
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` for the block (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 # -- the verb -------------------------------------------------------------------------------------------------
@@ -247,7 +284,13 @@ def upcycle(
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
     out_dtype = DTYPES[dtype] if dtype else torch.float32
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write.
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
+    # The experts' noise depends only on shapes: worker threads draw it while the parent loads and routers
+    # calibrate (a few layers ahead, never all of it).
+    sizes = noise_sizes(adapter.ffn_shapes(parent_config), experts, method) if noise else {}
+    noise_plan = [list(sizes.values())] * adapter.num_layers(parent_config)
+    noise_workers, main_threads = split_cores(torch.get_num_threads())
+    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp, \
+            NoiseAhead(noise_plan, seed, workers=noise_workers) as drawn_noise:
         torch.manual_seed(seed)
         with gguf_parses.active():
             dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
@@ -275,28 +318,30 @@ def upcycle(
         dense_state = dense.state_dict()
         generator = torch.Generator().manual_seed(seed)
         # Shards are written by a background thread while the next layers are built (bounded queue: at most
-        # one 512 MB shard waits), so the conversion costs about max(build, write) rather than their sum.
-        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=512 * 1024**2, background=True, max_queued_shards=1)
+        # one 256 MB shard waits), so the conversion costs about max(build, write) rather than their sum. The
+        # non-FFN tensors go first and shards are small so that little is left to write after the last layer.
+        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=256 * 1024**2, background=True, max_queued_shards=1)
         layer_cv: list[float] = []
         context = RoutingContext()
         ffn_prefixes = [adapter.mlp_prefix(i) for i in range(len(layers))]
+        tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
         with writer, progress() as bar:
-            task = bar.add_task("building + calibrating experts", total=len(layers))
-            for i in range(len(layers)):
-                dense_ffn = adapter.ffn_tensors(dense_state.__getitem__, i)
-                built = build_experts(dense_ffn, experts, method, noise, split_mode, generator)
-                block = _moe_block(spectra_config, i, context, built)
-                init_router(block.gate, ffn_inputs[i], init=router_init, seed=seed + i)
-                layer_cv.append(calibrate_bias(block.gate, ffn_inputs[i]))
-                for name, tensor in block.state_dict().items():
-                    writer.add(ffn_prefixes[i] + name, tensor.to(out_dtype))
-                del ffn_inputs[i], block, built
-                bar.advance(task)
-            tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
             for name, tensor in dense_state.items():
-                if any(name.startswith(p) for p in ffn_prefixes) or name in tied:
-                    continue
-                writer.add(name, tensor.to(out_dtype))
+                if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied:
+                    writer.add(name, tensor.to(out_dtype))
+            task = bar.add_task("building + calibrating experts", total=len(layers))
+            with intra_op_threads(main_threads):  # noise workers and the writer share the cores
+                for i in range(len(layers)):
+                    dense_ffn = adapter.ffn_tensors(dense_state.__getitem__, i)
+                    drawn = dict(zip(sizes, drawn_noise.take(i)))
+                    built = build_experts(dense_ffn, experts, method, noise, split_mode, generator, drawn)
+                    block = _moe_block(spectra_config, i, context, built)
+                    init_router(block.gate, ffn_inputs[i], init=router_init, seed=seed + i)
+                    layer_cv.append(calibrate_bias(block.gate, ffn_inputs[i]))
+                    for name, tensor in block.state_dict().items():
+                        writer.add(ffn_prefixes[i] + name, tensor.to(out_dtype))
+                    del ffn_inputs[i], block, built
+                    bar.advance(task)
             write_task = bar.add_task("writing shards", total=None)
             writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
         checkpoint.write_spectra_config(tmp, spectra_config)

@@ -1,0 +1,62 @@
+"""Expert noise drawn ahead by worker threads: reproducible from the seed alone, standard normal, bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spectra_convert.surgery.noise import CHUNK, NoiseAhead
+from spectra_convert.surgery.upcycle import noise_sizes, split_cores
+
+# Two layers of two tensors; the first spans three independently seeded pieces (the last one partial).
+SIZES = [[2 * CHUNK + 1000, 3000], [CHUNK, 17]]
+
+
+def draw_all(sizes: list[list[int]], seed: int, workers: int, layers_ahead: int = 1) -> list[list[torch.Tensor]]:
+    with NoiseAhead(sizes, seed, workers=workers, layers_ahead=layers_ahead) as noise:
+        return [noise.take(layer) for layer in range(len(sizes))]
+
+
+def test_values_depend_on_seed_not_on_workers_or_lookahead() -> None:
+    one = draw_all(SIZES, seed=7, workers=1, layers_ahead=1)
+    three = draw_all(SIZES, seed=7, workers=3, layers_ahead=2)
+    for layer_one, layer_three in zip(one, three):
+        assert [t.numel() for t in layer_one] == [t.numel() for t in layer_three]
+        for a, b in zip(layer_one, layer_three):
+            assert torch.equal(a, b)
+    other_seed = draw_all(SIZES, seed=8, workers=2)
+    assert not torch.equal(one[0][0], other_seed[0][0])
+
+
+def test_draws_are_standard_normal_and_pieces_independent() -> None:
+    big = draw_all([[2 * CHUNK]], seed=0, workers=2)[0][0]
+    assert big.dtype == torch.float32
+    assert abs(float(big.mean())) < 1e-3 and abs(float(big.std()) - 1.0) < 1e-3
+    first, second = big[:CHUNK], big[CHUNK:]
+    assert not torch.equal(first[:1000], second[:1000])  # pieces have distinct seeds
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 2e-3
+    # Gaussian, not merely unit variance: the share beyond 3 sigma is 0.27%.
+    assert 0.0024 < float((big.abs() > 3).float().mean()) < 0.0030
+
+
+def test_layers_are_taken_in_order_and_lookahead_is_bounded() -> None:
+    sizes = [[10]] * 5
+    with NoiseAhead(sizes, seed=0, workers=2, layers_ahead=2) as noise:
+        with pytest.raises(KeyError, match="layer 2 was not scheduled"):
+            noise.take(2)  # only layers 0 and 1 may exist before layer 0 is taken
+        noise.take(0)
+        assert noise.take(1)[0].numel() == 10
+        with pytest.raises(KeyError):
+            noise.take(1)  # once
+        assert [noise.take(layer)[0].numel() for layer in (2, 3, 4)] == [10, 10, 10]
+
+
+def test_noise_sizes_cover_non_bias_tensors_only() -> None:
+    shapes = {"up": (6, 4), "up_bias": (6,), "down": (4, 6), "down_bias": (4,)}
+    assert noise_sizes(shapes, experts=3, method="copy") == {"up": 72, "down": 72}
+    assert noise_sizes(shapes, experts=3, method="split") == {"up": 24, "down": 24}
+
+
+@pytest.mark.parametrize("cores, expected", [(1, (1, 1)), (2, (1, 1)), (8, (2, 6)), (16, (4, 12))])
+def test_split_cores_keeps_a_worker_and_a_compute_thread(cores: int, expected: tuple[int, int]) -> None:
+    assert split_cores(cores) == expected

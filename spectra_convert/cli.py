@@ -8,7 +8,14 @@ user errors) into one line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# torch's CPU allocator reads this once, at its first allocation: tensors of 2 MB and more then get
+# transparent huge pages, i.e. 512x fewer page faults on the gigabytes an upcycle allocates (measured,
+# SmolLM2 8x on 2 cores: 11.2 -> 10.1 s from safetensors, 17.7 -> 15.3 s from the GGUF). It must be set before
+# anything imports torch, hence here; a value the user set wins (THP_MEM_ALLOC_ENABLE=0 turns it off).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import click
 

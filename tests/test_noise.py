@@ -57,6 +57,6 @@ def test_noise_sizes_cover_non_bias_tensors_only() -> None:
     assert noise_sizes(shapes, experts=3, method="split") == {"up": 24, "down": 24}
 
 
-@pytest.mark.parametrize("cores, expected", [(1, (1, 1)), (2, (1, 1)), (8, (2, 6)), (16, (4, 12))])
-def test_split_cores_keeps_a_worker_and_a_compute_thread(cores: int, expected: tuple[int, int]) -> None:
+@pytest.mark.parametrize("cores, expected", [(1, (2, 1)), (2, (2, 1)), (8, (6, 2)), (16, (12, 4))])
+def test_split_cores_keeps_noise_workers_and_a_compute_thread(cores: int, expected: tuple[int, int]) -> None:
     assert split_cores(cores) == expected

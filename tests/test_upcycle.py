@@ -187,3 +187,20 @@ def test_gguf_file_is_parsed_once_per_upcycle_and_library_restored(smollm2_gguf:
         assert len(parsed) == 2  # outside the block: a fresh parse, as transformers does
     finally:
         gguf.GGUFReader = original
+
+
+def test_cli_asks_torch_for_huge_pages_before_torch_loads() -> None:
+    """The CLI sets THP_MEM_ALLOC_ENABLE before torch's allocator reads it (at torch's first allocation);
+    a value the user exported is kept."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys, spectra_convert.cli; assert 'torch' not in sys.modules; "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'])")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert default.stdout.strip() == "1"
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**env, "THP_MEM_ALLOC_ENABLE": "0"})
+    assert chosen.stdout.strip() == "0"

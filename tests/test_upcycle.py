@@ -189,6 +189,28 @@ def test_gguf_file_is_parsed_once_per_upcycle_and_library_restored(smollm2_gguf:
         gguf.GGUFReader = original
 
 
+@pytest.mark.slow
+def test_shared_gguf_reader_reads_the_same_bytes_without_memmap_slices(smollm2_gguf: Path) -> None:
+    """The reader ``parsed_once`` builds holds a plain read-only ndarray view of the file: the same fields,
+    values and tensor bytes as the library's own reader (only the Python-level memmap hooks are gone)."""
+    import gguf
+    import numpy as np
+
+    from spectra_convert.surgery.gguf_once import parsed_once
+
+    library = gguf.GGUFReader(smollm2_gguf)
+    with parsed_once():
+        shared = gguf.GGUFReader(smollm2_gguf)
+    assert type(shared.data) is np.ndarray and not shared.data.flags.writeable
+    assert isinstance(library.data, np.memmap)
+    assert list(shared.fields) == list(library.fields)
+    tokens_a, tokens_b = library.fields["tokenizer.ggml.tokens"], shared.fields["tokenizer.ggml.tokens"]
+    assert tokens_a.data == tokens_b.data
+    assert all(bytes(tokens_a.parts[i]) == bytes(tokens_b.parts[i]) for i in tokens_a.data)
+    assert [t.name for t in shared.tensors] == [t.name for t in library.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(library.tensors, shared.tensors))
+
+
 def test_cli_asks_torch_for_huge_pages_before_torch_loads() -> None:
     """The CLI sets THP_MEM_ALLOC_ENABLE before torch's allocator reads it (at torch's first allocation);
     a value the user exported is kept."""

@@ -6,6 +6,11 @@ Why: for architectures on transformers' legacy GGUF path (llama among them in tr
 and the weight-name mapping rebuilds ``gguf``'s tensor-name table once per module. On SmolLM2-135M that is
 about 10 s of a 37 s upcycle, for a file that never changes during the load.
 
+The reader it builds also keeps its file map as a plain ``numpy.ndarray`` view instead of a ``numpy.memmap``:
+every slice of a memmap runs ``memmap.__array_finalize__`` in Python, and parsing a 49k-token vocabulary
+takes about a million slices (SmolLM2: reader 1.94 s -> 0.65 s, the vocabulary's values twice as fast to
+read). The bytes, the mapping and its read-only flag are the same (the view keeps the memmap alive).
+
 ``GgufParses().active()`` makes ``gguf.GGUFReader`` return one reader per (file, mode, size, mtime) and
 memoises ``gguf.get_tensor_name_map`` for the duration of the block only, then restores both, so code outside the
 block (the user's own) sees the library untouched. transformers imports both names at call time
@@ -45,7 +50,7 @@ class GgufParses:
             stat = os.stat(path)
             key = (os.path.realpath(path), mode, stat.st_size, stat.st_mtime_ns)
             if key not in self._readers:
-                self._readers[key] = original_reader(path, mode)
+                self._readers[key] = _plain_view_reader(original_reader)(path, mode)
             return self._readers[key]
 
         def shared_name_map(*args: Any) -> Any:
@@ -58,6 +63,19 @@ class GgufParses:
             yield
         finally:
             gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+
+
+def _plain_view_reader(reader_class: type) -> type:
+    """``reader_class`` whose ``data`` (the file's memmap) is stored as a plain ndarray view of it."""
+    import numpy as np
+
+    class PlainViewReader(reader_class):  # type: ignore[misc, valid-type]
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "data" and isinstance(value, np.memmap):
+                value = value.view(np.ndarray)
+            super().__setattr__(name, value)
+
+    return PlainViewReader
 
 
 @contextlib.contextmanager

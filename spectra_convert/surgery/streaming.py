@@ -122,6 +122,10 @@ def stream_ffn_inputs(
         _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode)
 
 
+class _Captured(Exception):
+    """Stops the last layer's forward once its FFN input is captured."""
+
+
 def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode: bool) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -164,15 +168,25 @@ def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, gra
             raise UserError(f"layer {i} of {model_dir} does not match its config ({str(exc).splitlines()[0]})") from None
         del state
         captured: list[torch.Tensor] = []
-        hook = layer.mlp.register_forward_pre_hook(lambda module, args: captured.append(args[0].float()))
+        last = i == len(layers) - 1
+
+        def capture(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0].float())
+            if last:  # nothing after the last router input is needed: skip the last layer's experts
+                raise _Captured
+
+        hook = layer.mlp.register_forward_pre_hook(capture)
         try:
             for b, h in enumerate(hidden):
                 mask = mask_fn[_mask_kind(skeleton.config, i)](
                     config=skeleton.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
                     position_ids=position_ids[b],
                 )
-                out = layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
-                            use_cache=False, position_embeddings=position_embeddings[b])
+                try:
+                    out = layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
+                                use_cache=False, position_embeddings=position_embeddings[b])
+                except _Captured:
+                    continue
                 hidden[b] = out[0] if isinstance(out, tuple) else out
         finally:
             hook.remove()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from spectra_convert.surgery.noise import CHUNK, NoiseAhead
-from spectra_convert.surgery.upcycle import noise_sizes, split_cores
+from spectra_convert.surgery.upcycle import noise_sizes, noise_workers
 
 # Two layers of two tensors; the first spans three independently seeded pieces (the last one partial).
 SIZES = [[2 * CHUNK + 1000, 3000], [CHUNK, 17]]
@@ -57,6 +57,20 @@ def test_noise_sizes_cover_non_bias_tensors_only() -> None:
     assert noise_sizes(shapes, experts=3, method="split") == {"up": 24, "down": 24}
 
 
-@pytest.mark.parametrize("cores, expected", [(1, (2, 1)), (2, (2, 1)), (8, (6, 2)), (16, (12, 4))])
-def test_split_cores_keeps_noise_workers_and_a_compute_thread(cores: int, expected: tuple[int, int]) -> None:
-    assert split_cores(cores) == expected
+@pytest.mark.parametrize("cores, expected", [(1, 2), (2, 2), (8, 6), (16, 12)])
+def test_noise_workers_leave_a_quarter_of_the_cores(cores: int, expected: int) -> None:
+    assert noise_workers(cores) == expected
+
+
+def test_noise_workers_run_at_the_lowest_priority() -> None:
+    """Background draws must not compete with the main thread at equal priority (Linux: per-thread nice)."""
+    import os
+    import threading
+
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+    with NoiseAhead([[10]], seed=0, workers=1) as noise:
+        noise._pool.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))).result()
+        noise.take(0)
+    assert seen == [19]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller  # the caller is untouched

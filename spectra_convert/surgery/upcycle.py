@@ -12,9 +12,9 @@ Flow (DESIGN §4):
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,11 @@ import torch.nn.functional as F
 
 from ..console import human_bytes, progress, summary_table
 from ..errors import UserError
-from ..modeling.configuration_spectra import SpectraConfig
-from ..modeling.modeling_spectra import RoutingContext, SpectraMoeBlock, SpectraRouter
 from . import adapters as adapter_registry
 from . import checkpoint
-from .calibrate import calibrate_bias, calibration_batches, init_router
+from .dense_ffn import ffn_getter
 from .gguf_once import GgufParses
-from .noise import NoiseAhead
+from .noise import NoiseAhead, lower_thread_priority
 
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")
@@ -183,45 +181,108 @@ _EXPERT_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj"
                  "down_bias": "down_bias"}
 
 
-def _moe_block(spectra_config: SpectraConfig, layer: int, context: RoutingContext,
-               built: dict[str, torch.Tensor]) -> SpectraMoeBlock:
-    """Layer ``layer``'s MoE block holding the ``built`` expert tensors (adopted, not copied).
+def _router_block(spectra_config: Any, layer: int, context: Any) -> Any:
+    """Layer ``layer``'s MoE block with a materialised router (and shared expert, if configured) and its
+    experts left on the meta device: the experts are built and written by ``ExpertBuilder``, and randomly
+    initialising E experts only to drop them cost as much as building them (2.6 s of normal_ on SmolLM2 8x)."""
+    from ..modeling.modeling_spectra import SpectraMoeBlock, SpectraRouter
 
-    The block is made on the meta device and only the router (and a shared expert, if configured) is
-    materialised with its normal init: randomly initialising E experts only to overwrite them cost as much
-    as building them (2.6 s of normal_ on SmolLM2 8x)."""
     knobs = spectra_config.spectra
     with torch.device("meta"):
         block = SpectraMoeBlock(spectra_config.text_config, knobs, layer, context)
     block.gate = SpectraRouter(spectra_config.text_config.hidden_size, knobs, layer, context)
-    block.experts.load_state_dict({_EXPERT_PARAM[name]: t for name, t in built.items()}, strict=True, assign=True)
     if block.shared_expert is not None:
         block.shared_expert.to_empty(device="cpu")
         block.shared_expert.reset_parameters()
     return block
 
 
-def split_cores(cores: int) -> tuple[int, int]:
-    """(noise workers, intra-op threads of the main thread) for the build loop on ``cores`` CPU threads.
+def calibrate_routers(spectra_config: Any, ffn_inputs: dict[int, torch.Tensor], router_init: str, seed: int,
+                      bar: Any) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """Every layer's router initialised and bias-calibrated on its captured FFN inputs (consumed as it goes).
+    Returns each layer's block tensors other than the experts (router, shared expert) and its calibration CV."""
+    from ..modeling.modeling_spectra import RoutingContext
+    from .calibrate import calibrate_bias, init_router
 
-    Why split instead of sharing: the main thread's torch ops (QR, GRU scans, the noise scaling) run OpenMP
-    parallel regions whose threads wait for each other; with noise workers and the shard writer competing for
-    the same cores those waits stall (measured on 2 cores: router init + calibration 2.3 s -> 7.6 s). A quarter
-    of the cores (at least one) compute, the rest (at least two: measured 0.5 s faster than one on 2 cores,
-    where the writer thread mostly waits on the kernel) draw noise."""
-    main = max(1, cores // 4)
-    return max(2, cores - main), main
+    context = RoutingContext()
+    states: list[dict[str, torch.Tensor]] = []
+    layer_cv: list[float] = []
+    task = bar.add_task("calibrating routers", total=len(ffn_inputs))
+    for i in sorted(ffn_inputs):
+        block = _router_block(spectra_config, i, context)
+        inputs = ffn_inputs.pop(i)
+        init_router(block.gate, inputs, init=router_init, seed=seed + i)
+        layer_cv.append(calibrate_bias(block.gate, inputs))
+        states.append({name: t for name, t in block.state_dict().items() if not name.startswith("experts.")})
+        bar.advance(task)
+    return states, layer_cv
 
 
-@contextlib.contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count set to ``count`` for the block (restored after)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
+class ExpertBuilder:
+    """Builds every layer's experts on one background thread and adds them to ``writer``, in layer order.
+
+    ``start(get)`` begins, ``get`` mapping the parent's module keys to its FFN tensors (read from the checkpoint
+    files, or the loaded model's state dict); ``wait()`` returns once every expert tensor is queued on the
+    writer and re-raises a failure of the thread. The caller must not use ``writer`` in between. Leaving the
+    ``with`` block early (an exception) stops the thread after its current tensor and waits for it."""
+
+    def __init__(self, writer: Any, drawn: NoiseAhead, noise_names: list[str], adapter: Any, ffn_prefixes: list[str],
+                 *, experts: int, method: str, noise: float, split_mode: str, seed: int, out_dtype: torch.dtype,
+                 bar: Any) -> None:
+        self.writer, self.drawn, self.noise_names = writer, drawn, noise_names
+        self.adapter, self.ffn_prefixes = adapter, ffn_prefixes
+        self.experts, self.method, self.noise, self.split_mode = experts, method, noise, split_mode
+        self.generator = torch.Generator().manual_seed(seed)  # drives the split partition (the noise is drawn)
+        self.out_dtype, self.bar = out_dtype, bar
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self, get: Callable[[str], torch.Tensor]) -> None:
+        self._thread = threading.Thread(target=self._run, args=(get,), name="spectra-expert-builder", daemon=True)
+        self._thread.start()
+
+    def _run(self, get: Callable[[str], torch.Tensor]) -> None:
+        lower_thread_priority()
+        try:
+            task = self.bar.add_task("building experts", total=len(self.ffn_prefixes))
+            for i, prefix in enumerate(self.ffn_prefixes):
+                if self._stop.is_set():
+                    return
+                drawn = dict(zip(self.noise_names, self.drawn.take(i)))
+                built = build_experts(self.adapter.ffn_tensors(get, i), self.experts, self.method, self.noise,
+                                      self.split_mode, self.generator, drawn)
+                for name, tensor in built.items():
+                    if self._stop.is_set():
+                        return
+                    self.writer.add(f"{prefix}experts.{_EXPERT_PARAM[name]}", tensor.to(self.out_dtype))
+                del built, drawn
+                self.bar.advance(task)
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is None:
+            raise RuntimeError("ExpertBuilder.wait() before start()")
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> ExpertBuilder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def noise_workers(cores: int) -> int:
+    """Threads drawing expert noise on ``cores`` CPU threads: three quarters of them, at least two (measured on
+    2 cores: two workers beat one by 0.5 s). They run at the lowest priority (``lower_thread_priority``), so
+    they take what the main thread's capture forward and router fitting leave idle rather than stalling those
+    ops' OpenMP regions (sharing the cores at equal priority made router fitting 2.3 s -> 7.6 s)."""
+    return max(2, cores - cores // 4)
 
 
 # -- the verb -------------------------------------------------------------------------------------------------
@@ -273,7 +334,7 @@ def upcycle(
     model_dir = checkpoint.resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
         raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
-    gguf_parses = GgufParses()  # config now, tokenizer + weights later: one parse of a GGUF file
+    gguf_parses = GgufParses()  # config now, FFN weights, tokenizer + model later: one parse of a GGUF file
     with gguf_parses.active():
         parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
     adapter = adapter_registry.adapter_for(parent_config)
@@ -284,65 +345,50 @@ def upcycle(
         )
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
     out_dtype = DTYPES[dtype] if dtype else torch.float32
-    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write.
-    # The experts' noise depends only on shapes: worker threads draw it while the parent loads and routers
-    # calibrate (a few layers ahead, never all of it).
+    num_layers = adapter.num_layers(parent_config)
+    ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
+    # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
     sizes = noise_sizes(adapter.ffn_shapes(parent_config), experts, method) if noise else {}
-    noise_plan = [list(sizes.values())] * adapter.num_layers(parent_config)
-    noise_workers, main_threads = split_cores(torch.get_num_threads())
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp, \
-            NoiseAhead(noise_plan, seed, workers=noise_workers) as drawn_noise:
-        torch.manual_seed(seed)
-        with gguf_parses.active():
-            dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
-        text_config = dense.config
-        try:
-            spectra_config = SpectraConfig(
-                text_config=text_config.to_dict(),
-                spectra={**overrides, "num_experts": experts, "top_k": top_k, "router_dim": router_dim,
-                         "expert_kind": adapter.expert_kind, "source": "upcycled",
-                         # split experts hold 1/E of the dense neurons each
-                         "intermediate_size": (adapter.intermediate_size(text_config) // experts
-                                               if method == "split" else overrides.get("intermediate_size"))},
-            )
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-        spectra_config.dtype = str(out_dtype).removeprefix("torch.")
-        try:
-            blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
-        except ValueError as exc:
-            raise UserError(str(exc)) from exc
-        from ..modeling.modeling_spectra import decoder_layers
+    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Shards are written
+    # by a background thread (bounded queue: at most one 256 MB shard waits).
+    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
+        with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
+                checkpoint.ShardWriter(tmp, max_shard_bytes=256 * 1024**2, background=True, max_queued_shards=1) as writer, \
+                progress() as bar, \
+                ExpertBuilder(writer, drawn_noise, list(sizes), adapter, ffn_prefixes, experts=experts, method=method,
+                              noise=noise, split_mode=split_mode, seed=seed, out_dtype=out_dtype, bar=bar) as builder:
+            # Experts need only the FFN weights: when the checkpoint can be read directly they are built and
+            # written while transformers' modeling code imports, the parent loads and the routers calibrate.
+            with gguf_parses.active():
+                early = ffn_getter(model_dir, gguf_file, adapter)
+            if early is not None:
+                builder.start(early)
+            torch.manual_seed(seed)
+            with gguf_parses.active():
+                dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
+            dense_state = dense.state_dict()
+            if early is None:
+                builder.start(dense_state.__getitem__)
+            spectra_config = _spectra_config(dense.config, adapter, overrides, experts=experts, top_k=top_k,
+                                             router_dim=router_dim, method=method, out_dtype=out_dtype)
+            from .calibrate import calibration_batches
 
-        layers = decoder_layers(dense)
-        ffn_inputs = capture_ffn_inputs(dense, layers, blocks)
-        dense_state = dense.state_dict()
-        generator = torch.Generator().manual_seed(seed)
-        # Shards are written by a background thread while the next layers are built (bounded queue: at most
-        # one 256 MB shard waits), so the conversion costs about max(build, write) rather than their sum. The
-        # non-FFN tensors go first and shards are small so that little is left to write after the last layer.
-        writer = checkpoint.ShardWriter(tmp, max_shard_bytes=256 * 1024**2, background=True, max_queued_shards=1)
-        layer_cv: list[float] = []
-        context = RoutingContext()
-        ffn_prefixes = [adapter.mlp_prefix(i) for i in range(len(layers))]
-        tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
-        with writer, progress() as bar:
+            try:
+                blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+            from ..modeling.modeling_spectra import decoder_layers
+
+            ffn_inputs = capture_ffn_inputs(dense, decoder_layers(dense), blocks)
+            router_states, layer_cv = calibrate_routers(spectra_config, ffn_inputs, router_init, seed, bar)
+            builder.wait()  # every expert tensor is queued; the writer is ours again
+            tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
             for name, tensor in dense_state.items():
                 if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied:
                     writer.add(name, tensor.to(out_dtype))
-            task = bar.add_task("building + calibrating experts", total=len(layers))
-            with intra_op_threads(main_threads):  # noise workers and the writer share the cores
-                for i in range(len(layers)):
-                    dense_ffn = adapter.ffn_tensors(dense_state.__getitem__, i)
-                    drawn = dict(zip(sizes, drawn_noise.take(i)))
-                    built = build_experts(dense_ffn, experts, method, noise, split_mode, generator, drawn)
-                    block = _moe_block(spectra_config, i, context, built)
-                    init_router(block.gate, ffn_inputs[i], init=router_init, seed=seed + i)
-                    layer_cv.append(calibrate_bias(block.gate, ffn_inputs[i]))
-                    for name, tensor in block.state_dict().items():
-                        writer.add(ffn_prefixes[i] + name, tensor.to(out_dtype))
-                    del ffn_inputs[i], block, built
-                    bar.advance(task)
+            for prefix, state in zip(ffn_prefixes, router_states):
+                for name, tensor in state.items():
+                    writer.add(prefix + name, tensor.to(out_dtype))
             write_task = bar.add_task("writing shards", total=None)
             writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
         checkpoint.write_spectra_config(tmp, spectra_config)
@@ -355,19 +401,39 @@ def upcycle(
             expert_params //= experts
         non_ffn = sum(t.numel() for n, t in dense_state.items() if not any(n.startswith(p) for p in ffn_prefixes) and n not in tied)
         router_params = _router_param_count(spectra_config)
-        total = non_ffn + len(layers) * (experts * expert_params + router_params)
-        active = non_ffn + len(layers) * (top_k * expert_params + router_params)
+        total = non_ffn + num_layers * (experts * expert_params + router_params)
+        active = non_ffn + num_layers * (top_k * expert_params + router_params)
         output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    result = UpcycleResult(out, experts, top_k, len(layers), total, active, output_bytes, layer_cv)
+    result = UpcycleResult(out, experts, top_k, num_layers, total, active, output_bytes, layer_cv)
     summary_table(
         f"upcycled {model} -> {out}",
         ["", "value"],
-        [["experts / top-k", f"{experts} / {top_k}"], ["method", method], ["MoE layers", len(layers)],
+        [["experts / top-k", f"{experts} / {top_k}"], ["method", method], ["MoE layers", num_layers],
          ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
          ["output size", human_bytes(output_bytes)],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
     return result
+
+
+def _spectra_config(text_config: Any, adapter: Any, overrides: dict, *, experts: int, top_k: int, router_dim: int,
+                    method: str, out_dtype: torch.dtype) -> Any:
+    """The output's SpectraConfig: the parent's text config plus the routing knobs (one-line error if invalid)."""
+    from ..modeling.configuration_spectra import SpectraConfig
+
+    try:
+        spectra_config = SpectraConfig(
+            text_config=text_config.to_dict(),
+            spectra={**overrides, "num_experts": experts, "top_k": top_k, "router_dim": router_dim,
+                     "expert_kind": adapter.expert_kind, "source": "upcycled",
+                     # split experts hold 1/E of the dense neurons each
+                     "intermediate_size": (adapter.intermediate_size(text_config) // experts
+                                           if method == "split" else overrides.get("intermediate_size"))},
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    spectra_config.dtype = str(out_dtype).removeprefix("torch.")
+    return spectra_config
 
 
 #: Knobs that upcycle sets from its own arguments or the parent; an override of them would be ambiguous.
@@ -393,7 +459,7 @@ def _check_overrides(overrides: dict | None) -> dict:
     return dict(overrides)
 
 
-def _router_param_count(config: SpectraConfig) -> int:
+def _router_param_count(config: Any) -> int:
     from ..modeling.modeling_spectra import SpectraRouter
 
     return sum(p.numel() for p in SpectraRouter(config.text_config.hidden_size, config.spectra, 0).parameters())

@@ -1,0 +1,73 @@
+"""A dense parent's FFN weights read straight from its checkpoint files, without building the model.
+
+Why: upcycled experts depend only on the dense FFN weights, the noise and the method — not on the model object,
+the tokenizer or the routers. Reading the FFNs from the files lets upcycle build and write the experts on a
+background thread while the main thread is still importing transformers' modeling code, loading the parent
+and capturing router inputs (DESIGN §4). The values are exactly those the loaded model holds (float32): the
+tests compare them tensor by tensor with ``model.state_dict()`` for every dense architecture and the real
+SmolLM2 GGUF.
+
+``ffn_getter`` returns ``None`` when a checkpoint cannot be read this way (e.g. a GGUF of a non-gated
+architecture, whose tensors transformers reshapes on load); upcycle then builds from the loaded model instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+import torch
+
+from .adapters import DenseAdapter
+from .checkpoint import CheckpointReader
+
+Getter = Callable[[str], torch.Tensor]
+
+#: module-name -> GGUF tensor-name pieces for the gated (llama-family) FFNs; no permutation applies to FFNs
+_GGUF_FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
+
+
+def ffn_getter(model_dir: Path, gguf_file: str | None, adapter: DenseAdapter) -> Getter | None:
+    """A function mapping the parent's module keys (``adapter.ffn_tensors`` asks for them) to float32 tensors
+    read from the checkpoint, or ``None`` if this checkpoint needs the model to be built first. Call it inside
+    ``GgufParses.active()`` so a GGUF file is parsed once for this and for transformers."""
+    getter = _gguf_getter(Path(model_dir) / gguf_file, adapter) if gguf_file else _safetensors_getter(Path(model_dir))
+    if getter is None:
+        return None
+    try:  # probe layer 0: every key the experts need must resolve
+        adapter.ffn_tensors(getter, 0)
+    except KeyError:
+        return None
+    return getter
+
+
+def _safetensors_getter(model_dir: Path) -> Getter:
+    reader = CheckpointReader(model_dir)
+
+    def get(name: str) -> torch.Tensor:
+        # Older Hub checkpoints (gpt2, gpt2-medium) store keys without the base-model prefix transformers adds.
+        for key in (name, name.split(".", 1)[1] if "." in name else name):
+            if key in reader:
+                return reader.get(key).float()
+        raise KeyError(name)
+
+    return get
+
+
+def _gguf_getter(path: Path, adapter: DenseAdapter) -> Getter | None:
+    if adapter.expert_kind != "gated":  # gpt2-style GGUF tensors are transposed/split by transformers on load
+        return None
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+
+    def get(name: str) -> torch.Tensor:
+        match = _GGUF_FFN.match(name)
+        tensor = tensors.get(f"blk.{match.group(1)}.ffn_{match.group(2)}.weight") if match else None
+        if tensor is None:
+            raise KeyError(name)
+        return torch.from_numpy(np.copy(gguf.dequantize(tensor.data, tensor.tensor_type))).float()
+
+    return get

@@ -1,0 +1,73 @@
+"""FFN weights read straight from checkpoint files equal the loaded model's, for every dense architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tests.conftest import tiny_parent_config
+from transformers import AutoModelForCausalLM
+
+from spectra_convert.surgery.adapters import DENSE_TYPES, adapter_for
+from spectra_convert.surgery.dense_ffn import ffn_getter
+from spectra_convert.surgery.gguf_once import parsed_once
+
+
+def assert_same_ffns(getter, model, adapter) -> None:
+    state = model.state_dict()
+    for i in range(adapter.num_layers(model.config)):
+        from_files = adapter.ffn_tensors(getter, i)
+        from_model = adapter.ffn_tensors(state.__getitem__, i)
+        assert from_files.keys() == from_model.keys()
+        for name in from_model:
+            assert from_files[name].dtype == torch.float32
+            assert torch.equal(from_files[name], from_model[name].float()), (i, name)
+
+
+@pytest.mark.parametrize("model_type", DENSE_TYPES)
+def test_safetensors_ffns_equal_the_loaded_model(model_type: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = tiny_parent_config(model_type)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    getter = ffn_getter(tmp_path, None, adapter_for(config))
+    assert getter is not None
+    assert_same_ffns(getter, model, adapter_for(config))
+
+
+def test_hub_style_gpt2_keys_without_the_base_prefix(tmp_path: Path) -> None:
+    """gpt2 / gpt2-medium on the Hub store ``h.0.mlp.c_fc.weight``, not ``transformer.h.0...``."""
+    torch.manual_seed(0)
+    config = tiny_parent_config("gpt2")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_ffns(ffn_getter(tmp_path, None, adapter_for(config)), model, adapter_for(config))
+
+
+def test_missing_ffn_tensor_means_no_early_reader(tmp_path: Path) -> None:
+    """A checkpoint whose FFN keys do not resolve is left to the model load (upcycle builds from the model)."""
+    torch.manual_seed(0)
+    config = tiny_parent_config("llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.replace("gate_proj", "w1"): v for k, v in weights.items()}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    assert ffn_getter(tmp_path, None, adapter_for(config)) is None
+
+
+@pytest.mark.slow
+def test_gguf_ffns_equal_the_dequantised_model(smollm2_gguf: Path) -> None:
+    from spectra_convert.surgery.checkpoint import read_parent_config
+    from spectra_convert.surgery.upcycle import load_dense_parent
+
+    with parsed_once():
+        config = read_parent_config(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+        getter = ffn_getter(smollm2_gguf.parent, smollm2_gguf.name, adapter_for(config))
+        model, _ = load_dense_parent(smollm2_gguf.parent, smollm2_gguf.name, torch.float32, config=config)
+    assert getter is not None
+    assert_same_ffns(getter, model, adapter_for(config))

@@ -39,7 +39,7 @@ class NoiseAhead:
     ``take(layer)`` blocks until that layer's buffers are ready and frees its slot so the workers move on.
     Use as a context manager: leaving it cancels queued work and waits for the running pieces."""
 
-    def __init__(self, sizes: list[list[int]], seed: int, *, workers: int = 2, layers_ahead: int = 8) -> None:
+    def __init__(self, sizes: list[list[int]], seed: int, *, workers: int = 2, layers_ahead: int = 3) -> None:
         self._sizes = sizes
         self._seed = seed
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="spectra-noise", initializer=lower_thread_priority)

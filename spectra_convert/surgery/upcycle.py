@@ -1,13 +1,15 @@
 """Upcycling: a dense causal LM -> a SPECTRA mixture-of-experts model, calibrated before any training.
 
 Flow (DESIGN §4):
-1. load the dense parent (the input; GGUF is dequantised by transformers) and its tokenizer;
-2. one forward over calibration text captures every layer's FFN input (the router's input);
-3. layer by layer: build experts from the dense FFN (``copy`` + noise, or ``split`` neurons), initialise the
-   router's prototypes by k-means on that layer's inputs, calibrate its dual bias on hard top-k loads, and
-   stream the layer's tensors into safetensors shards — only one MoE layer exists in memory at a time;
-4. write the non-FFN tensors, config (auto_map), runtime files, tokenizer, generation config, model card —
-   all in a temp folder renamed into place at the end.
+1. read the parent's config; when its FFN weights can be read straight from the files (``dense_ffn``), a
+   background thread (``ExpertBuilder``) starts building every layer's experts (``copy`` + noise drawn ahead by
+   ``NoiseAhead``, or ``split`` neurons) and queueing them on the shard writer, one layer at a time;
+2. meanwhile the main thread loads the dense parent (GGUF is dequantised by transformers) and its tokenizer
+   (and starts the builder from the loaded model if step 1 could not);
+3. one forward over calibration text captures every layer's FFN input (the router's input); each router's
+   prototypes are initialised and its dual bias calibrated on hard top-k loads;
+4. once the experts are queued: the non-FFN tensors and the routers, then config (auto_map), runtime files,
+   tokenizer, generation config, model card — all in a temp folder renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -396,7 +398,7 @@ def upcycle(
         tokenizer.save_pretrained(tmp)
         _write_generation_config(dense, tmp)
         _write_model_card(tmp, str(model))
-        expert_params = sum(t.numel() for t in adapter.ffn_tensors(dense_state.__getitem__, 0).values())
+        expert_params = sum(math.prod(shape) for shape in adapter.ffn_shapes(parent_config).values())
         if method == "split":
             expert_params //= experts
         non_ffn = sum(t.numel() for n, t in dense_state.items() if not any(n.startswith(p) for p in ffn_prefixes) and n not in tied)

@@ -71,3 +71,45 @@ def test_gguf_ffns_equal_the_dequantised_model(smollm2_gguf: Path) -> None:
         model, _ = load_dense_parent(smollm2_gguf.parent, smollm2_gguf.name, torch.float32, config=config)
     assert getter is not None
     assert_same_ffns(getter, model, adapter_for(config))
+
+
+@pytest.mark.parametrize("model_type", DENSE_TYPES)
+def test_config_from_files_gives_transformers_layout(model_type: str, tmp_path: Path) -> None:
+    """Noise and experts start from config.json alone (before transformers is imported): same layer count and
+    FFN shapes as transformers' config of the same folder."""
+    from transformers import AutoConfig
+
+    from spectra_convert.surgery.dense_ffn import config_from_files
+
+    tiny_parent_config(model_type, num_hidden_layers=3).save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    from_files = config_from_files(tmp_path, None)
+    adapter = adapter_for(loaded)
+    assert adapter_for(from_files) is adapter
+    assert adapter.num_layers(from_files) == adapter.num_layers(loaded) == 3
+    assert adapter.ffn_shapes(from_files) == adapter.ffn_shapes(loaded)
+
+
+def test_config_from_files_leaves_class_defaults_to_transformers(tmp_path: Path) -> None:
+    import json
+
+    from spectra_convert.surgery.dense_ffn import config_from_files
+
+    tiny_parent_config("llama").save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["intermediate_size"]  # LlamaConfig would fill in its default: only transformers knows it
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert config_from_files(tmp_path, None) is None
+
+
+def test_config_from_files_reads_gguf_metadata(smollm2_gguf: Path) -> None:
+    from spectra_convert.surgery.checkpoint import read_parent_config
+    from spectra_convert.surgery.dense_ffn import config_from_files
+
+    with parsed_once():
+        from_files = config_from_files(smollm2_gguf.parent, smollm2_gguf.name)
+        loaded = read_parent_config(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    adapter = adapter_for(loaded)
+    assert from_files.model_type == loaded.model_type == "llama"
+    assert adapter.num_layers(from_files) == adapter.num_layers(loaded) == 30
+    assert adapter.ffn_shapes(from_files) == adapter.ffn_shapes(loaded) == {"gate_up": (3072, 576), "down": (576, 1536)}

@@ -74,3 +74,20 @@ def test_noise_workers_run_at_the_lowest_priority() -> None:
         noise.take(0)
     assert seen == [19]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller  # the caller is untouched
+
+
+def test_recycled_buffers_are_drawn_into_again_with_the_same_values() -> None:
+    sizes = [[3000, 17]] * 4
+    expected = draw_all(sizes, seed=5, workers=2)
+    with NoiseAhead(sizes, seed=5, workers=2, layers_ahead=1) as noise:
+        first = noise.take(0)  # layer 1 is scheduled now, before anything is recycled
+        addresses = {t.data_ptr() for t in first}
+        for buffer in first:
+            buffer.fill_(123.0)  # written out and no longer needed: its values must not leak into later layers
+            noise.recycle(buffer)
+        got = [first, noise.take(1), noise.take(2), noise.take(3)]
+        assert {t.data_ptr() for t in got[2]} == addresses  # layer 2 reuses layer 0's memory
+    for layer in (1, 2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(got[layer], expected[layer]))
+    with NoiseAhead(sizes, seed=5) as noise, pytest.raises(ValueError, match="recycled"):
+        noise.recycle(torch.zeros(3000, dtype=torch.float64))

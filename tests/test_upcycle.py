@@ -226,3 +226,39 @@ def test_cli_asks_torch_for_huge_pages_before_torch_loads() -> None:
     chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**env, "THP_MEM_ALLOC_ENABLE": "0"})
     assert chosen.stdout.strip() == "0"
+
+
+def test_experts_are_the_dense_ffn_plus_the_seeds_noise_with_recycled_buffers(tmp_path, monkeypatch) -> None:
+    """Every expert = dense FFN + noise x std, the noise exactly the seed's draws — also once written noise
+    buffers are recycled for later layers (one tensor per shard here, so recycling starts at layer 0)."""
+    from spectra_convert.surgery import upcycle as upcycle_module
+    from spectra_convert.surgery.noise import NoiseAhead
+    from tests.conftest import tiny_parent_config
+
+    parent = tmp_path / "llama"
+    tokenizer = build_tokenizer(vocab_size=320)
+    torch.manual_seed(0)
+    config = tiny_parent_config("llama", vocab_size=len(tokenizer), num_hidden_layers=12)
+    dense = AutoModelForCausalLM.from_config(config)
+    dense.save_pretrained(parent)
+    tokenizer.save_pretrained(parent)
+    reused: list[int] = []
+    take_buffer = NoiseAhead._buffer
+    monkeypatch.setattr(NoiseAhead, "_buffer", lambda self, n: reused.append(bool(self._free.get(n))) or take_buffer(self, n))
+    monkeypatch.setattr(upcycle_module, "SHARD_BYTES", 1)
+    experts, noise, seed = 4, 0.05, 11
+    upcycle(str(parent), tmp_path / "moe", experts=experts, top_k=2, noise=noise, seed=seed, router_dim=8,
+            calibration=str(Path(__file__).parent / "fixtures" / "corpus" / "train.jsonl"), calibration_tokens=256)
+    assert sum(reused) >= 4, "later layers must draw into recycled buffers"
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", trust_remote_code=True)
+    inter, hidden = config.intermediate_size, config.hidden_size
+    sizes = [[experts * 2 * inter * hidden, experts * hidden * inter]] * config.num_hidden_layers
+    with NoiseAhead(sizes, seed, workers=1) as expected_noise:  # no recycling here
+        for i, layer in enumerate(dense.model.layers):
+            drawn_gate_up, drawn_down = expected_noise.take(i)
+            gate_up = torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach()
+            down = layer.mlp.down_proj.weight.detach()
+            got = moe.model.layers[i].mlp.experts
+            for weight, drawn, out in ((gate_up, drawn_gate_up, got.gate_up_proj), (down, drawn_down, got.down_proj)):
+                expected = drawn.view(experts, *weight.shape) * (float(weight.std()) * noise) + weight
+                assert torch.allclose(out.detach(), expected, atol=1e-7, rtol=0), i

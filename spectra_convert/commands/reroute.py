@@ -22,6 +22,9 @@ import click
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 def command(model: str, out: str, **options) -> None:
     """Reroute the MoE model MODEL (folder or Hub id): same experts, calibrated SPECTRA routers."""
-    from ..surgery.reroute import reroute
+    from . import cyclic_gc_paused
 
-    reroute(model, out, **options)
+    with cyclic_gc_paused():
+        from ..surgery.reroute import reroute
+
+        reroute(model, out, **options)

@@ -29,6 +29,9 @@ import click
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 def command(model: str, out: str, **options) -> None:
     """Upcycle the dense causal LM MODEL (folder or Hub id) into a SPECTRA mixture of experts."""
-    from ..surgery.upcycle import upcycle
+    from . import cyclic_gc_paused
 
-    upcycle(model, out, **options)
+    with cyclic_gc_paused():
+        from ..surgery.upcycle import upcycle
+
+        upcycle(model, out, **options)

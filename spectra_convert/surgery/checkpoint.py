@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .direct_io import Cancelled, DirectFile, StagingBuffer
 
 if TYPE_CHECKING:  # torch is imported lazily: reroute starts copying shards before torch/transformers load
     import torch
@@ -304,18 +305,19 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
+def _contiguous_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as a flat contiguous CPU tensor (a view when it already is one)."""
+    return tensor.detach().to("cpu").contiguous().reshape(-1)
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     import torch
 
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = _contiguous_bytes(tensor)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 _COPY_CHUNK = 64 * 1024 * 1024  # bytes per kernel copy call: cancellation is checked between calls
-
-
-class Cancelled(Exception):
-    """A background write was stopped because the conversion failed elsewhere."""
 
 
 def _copy_range(src: Any, dst: Any, offset: int, count: int, cancel: threading.Event | None = None) -> None:
@@ -354,6 +356,7 @@ class _Entry:
     nbytes: int
     tensor: torch.Tensor | None = None
     source: tuple[Path, TensorInfo] | None = None
+    on_written: Callable[[torch.Tensor], None] | None = None  # gets ``tensor`` back once its bytes are written
 
 
 def _header_bytes(entries: list[_Entry], metadata: dict[str, str]) -> tuple[bytes, int]:
@@ -388,9 +391,23 @@ def _source_runs(entries: list[_Entry]) -> Iterator[tuple[_Entry, int]]:
 
 
 def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str],
-                       cancel: threading.Event | None = None) -> int:
-    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed."""
+                       cancel: threading.Event | None = None, staging: StagingBuffer | None = None) -> int:
+    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed
+    kernel-side; a shard held wholly in memory goes through ``staging`` with ``O_DIRECT`` when one is given and
+    the filesystem allows it (``direct_io``), else through the page cache."""
     header, size = _header_bytes(entries, metadata)
+    if staging is not None and all(entry.tensor is not None for entry in entries):
+        direct = DirectFile.open(dst, staging, cancel)
+        if direct is not None:
+            try:
+                direct.put_bytes(header)
+                for entry in entries:
+                    flat = _contiguous_bytes(entry.tensor)  # type: ignore[arg-type]
+                    direct.put(flat.data_ptr(), entry.nbytes)
+                direct.finish()
+            finally:
+                direct.close()
+            return size
     handles: dict[Path, Any] = {}
     try:
         with open(dst, "wb") as out:
@@ -411,11 +428,12 @@ def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str
     return size
 
 
-def _memory_entry(name: str, tensor: torch.Tensor) -> _Entry:
+def _memory_entry(name: str, tensor: torch.Tensor, on_written: Callable[[torch.Tensor], None] | None = None) -> _Entry:
     dtype = _dtype_name(tensor.dtype)
     if dtype is None:
         raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-    return _Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor)
+    return _Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor,
+                  on_written=on_written)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -572,11 +590,16 @@ class ShardWriter:
     once; ``close`` waits for them. Use it as a context manager so an exception cancels the queued writes
     before the caller removes the folder. Memory: at most ``max_queued_shards`` flushed in-memory shards wait
     for the thread (``add`` then blocks until the thread catches up).
+    ``direct_io`` (default): shards built wholly from memory are written with ``O_DIRECT`` through one reused
+    staging buffer and fsynced (``direct_io`` module: no page-cache copy); shards streamed from source files,
+    and filesystems that refuse ``O_DIRECT``, go through the page cache.
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3, *, background: bool = False,
-                 max_queued_shards: int = 1):
+                 max_queued_shards: int = 1, direct_io: bool = True):
         self.out_dir = Path(out_dir)
+        self.direct_io = direct_io
+        self._staging: StagingBuffer | None = None  # made on first use, by the one thread that writes
         self.max_shard_bytes = int(max_shard_bytes)
         self._pending: list[_Entry] = []
         self._pending_bytes = 0
@@ -615,12 +638,20 @@ class ShardWriter:
         if holds_tensors:  # released when the job ends, fails, is skipped after a failure or is cancelled
             future.add_done_callback(lambda _: self._queued_shards.release())
 
+    def _staging_buffer(self) -> StagingBuffer | None:
+        if self.direct_io and self._staging is None:
+            self._staging = StagingBuffer()
+        return self._staging
+
     def _write(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
         """Write (or queue) one shard; returns its data size (known from the entries before writing)."""
 
         def write(cancel: threading.Event | None) -> None:
             try:
-                _write_safetensors(path, entries, metadata, cancel)
+                _write_safetensors(path, entries, metadata, cancel, self._staging_buffer())
+                for entry in entries:
+                    if entry.on_written is not None:
+                        entry.on_written(entry.tensor)  # type: ignore[arg-type]
             finally:
                 entries.clear()  # drop the tensors as soon as they are on disk
 
@@ -628,8 +659,10 @@ class ShardWriter:
         self._run(write, holds_tensors=any(e.tensor is not None for e in entries))
         return size
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        entry = _memory_entry(name, tensor.detach().to("cpu").contiguous())
+    def add(self, name: str, tensor: torch.Tensor, *, on_written: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Queue ``tensor`` for the current shard. ``on_written(tensor)`` is called (on the writer thread) once
+        its bytes are in the file, so its buffer can be reused; the caller must not change it before then."""
+        entry = _memory_entry(name, tensor.detach().to("cpu").contiguous(), on_written)
         self._claim([name])
         if self._pending and self._pending_bytes + entry.nbytes > self.max_shard_bytes:
             self.flush()

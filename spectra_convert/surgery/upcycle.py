@@ -28,10 +28,12 @@ from ..console import human_bytes, progress, summary_table
 from ..errors import UserError
 from . import adapters as adapter_registry
 from . import checkpoint
-from .dense_ffn import ffn_getter
+from .dense_ffn import config_from_files, ffn_getter
 from .gguf_once import GgufParses
 from .noise import NoiseAhead, lower_thread_priority
 
+#: output shard size: small enough that written expert buffers come back for reuse early (``NoiseAhead.recycle``)
+SHARD_BYTES = 256 * 1024**2
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -257,8 +259,16 @@ class ExpertBuilder:
                 for name, tensor in built.items():
                     if self._stop.is_set():
                         return
-                    self.writer.add(f"{prefix}experts.{_EXPERT_PARAM[name]}", tensor.to(self.out_dtype))
-                del built, drawn
+                    tensor = tensor.to(self.out_dtype)
+                    buffer = drawn.pop(name, None)  # the noise buffer: the expert tensor itself when fp32
+                    recycle = None
+                    if buffer is not None:
+                        if tensor.data_ptr() == buffer.data_ptr():
+                            recycle = lambda _, buffer=buffer: self.drawn.recycle(buffer)  # noqa: E731
+                        else:  # the output is a converted copy: the buffer is free now
+                            self.drawn.recycle(buffer)
+                    self.writer.add(f"{prefix}experts.{_EXPERT_PARAM[name]}", tensor, on_written=recycle)
+                del built, drawn, tensor
                 self.bar.advance(task)
         except BaseException as exc:  # handed to the main thread by wait()
             self._error = exc
@@ -277,6 +287,16 @@ class ExpertBuilder:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _check_same_layout(adapter: Any, files_config: Any, parent_config: Any) -> None:
+    """The layout the builder started from (``config_from_files``) must be the one transformers loads."""
+    loaded = adapter_registry.adapter_for(parent_config)
+    if (loaded.layer_prefix, loaded.expert_kind, loaded.projections) != (adapter.layer_prefix, adapter.expert_kind, adapter.projections) \
+            or adapter.num_layers(files_config) != adapter.num_layers(parent_config) \
+            or adapter.ffn_shapes(files_config) != adapter.ffn_shapes(parent_config):
+        raise RuntimeError(f"the FFN layout read from the files ({adapter.num_layers(files_config)} layers, "
+                           f"{adapter.ffn_shapes(files_config)}) differs from transformers' config of the same parent")
 
 
 def noise_workers(cores: int) -> int:
@@ -337,34 +357,42 @@ def upcycle(
     if gguf_file and not (model_dir / gguf_file).is_file():
         raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
     gguf_parses = GgufParses()  # config now, FFN weights, tokenizer + model later: one parse of a GGUF file
+    # The experts' shapes come from the files when they say enough: the noise workers and the expert builder
+    # then start before transformers is imported. Otherwise transformers' config (with class defaults) decides.
     with gguf_parses.active():
-        parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
-    adapter = adapter_registry.adapter_for(parent_config)
+        shape_config = config_from_files(model_dir, gguf_file)
+        parent_config = None if shape_config is not None else checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+    shape_config = shape_config or parent_config
+    adapter = adapter_registry.adapter_for(shape_config)
     if adapter.is_moe:
         raise UserError(
-            f"{model} is a mixture-of-experts model ({parent_config.model_type}); "
+            f"{model} is a mixture-of-experts model ({shape_config.model_type}); "
             "use `spectra-convert reroute` to keep its experts and replace the gates"
         )
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
     out_dtype = DTYPES[dtype] if dtype else torch.float32
-    num_layers = adapter.num_layers(parent_config)
+    num_layers = adapter.num_layers(shape_config)
     ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
     # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
-    sizes = noise_sizes(adapter.ffn_shapes(parent_config), experts, method) if noise else {}
+    sizes = noise_sizes(adapter.ffn_shapes(shape_config), experts, method) if noise else {}
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Shards are written
     # by a background thread (bounded queue: at most one 256 MB shard waits).
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
         with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
-                checkpoint.ShardWriter(tmp, max_shard_bytes=256 * 1024**2, background=True, max_queued_shards=1) as writer, \
+                checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1) as writer, \
                 progress() as bar, \
                 ExpertBuilder(writer, drawn_noise, list(sizes), adapter, ffn_prefixes, experts=experts, method=method,
                               noise=noise, split_mode=split_mode, seed=seed, out_dtype=out_dtype, bar=bar) as builder:
             # Experts need only the FFN weights: when the checkpoint can be read directly they are built and
-            # written while transformers' modeling code imports, the parent loads and the routers calibrate.
+            # written while transformers imports, the parent loads and the routers calibrate.
             with gguf_parses.active():
                 early = ffn_getter(model_dir, gguf_file, adapter)
             if early is not None:
                 builder.start(early)
+            if parent_config is None:
+                with gguf_parses.active():
+                    parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+                _check_same_layout(adapter, shape_config, parent_config)
             torch.manual_seed(seed)
             with gguf_parses.active():
                 dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
@@ -445,10 +473,10 @@ _OWN_KNOBS = {"num_experts": "experts", "top_k": "top_k", "router_dim": "router_
 
 def _check_overrides(overrides: dict | None) -> dict:
     """Unknown or argument-owned knobs fail before the (slow) model load, with one line naming the field."""
+    if overrides is None:  # before the import: it pulls in transformers, which the expert builder need not wait for
+        return {}
     from ..modeling.configuration_spectra import SPECTRA_DEFAULTS
 
-    if overrides is None:
-        return {}
     if not isinstance(overrides, dict):
         raise UserError(f"spectra overrides must be a mapping of knob -> value, got {type(overrides).__name__}")
     for name in overrides:

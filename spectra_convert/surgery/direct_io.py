@@ -1,0 +1,130 @@
+"""Writing a file from memory with ``O_DIRECT``: the bytes go from a reused aligned buffer to the disk, not
+through the page cache.
+
+Why: an upcycle writes gigabytes of freshly built expert tensors. A buffered write copies every byte into new
+page-cache pages, and on a VM those pages are often memory the guest has not touched for a while, which the
+hypervisor backs on first touch: measured on the 2-core CI box, that copy was 19% of all CPU time of an
+upcycle (3 core-seconds for 2.8 GB), more than drawing the noise. Through ``O_DIRECT`` the CPU only copies each
+byte once into a small warm staging buffer and the device's DMA does the rest while the CPU builds the next
+layer; the data is on the disk when the call returns (nothing left for a final ``sync``), and a multi-GB
+conversion does not push the user's page cache out.
+
+``O_DIRECT`` needs the buffer address, the file offset and every length aligned to the device's block size:
+the stream is assembled in a page-aligned buffer (``mmap``), every write is a whole multiple of
+``ALIGN``, and the zero-padded tail is cut off with ``ftruncate``. Where a filesystem refuses ``O_DIRECT``
+(at open, or with ``EINVAL`` on the first write), ``DirectFile.open`` returns ``None`` and the caller writes
+the ordinary way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import threading
+from pathlib import Path
+
+ALIGN = 4096  # a multiple of every common logical block size (512, 4096)
+STAGING_BYTES = 16 * 1024 * 1024
+
+
+class Cancelled(Exception):
+    """A background write was stopped because the conversion failed elsewhere."""
+
+
+class StagingBuffer:
+    """A page-aligned buffer reused by every direct write of one writer thread (warm after its first use)."""
+
+    def __init__(self, size: int = STAGING_BYTES) -> None:
+        if size <= 0 or size % ALIGN:
+            raise ValueError(f"staging size must be a positive multiple of {ALIGN}, got {size}")
+        self.size = size
+        self._map = mmap.mmap(-1, size)
+        self.view = memoryview(self._map)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+
+class DirectFile:
+    """An ``O_DIRECT`` file written front to back through a ``StagingBuffer``: ``put(address, count)`` appends
+    bytes from memory, ``finish()`` writes the padded tail, trims the file to its true size and fsyncs it.
+
+    ``put`` copies with ``ctypes.memmove``, which releases the GIL, so a writer thread does not stall the
+    Python threads building tensors."""
+
+    def __init__(self, fd: int, path: Path, staging: StagingBuffer, cancel: threading.Event | None) -> None:
+        self.fd, self.path, self.staging, self.cancel = fd, path, staging, cancel
+        self.fill = 0  # bytes waiting in the staging buffer
+        self.flushed = 0  # bytes already on disk
+
+    @classmethod
+    def open(cls, path: Path, staging: StagingBuffer, cancel: threading.Event | None = None) -> DirectFile | None:
+        """A new (truncated) file at ``path`` opened for direct writes, or ``None`` where direct I/O is not
+        available (no ``O_DIRECT`` on this OS, or the filesystem refuses it — tried with one aligned write)."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return None
+            raise
+        try:  # some filesystems accept the flag at open and refuse the first write
+            os.write(fd, staging.view[:ALIGN])
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                os.unlink(path)
+                return None
+            raise
+        return cls(fd, Path(path), staging, cancel)
+
+    def put(self, address: int, count: int) -> None:
+        """Append ``count`` bytes starting at memory ``address`` (kept alive by the caller)."""
+        size = self.staging.size
+        while count:
+            n = min(count, size - self.fill)
+            ctypes.memmove(self.staging.address + self.fill, address, n)
+            self.fill += n
+            address += n
+            count -= n
+            if self.fill == size:
+                self._write(size)
+
+    def put_bytes(self, data: bytes) -> None:
+        buffer = ctypes.create_string_buffer(data, len(data))
+        self.put(ctypes.addressof(buffer), len(data))
+
+    def _write(self, length: int) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled
+        view = self.staging.view[:length]
+        try:
+            while view:
+                done = os.write(self.fd, view)
+                if done <= 0:
+                    raise OSError(errno.EIO, "direct write made no progress")
+                view = view[done:]
+        except OSError as exc:  # e.g. a full disk: name the file in the user's one-line error
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        self.flushed += self.fill
+        self.fill = 0
+
+    def finish(self) -> int:
+        """Write what is staged (zero-padded to ``ALIGN``), cut the padding off, fsync; returns the file size.
+        The fsync is cheap here (the data is already on the device) and makes the file durable before the
+        output folder is renamed into place."""
+        total = self.flushed + self.fill
+        if self.fill:
+            padded = -(-self.fill // ALIGN) * ALIGN
+            ctypes.memset(self.staging.address + self.fill, 0, padded - self.fill)
+            self._write(padded)
+        os.ftruncate(self.fd, total)
+        os.fsync(self.fd)
+        return total
+
+    def close(self) -> None:
+        os.close(self.fd)

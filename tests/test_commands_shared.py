@@ -1,0 +1,47 @@
+"""What the verb shells share: the cyclic garbage collector paused for short conversion verbs."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from spectra_convert.commands import cyclic_gc_paused
+
+
+def test_cyclic_gc_is_paused_inside_and_restored_after_even_on_error() -> None:
+    assert gc.isenabled()
+    with cyclic_gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), cyclic_gc_paused():
+        raise RuntimeError("conversion failed")
+    assert gc.isenabled()
+
+
+def test_a_collector_the_caller_disabled_stays_disabled() -> None:
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("verb", ["upcycle", "reroute"])
+def test_conversion_verbs_run_with_the_collector_paused(verb: str, monkeypatch, tmp_path) -> None:
+    """The verb's library function sees the collector off (a spy around the real function, which then fails
+    on a missing folder as usual) and the collector is back on afterwards."""
+    import importlib
+
+    from spectra_convert.errors import UserError
+
+    seen: list[bool] = []
+    surgery = importlib.import_module(f"spectra_convert.surgery.{verb}")
+    real = getattr(surgery, verb)
+    monkeypatch.setattr(surgery, verb, lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k))
+    command = importlib.import_module(f"spectra_convert.commands.{verb}").command
+    with pytest.raises(UserError, match="no such"):
+        command.main([str(tmp_path / "missing"), "-o", str(tmp_path / "out")], standalone_mode=False)
+    assert seen == [False] and gc.isenabled()

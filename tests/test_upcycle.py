@@ -262,3 +262,22 @@ def test_experts_are_the_dense_ffn_plus_the_seeds_noise_with_recycled_buffers(tm
             for weight, drawn, out in ((gate_up, drawn_gate_up, got.gate_up_proj), (down, drawn_down, got.down_proj)):
                 expected = drawn.view(experts, *weight.shape) * (float(weight.std()) * noise) + weight
                 assert torch.allclose(out.detach(), expected, atol=1e-7, rtol=0), i
+
+
+def test_failure_after_the_builder_started_stops_it_and_leaves_nothing(tiny_gpt2_dir, tmp_path) -> None:
+    """The parent's weights are fine but its tokenizer file is corrupt: loading fails only after the expert
+    builder (started from the files) may have queued every expert and be waiting for the non-FFN tensors.
+    One-line error, no hang, no output, no temp folder."""
+    import shutil
+
+    parent = tmp_path / "bad-tokenizer"
+    shutil.copytree(tiny_gpt2_dir, parent)
+    (parent / "tokenizer.json").write_text("{ not json")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "spectra_convert", "upcycle", str(parent), "-o", str(out),
+                             "--router-dim", "8", "--calibration-tokens", "256"],
+                            capture_output=True, text=True, timeout=90)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot load the dense model" in errors[0], result.stderr[-1500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-tokenizer"]

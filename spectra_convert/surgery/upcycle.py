@@ -1,20 +1,23 @@
 """Upcycling: a dense causal LM -> a SPECTRA mixture-of-experts model, calibrated before any training.
 
 Flow (DESIGN §4):
-1. read the parent's config; when its FFN weights can be read straight from the files (``dense_ffn``), a
-   background thread (``ExpertBuilder``) starts building every layer's experts (``copy`` + noise drawn ahead by
-   ``NoiseAhead``, or ``split`` neurons) and queueing them on the shard writer, one layer at a time;
-2. meanwhile the main thread loads the dense parent (GGUF is dequantised by transformers) and its tokenizer
-   (and starts the builder from the loaded model if step 1 could not);
+1. read the layer count and FFN shapes from ``config.json`` or the GGUF metadata (``dense_ffn``, no
+   transformers yet); when the FFN weights can be read straight from the files too, a background thread
+   (``ExpertBuilder``) starts building every layer's experts (``copy`` + noise drawn ahead by ``NoiseAhead``, or
+   ``split`` neurons) and queueing them on the shard writer (``O_DIRECT``, ``direct_io``), one layer at a time;
+2. meanwhile the main thread imports transformers, loads the dense parent (GGUF is dequantised by
+   transformers) and its tokenizer (and starts the builder from the loaded model if step 1 could not), and
+   hands the parent's non-FFN tensors to the builder to write after the experts;
 3. one forward over calibration text captures every layer's FFN input (the router's input); each router's
    prototypes are initialised and its dual bias calibrated on hard top-k loads;
-4. once the experts are queued: the non-FFN tensors and the routers, then config (auto_map), runtime files,
-   tokenizer, generation config, model card — all in a temp folder renamed into place at the end.
+4. once the builder is done: the routers, then config (auto_map), runtime files, tokenizer, generation config,
+   model card — all in a temp folder renamed into place at the end.
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,9 +229,11 @@ class ExpertBuilder:
     """Builds every layer's experts on one background thread and adds them to ``writer``, in layer order.
 
     ``start(get)`` begins, ``get`` mapping the parent's module keys to its FFN tensors (read from the checkpoint
-    files, or the loaded model's state dict); ``wait()`` returns once every expert tensor is queued on the
-    writer and re-raises a failure of the thread. The caller must not use ``writer`` in between. Leaving the
-    ``with`` block early (an exception) stops the thread after its current tensor and waits for it."""
+    files, or the loaded model's state dict); ``then_add(tensors)`` (once, before ``wait``) hands over the
+    parent's other tensors, which the thread queues after the experts — so they are written while the main
+    thread still calibrates routers, not after. ``wait()`` returns once all of them are queued on the writer and
+    re-raises a failure of the thread. The caller must not use ``writer`` in between. Leaving the ``with``
+    block early (an exception) stops the thread after its current tensor and waits for it."""
 
     def __init__(self, writer: Any, drawn: NoiseAhead, noise_names: list[str], adapter: Any, ffn_prefixes: list[str],
                  *, experts: int, method: str, noise: float, split_mode: str, seed: int, out_dtype: torch.dtype,
@@ -239,6 +244,7 @@ class ExpertBuilder:
         self.generator = torch.Generator().manual_seed(seed)  # drives the split partition (the noise is drawn)
         self.out_dtype, self.bar = out_dtype, bar
         self._stop = threading.Event()
+        self._tail: queue.Queue[dict[str, torch.Tensor] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -270,8 +276,16 @@ class ExpertBuilder:
                     self.writer.add(f"{prefix}experts.{_EXPERT_PARAM[name]}", tensor, on_written=recycle)
                 del built, drawn, tensor
                 self.bar.advance(task)
+            tail = self._tail.get()  # None: the caller is leaving early
+            for name, tensor in (tail or {}).items():
+                if self._stop.is_set():
+                    return
+                self.writer.add(name, tensor.to(self.out_dtype))
         except BaseException as exc:  # handed to the main thread by wait()
             self._error = exc
+
+    def then_add(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._tail.put(dict(tensors))
 
     def wait(self) -> None:
         if self._thread is None:
@@ -285,6 +299,7 @@ class ExpertBuilder:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._tail.put(None)  # wakes a thread waiting for tensors that will not come
         if self._thread is not None:
             self._thread.join()
 
@@ -401,6 +416,10 @@ def upcycle(
                 builder.start(dense_state.__getitem__)
             spectra_config = _spectra_config(dense.config, adapter, overrides, experts=experts, top_k=top_k,
                                              router_dim=router_dim, method=method, out_dtype=out_dtype)
+            tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
+            non_ffn = {name: tensor for name, tensor in dense_state.items()
+                       if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied}
+            builder.then_add(non_ffn)
             from .calibrate import calibration_batches
 
             try:
@@ -411,11 +430,7 @@ def upcycle(
 
             ffn_inputs = capture_ffn_inputs(dense, decoder_layers(dense), blocks)
             router_states, layer_cv = calibrate_routers(spectra_config, ffn_inputs, router_init, seed, bar)
-            builder.wait()  # every expert tensor is queued; the writer is ours again
-            tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
-            for name, tensor in dense_state.items():
-                if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied:
-                    writer.add(name, tensor.to(out_dtype))
+            builder.wait()  # every expert and non-FFN tensor is queued; the writer is ours again
             for prefix, state in zip(ffn_prefixes, router_states):
                 for name, tensor in state.items():
                     writer.add(prefix + name, tensor.to(out_dtype))
@@ -429,10 +444,10 @@ def upcycle(
         expert_params = sum(math.prod(shape) for shape in adapter.ffn_shapes(parent_config).values())
         if method == "split":
             expert_params //= experts
-        non_ffn = sum(t.numel() for n, t in dense_state.items() if not any(n.startswith(p) for p in ffn_prefixes) and n not in tied)
+        non_ffn_params = sum(t.numel() for t in non_ffn.values())
         router_params = _router_param_count(spectra_config)
-        total = non_ffn + num_layers * (experts * expert_params + router_params)
-        active = non_ffn + num_layers * (top_k * expert_params + router_params)
+        total = non_ffn_params + num_layers * (experts * expert_params + router_params)
+        active = non_ffn_params + num_layers * (top_k * expert_params + router_params)
         output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     result = UpcycleResult(out, experts, top_k, num_layers, total, active, output_bytes, layer_cv)
     summary_table(

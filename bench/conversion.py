@@ -205,6 +205,22 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
     return rows
 
 
+def _timed_files(folder: Path, total: int, chunk: int, write_file: Callable[[Path, int], None]) -> float:
+    """Seconds for ``write_file(path, nbytes)`` to write ``total`` bytes as fresh ``chunk``-sized files in
+    ``folder``, plus the final ``os.sync``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.sync()
+    t0 = time.perf_counter()
+    written, index = 0, 0
+    while written < total:
+        n = min(chunk, total - written)
+        write_file(folder / f"part-{index}.safetensors", n)
+        written += n
+        index += 1
+    os.sync()
+    return time.perf_counter() - t0
+
+
 def write_same_bytes(folder: Path, total: int, chunk: int = 64 * 1024 * 1024) -> float:
     """Seconds to write ``total`` bytes of tensor data to fresh safetensors files in ``folder`` through the page
     cache (``safetensors.torch.save_file``) and sync them. The data is generated before the clock starts."""
@@ -212,17 +228,7 @@ def write_same_bytes(folder: Path, total: int, chunk: int = 64 * 1024 * 1024) ->
     from safetensors.torch import save_file
 
     data = torch.randn(chunk // 4)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.sync()
-    t0 = time.perf_counter()
-    written, index = 0, 0
-    while written < total:
-        n = min(chunk, total - written)
-        save_file({"t": data[: n // 4]}, str(folder / f"part-{index}.safetensors"))
-        written += n
-        index += 1
-    os.sync()
-    return time.perf_counter() - t0
+    return _timed_files(folder, total, chunk, lambda path, n: save_file({"t": data[: n // 4]}, str(path)))
 
 
 def write_same_bytes_direct(folder: Path, total: int, chunk: int = 64 * 1024 * 1024) -> float:
@@ -235,13 +241,9 @@ def write_same_bytes_direct(folder: Path, total: int, chunk: int = 64 * 1024 * 1
     buffer = mmap.mmap(-1, chunk)
     buffer.write(os.urandom(chunk))
     view = memoryview(buffer)
-    folder.mkdir(parents=True, exist_ok=True)
-    os.sync()
-    t0 = time.perf_counter()
-    written, index = 0, 0
-    while written < total:
-        n = min(chunk, total - written)
-        fd = os.open(folder / f"part-{index}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+
+    def write_file(path: Path, n: int) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         try:
             padded = -(-n // 4096) * 4096
             done = 0
@@ -251,10 +253,8 @@ def write_same_bytes_direct(folder: Path, total: int, chunk: int = 64 * 1024 * 1
             os.fsync(fd)
         finally:
             os.close(fd)
-        written += n
-        index += 1
-    os.sync()
-    return time.perf_counter() - t0
+
+    return _timed_files(folder, total, chunk, write_file)
 
 
 def timed_writes(folder: Path, total: int) -> tuple[float, float]:
@@ -319,9 +319,17 @@ def bench_upcycle(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
     st_seconds, st_rss, _ = time_upcycle(st_cmd, env)
     shutil.rmtree(out)
     writes.append(timed_writes(workdir / "same-bytes", size))
+    # Where the time goes as outputs grow: the same parent with twice the experts (twice the expert bytes).
+    st16_cmd = list(st_cmd)
+    st16_cmd[st16_cmd.index("--experts") + 1] = "16"
+    st16_seconds, _, _ = time_upcycle(st16_cmd, env)
+    size16 = folder_bytes(out)
+    shutil.rmtree(out)
     buffered, direct = [w[0] for w in writes], [w[1] for w in writes]
     write_time = min(sum(buffered) / len(buffered), sum(direct) / len(direct))
     ratio, st_ratio = seconds / write_time, st_seconds / write_time
+    marginal = (st16_seconds - st_seconds) / ((size16 - size) / 1e9)  # s per extra output GB
+    write_per_gb = write_time / (size / 1e9)
     return [
         ("upcycle SmolLM2 8x top-2 output", f"{size / 1e9:.2f} GB", "", ""),
         ("upcycle time (+ sync)", f"{seconds:.1f} s ({args.calibration_tokens} calibration tokens)", "", ""),
@@ -335,6 +343,9 @@ def bench_upcycle(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
         ("same weights as a safetensors folder: time", f"{st_seconds:.1f} s", "", ""),
         ("upcycle (from safetensors) / faster write", f"{st_ratio:.2f}x", "<= 3x", verdict(st_ratio <= 3)),
         ("upcycle (from safetensors) peak RSS", f"{st_rss / GIB:.2f} GiB", "", ""),
+        ("same, 16 experts: time / output", f"{st16_seconds:.1f} s / {size16 / 1e9:.2f} GB", "", ""),
+        ("  extra time per extra output GB / write time per GB", f"{marginal:.2f} / {write_per_gb:.2f} s = {marginal / write_per_gb:.2f}x",
+         "info: the per-byte part", ""),
     ]
 
 

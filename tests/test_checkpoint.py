@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from spectra_convert.errors import UserError
-from spectra_convert.surgery import checkpoint
+from spectra_convert.surgery import checkpoint, safetensors_files
 from spectra_convert.surgery.checkpoint import CheckpointReader, ShardWriter, atomic_output_dir, read_header
 from tests.tiny_checkpoints import save_tiny_moe
 
@@ -255,12 +255,12 @@ def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, m
 def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:
     shard = max(mixtral_dir.glob("model-*.safetensors"), key=lambda p: len(read_header(p)[0]))
     header, _ = read_header(shard)
-    entries = [checkpoint._Entry(n, i.dtype, i.shape, i.nbytes, source=(shard, i)) for n, i in header.items()]
+    entries = [safetensors_files._Entry(n, i.dtype, i.shape, i.nbytes, source=(shard, i)) for n, i in header.items()]
     ordered = sorted(entries, key=lambda e: e.source[1].start)
-    runs = list(checkpoint._source_runs(ordered))
+    runs = list(safetensors_files._source_runs(ordered))
     assert len(runs) == 1 and runs[0][1] == sum(e.nbytes for e in entries)
     gap = ordered[:1] + ordered[2:]  # dropping a tensor splits the run in two
-    assert [length for _, length in checkpoint._source_runs(gap)] == [ordered[0].nbytes, sum(e.nbytes for e in ordered[2:])]
+    assert [length for _, length in safetensors_files._source_runs(gap)] == [ordered[0].nbytes, sum(e.nbytes for e in ordered[2:])]
 
 
 def test_link_shard_falls_back_to_copy(tmp_path: Path, mixtral_dir: Path) -> None:

@@ -9,11 +9,23 @@ import pytest
 from spectra_convert.commands import cyclic_gc_paused
 
 
+@pytest.fixture(autouse=True)
+def unfrozen():
+    """``cyclic_gc_paused`` freezes what survived it (right for a CLI process about to exit); give the test
+    process its objects back."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
 def test_cyclic_gc_is_paused_inside_and_restored_after_even_on_error() -> None:
     assert gc.isenabled()
     with cyclic_gc_paused():
         assert not gc.isenabled()
+        survivor = [object()]
     assert gc.isenabled()
+    assert gc.get_freeze_count() > 0  # survivors frozen: no full traversal of them before the process exits
+    assert survivor
     with pytest.raises(RuntimeError), cyclic_gc_paused():
         raise RuntimeError("conversion failed")
     assert gc.isenabled()

@@ -80,21 +80,75 @@ def test_direct_and_buffered_shards_are_byte_identical(tmp_path: Path, backgroun
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
 
 
-def test_on_written_gets_each_tensor_back_after_its_bytes_are_in_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("streamed", [False, True])
+def test_on_written_gets_each_tensor_back_after_its_bytes_are_in_the_file(tmp_path: Path, streamed: bool) -> None:
     seen: list[tuple[str, bool]] = []
 
     def written(name: str):
         def callback(tensor: torch.Tensor) -> None:
-            on_disk = any(name in read_header(p)[0] for p in tmp_path.glob(".shard-*.safetensors.tmp"))
+            # a whole shard has its header when its tensors come back; a streamed one gets it when it is full
+            on_disk = streamed or any(name in read_header(p)[0] for p in tmp_path.glob(".shard-*.safetensors.tmp"))
             seen.append((name, on_disk))
             tensor.fill_(-1.0)  # the caller may now reuse the buffer: the file must not change
         return callback
 
     originals = {f"t{i}": torch.full((1024,), float(i)) for i in range(6)}
-    with ShardWriter(tmp_path, max_shard_bytes=8192, background=True) as writer:
+    with ShardWriter(tmp_path, max_shard_bytes=8192, background=True, streamed=streamed) as writer:
         for name, tensor in originals.items():
             writer.add(name, tensor.clone(), on_written=written(name))
         weight_map = writer.close()
     assert sorted(seen) == [(name, True) for name in originals]
     for name, tensor in originals.items():
         assert torch.equal(load_file(tmp_path / weight_map[name])[name], tensor)
+
+
+def _load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    import json
+
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        loaded.update(load_file(folder / shard))
+    return loaded, weight_map
+
+
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("direct", [True, False])
+def test_streamed_shards_hold_the_same_tensors_in_the_same_shards(tmp_path: Path, background: bool, direct: bool) -> None:
+    """Streamed shards (data first, header last into the reserved room) load like whole ones: same tensors,
+    same shard split, valid safetensors files whose header is exactly the reserved size."""
+    from safetensors import safe_open
+
+    from spectra_convert.surgery.safetensors_files import header_reserve
+
+    tensors = _tensors()
+    folders = {}
+    for streamed in (False, True):
+        folder = tmp_path / f"streamed-{streamed}"
+        folder.mkdir()
+        with ShardWriter(folder, max_shard_bytes=16 * 1024 * 1024, background=background, direct_io=direct,
+                         streamed=streamed) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+            writer.close()
+        folders[streamed] = folder
+    whole, whole_map = _load_folder(folders[False])
+    streamed, streamed_map = _load_folder(folders[True])
+    assert streamed_map == whole_map
+    assert streamed.keys() == tensors.keys() and all(torch.equal(streamed[n], t) for n, t in tensors.items())
+    for shard in folders[True].glob("*.safetensors"):
+        assert 8 + int.from_bytes(shard.read_bytes()[:8], "little") == header_reserve(16 * 1024 * 1024)
+        with safe_open(str(shard), framework="pt") as handle:  # the reference reader accepts the padding
+            assert all(torch.equal(handle.get_tensor(n), tensors[n]) for n in handle.keys())
+
+
+def test_a_full_header_room_starts_a_new_streamed_shard(tmp_path: Path) -> None:
+    """Many small tensors with long names fill a streamed shard's 4 KB header room before its data limit."""
+    tensors = {f"model.layers.{i}.a_rather_long_module_name.weight": torch.full((4,), float(i)) for i in range(120)}
+    with ShardWriter(tmp_path, max_shard_bytes=1024 * 1024, streamed=True) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.close()
+    loaded, weight_map = _load_folder(tmp_path)
+    assert len(set(weight_map.values())) > 1  # 120 tensors x ~100 header bytes > 4 KB; 1.9 KB of data < 1 MB
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -32,7 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .direct_io import Cancelled, DirectFile, StagingBuffer
+from .direct_io import Cancelled, StagingBuffer
+from .safetensors_files import (_DTYPE_SIZES, StreamedShard, _copy_file, _Entry, _header_bytes, _memory_entry,
+                                _torch_dtype, _write_safetensors, header_entry_bytes, header_reserve)
 
 if TYPE_CHECKING:  # torch is imported lazily: reroute starts copying shards before torch/transformers load
     import torch
@@ -42,25 +45,6 @@ SINGLE_NAME = "model.safetensors"
 AUTO_MAP = {"AutoConfig": "configuration_spectra.SpectraConfig", "AutoModelForCausalLM": "modeling_spectra.SpectraForCausalLM"}
 RUNTIME_FILES = ("configuration_spectra.py", "modeling_spectra.py")
 
-# safetensors dtype names -> item sizes (header validation needs no torch) and torch dtype attribute names
-# (the subset torch supports on every platform we run).
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_TORCH_DTYPE_ATTRS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return getattr(torch, _TORCH_DTYPE_ATTRS[name])
-
-
-def _dtype_name(dtype: torch.dtype) -> str | None:
-    import torch
-
-    return next((n for n, attr in _TORCH_DTYPE_ATTRS.items() if getattr(torch, attr) == dtype), None)
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -305,137 +289,6 @@ def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
     return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
-def _contiguous_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``'s bytes as a flat contiguous CPU tensor (a view when it already is one)."""
-    return tensor.detach().to("cpu").contiguous().reshape(-1)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    import torch
-
-    flat = _contiguous_bytes(tensor)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
-
-
-_COPY_CHUNK = 64 * 1024 * 1024  # bytes per kernel copy call: cancellation is checked between calls
-
-
-def _copy_range(src: Any, dst: Any, offset: int, count: int, cancel: threading.Event | None = None) -> None:
-    """Copy ``count`` bytes at ``offset`` of file ``src`` to the current position of ``dst`` (kernel-side)."""
-    src_fd, dst_fd = src.fileno(), dst.fileno()
-    try:
-        while count > 0:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled
-            done = os.copy_file_range(src_fd, dst_fd, min(count, _COPY_CHUNK), offset)
-            if done <= 0:
-                raise OSError("copy_file_range made no progress")
-            offset += done
-            count -= done
-        return
-    except (AttributeError, OSError):
-        pass  # not supported across these filesystems: fall back to a bounded buffer
-    src.seek(offset)
-    while count > 0:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled
-        chunk = src.read(min(count, 16 * 1024 * 1024))
-        if not chunk:
-            raise UserError(f"{src.name}: truncated while copying")
-        dst.write(chunk)
-        count -= len(chunk)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """A tensor to write: either in memory (``tensor``) or a byte range of a source file (``source``)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-    tensor: torch.Tensor | None = None
-    source: tuple[Path, TensorInfo] | None = None
-    on_written: Callable[[torch.Tensor], None] | None = None  # gets ``tensor`` back once its bytes are written
-
-
-def _header_bytes(entries: list[_Entry], metadata: dict[str, str]) -> tuple[bytes, int]:
-    """The safetensors header for ``entries`` laid out in order, and the data section's size."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as the reference writer does
-    return len(raw).to_bytes(8, "little") + raw, offset
-
-
-def _source_runs(entries: list[_Entry]) -> Iterator[tuple[_Entry, int]]:
-    """Group consecutive entries whose source bytes are adjacent in the same file: ``(first entry, run bytes)``.
-
-    A rewritten shard keeps almost all of its tensors in order, so its data is copied in a handful of kernel
-    calls instead of one per tensor."""
-    run: _Entry | None = None
-    length = 0
-    for entry in entries:
-        if run is not None and entry.source is not None and run.source is not None and run.source[0] == entry.source[0] \
-                and run.source[1].start + length == entry.source[1].start:
-            length += entry.nbytes
-            continue
-        if run is not None:
-            yield run, length
-        run, length = entry, entry.nbytes
-    if run is not None:
-        yield run, length
-
-
-def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str],
-                       cancel: threading.Event | None = None, staging: StagingBuffer | None = None) -> int:
-    """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed
-    kernel-side; a shard held wholly in memory goes through ``staging`` with ``O_DIRECT`` when one is given and
-    the filesystem allows it (``direct_io``), else through the page cache."""
-    header, size = _header_bytes(entries, metadata)
-    if staging is not None and all(entry.tensor is not None for entry in entries):
-        direct = DirectFile.open(dst, staging, cancel)
-        if direct is not None:
-            try:
-                direct.put_bytes(header)
-                for entry in entries:
-                    flat = _contiguous_bytes(entry.tensor)  # type: ignore[arg-type]
-                    direct.put(flat.data_ptr(), entry.nbytes)
-                direct.finish()
-            finally:
-                direct.close()
-            return size
-    handles: dict[Path, Any] = {}
-    try:
-        with open(dst, "wb") as out:
-            out.write(header)
-            for entry, length in _source_runs(entries):
-                if entry.tensor is not None:
-                    out.write(_tensor_bytes(entry.tensor))
-                else:
-                    src_path, info = entry.source  # type: ignore[misc]
-                    if src_path not in handles:
-                        handles[src_path] = open(src_path, "rb")
-                    out.flush()
-                    _copy_range(handles[src_path], out, info.start, length, cancel)
-                    out.seek(0, os.SEEK_END)
-    finally:
-        for handle in handles.values():
-            handle.close()
-    return size
-
-
-def _memory_entry(name: str, tensor: torch.Tensor, on_written: Callable[[torch.Tensor], None] | None = None) -> _Entry:
-    dtype = _dtype_name(tensor.dtype)
-    if dtype is None:
-        raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-    return _Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor,
-                  on_written=on_written)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Reading a model folder's checkpoint
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,12 +368,6 @@ class CheckpointReader:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _copy_file(src: Path, dst: Path, cancel: threading.Event | None = None) -> None:
-    """Copy a whole file kernel-side (``copy_file_range``), checking ``cancel`` between chunks."""
-    with open(src, "rb") as source, open(dst, "wb") as target:
-        _copy_range(source, target, 0, os.fstat(source.fileno()).st_size, cancel)
-
-
 def _hardlink(src: Path, dst: Path) -> bool:
     try:
         os.link(src, dst)
@@ -593,12 +440,19 @@ class ShardWriter:
     ``direct_io`` (default): shards built wholly from memory are written with ``O_DIRECT`` through one reused
     staging buffer and fsynced (``direct_io`` module: no page-cache copy); shards streamed from source files,
     and filesystems that refuse ``O_DIRECT``, go through the page cache.
+    ``streamed``: ``add`` writes each tensor into the open shard file at once (``StreamedShard``: the header is
+    reserved up front and written when the shard is full), so memory is the few tensors in flight, not a
+    shard; ``max_queued_shards`` then bounds queued tensors. The header keeps space padding (<= 64 KB a shard).
     """
 
     def __init__(self, out_dir: Path, max_shard_bytes: int = 2 * 1024**3, *, background: bool = False,
-                 max_queued_shards: int = 1, direct_io: bool = True):
+                 max_queued_shards: int = 1, direct_io: bool = True, streamed: bool = False):
         self.out_dir = Path(out_dir)
-        self.direct_io = direct_io
+        self.direct_io, self.streamed = direct_io, streamed
+        self._stream: dict[str, StreamedShard] | None = None  # the open streamed shard (set on the writer thread)
+        self._stream_path: Path | None = None
+        self._header_room = header_reserve(max_shard_bytes)
+        self._header_used = 0
         self._staging: StagingBuffer | None = None  # made on first use, by the one thread that writes
         self.max_shard_bytes = int(max_shard_bytes)
         self._pending: list[_Entry] = []
@@ -664,14 +518,57 @@ class ShardWriter:
         its bytes are in the file, so its buffer can be reused; the caller must not change it before then."""
         entry = _memory_entry(name, tensor.detach().to("cpu").contiguous(), on_written)
         self._claim([name])
+        if self.streamed:
+            self._add_streamed(entry)
+            return
         if self._pending and self._pending_bytes + entry.nbytes > self.max_shard_bytes:
             self.flush()
         self._pending.append(entry)
         self._pending_bytes += entry.nbytes
 
+    def _add_streamed(self, entry: _Entry) -> None:
+        """``streamed`` mode: the tensor goes to the open shard file now (the writer thread appends it), only its
+        header entry is kept until ``flush``."""
+        header_entry = dataclasses.replace(entry, tensor=None, on_written=None)
+        grows = header_entry_bytes(header_entry)
+        if self._pending and (self._pending_bytes + entry.nbytes > self.max_shard_bytes
+                              or self._header_used + grows > self._header_room):
+            self.flush()
+        if self._stream is None:
+            stream: dict[str, StreamedShard] = {}
+            path, room = self._temp_path(), self._header_room
+
+            def open_shard(cancel: threading.Event | None) -> None:
+                stream["shard"] = StreamedShard(path, room, self._staging_buffer(), cancel)
+
+            self._run(open_shard)
+            self._stream, self._stream_path = stream, path
+            self._header_used = len(_header_bytes([], {"format": "pt"})[0])
+
+        def append(cancel: threading.Event | None, stream: dict[str, StreamedShard] = self._stream) -> None:
+            stream["shard"].append(entry.tensor)  # type: ignore[arg-type]
+            if entry.on_written is not None:
+                entry.on_written(entry.tensor)  # type: ignore[arg-type]
+
+        self._run(append, holds_tensors=True)
+        self._pending.append(header_entry)
+        self._pending_bytes += entry.nbytes
+        self._header_used += grows
+
+    def _finish_stream(self) -> None:
+        stream, path, entries = self._stream, self._stream_path, self._pending
+        assert stream is not None and path is not None
+        self._run(lambda cancel: stream.pop("shard").finish(entries, {"format": "pt"}))
+        self._shards.append((path, [e.name for e in entries], self._pending_bytes))
+        self._stream, self._stream_path = None, None
+        self._pending, self._pending_bytes = [], 0
+
     def flush(self) -> None:
-        """Write the tensors added so far as one shard."""
+        """Write the tensors added so far as one shard (``streamed``: finish the open one)."""
         if not self._pending:
+            return
+        if self._stream is not None:
+            self._finish_stream()
             return
         path = self._temp_path()
         names = [e.name for e in self._pending]

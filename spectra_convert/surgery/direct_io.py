@@ -52,15 +52,20 @@ class DirectFile:
     ``put`` copies with ``ctypes.memmove``, which releases the GIL, so a writer thread does not stall the
     Python threads building tensors."""
 
-    def __init__(self, fd: int, path: Path, staging: StagingBuffer, cancel: threading.Event | None) -> None:
+    def __init__(self, fd: int, path: Path, staging: StagingBuffer, cancel: threading.Event | None, start: int) -> None:
         self.fd, self.path, self.staging, self.cancel = fd, path, staging, cancel
+        self.start = start  # file offset of the first ``put`` byte (room for a ``head`` written at ``finish``)
         self.fill = 0  # bytes waiting in the staging buffer
         self.flushed = 0  # bytes already on disk
 
     @classmethod
-    def open(cls, path: Path, staging: StagingBuffer, cancel: threading.Event | None = None) -> DirectFile | None:
-        """A new (truncated) file at ``path`` opened for direct writes, or ``None`` where direct I/O is not
-        available (no ``O_DIRECT`` on this OS, or the filesystem refuses it — tried with one aligned write)."""
+    def open(cls, path: Path, staging: StagingBuffer, cancel: threading.Event | None = None, *,
+             start: int = 0) -> DirectFile | None:
+        """A new (truncated) file at ``path`` opened for direct writes from offset ``start`` (a multiple of
+        ``ALIGN``), or ``None`` where direct I/O is not available (no ``O_DIRECT`` on this OS, or the filesystem
+        refuses it — tried with one aligned write)."""
+        if start % ALIGN:
+            raise ValueError(f"start offset must be a multiple of {ALIGN}, got {start}")
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
             return None
@@ -73,14 +78,14 @@ class DirectFile:
         try:  # some filesystems accept the flag at open and refuse the first write
             os.write(fd, staging.view[:ALIGN])
             os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
+            os.lseek(fd, start, os.SEEK_SET)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                 os.unlink(path)
                 return None
             raise
-        return cls(fd, Path(path), staging, cancel)
+        return cls(fd, Path(path), staging, cancel, start)
 
     def put(self, address: int, count: int) -> None:
         """Append ``count`` bytes starting at memory ``address`` (kept alive by the caller)."""
@@ -92,36 +97,51 @@ class DirectFile:
             address += n
             count -= n
             if self.fill == size:
-                self._write(size)
+                self._write_staged(size)
 
     def put_bytes(self, data: bytes) -> None:
         buffer = ctypes.create_string_buffer(data, len(data))
         self.put(ctypes.addressof(buffer), len(data))
 
-    def _write(self, length: int) -> None:
+    def _write(self, length: int, offset: int | None = None) -> None:
+        """Write the first ``length`` staged bytes at the file position (or at ``offset``)."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled
         view = self.staging.view[:length]
         try:
             while view:
-                done = os.write(self.fd, view)
+                if offset is None:
+                    done = os.write(self.fd, view)
+                else:
+                    done = os.pwrite(self.fd, view, offset)
+                    offset += done
                 if done <= 0:
                     raise OSError(errno.EIO, "direct write made no progress")
                 view = view[done:]
         except OSError as exc:  # e.g. a full disk: name the file in the user's one-line error
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def _write_staged(self, length: int) -> None:
+        self._write(length)
         self.flushed += self.fill
         self.fill = 0
 
-    def finish(self) -> int:
-        """Write what is staged (zero-padded to ``ALIGN``), cut the padding off, fsync; returns the file size.
-        The fsync is cheap here (the data is already on the device) and makes the file durable before the
-        output folder is renamed into place."""
-        total = self.flushed + self.fill
+    def finish(self, head: bytes = b"") -> int:
+        """Write what is staged (zero-padded to ``ALIGN``), then ``head`` at offset 0 (exactly ``start`` bytes:
+        what the stream left room for), cut the padding off, fsync; returns the file size. The fsync is cheap
+        here (the data is already on the device) and makes the file durable before the output folder is renamed
+        into place."""
+        if len(head) != self.start:
+            raise ValueError(f"head must fill the {self.start} bytes reserved before the data, got {len(head)}")
+        total = self.start + self.flushed + self.fill
         if self.fill:
             padded = -(-self.fill // ALIGN) * ALIGN
             ctypes.memset(self.staging.address + self.fill, 0, padded - self.fill)
-            self._write(padded)
+            self._write_staged(padded)
+        for offset in range(0, len(head), self.staging.size):  # the staging buffer is free now
+            piece = head[offset : offset + self.staging.size]
+            ctypes.memmove(self.staging.address, piece, len(piece))
+            self._write(len(piece), offset)
         os.ftruncate(self.fd, total)
         os.fsync(self.fd)
         return total

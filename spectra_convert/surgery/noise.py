@@ -42,9 +42,11 @@ class NoiseAhead:
 
     ``sizes[layer]`` lists the element counts of that layer's noisy tensors, in the order ``take`` returns them.
     ``take(layer)`` blocks until that layer's buffers are ready and frees its slot so the workers move on.
+    ``layers_ahead=2`` keeps two workers busy (one layer is ~10 pieces) while holding the fewest buffers: on
+    the 2-core box it was 0.2 s faster than 3 once buffers are recycled (fewer fresh pages).
     Use as a context manager: leaving it cancels queued work and waits for the running pieces."""
 
-    def __init__(self, sizes: list[list[int]], seed: int, *, workers: int = 2, layers_ahead: int = 3) -> None:
+    def __init__(self, sizes: list[list[int]], seed: int, *, workers: int = 2, layers_ahead: int = 2) -> None:
         self._sizes = sizes
         self._seed = seed
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="spectra-noise", initializer=lower_thread_priority)

@@ -394,7 +394,8 @@ def upcycle(
     # by a background thread (bounded queue: at most one 256 MB shard waits).
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp:
         with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
-                checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1) as writer, \
+                checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
+                                        streamed=True) as writer, \
                 progress() as bar, \
                 ExpertBuilder(writer, drawn_noise, list(sizes), adapter, ffn_prefixes, experts=experts, method=method,
                               noise=noise, split_mode=split_mode, seed=seed, out_dtype=out_dtype, bar=bar) as builder:

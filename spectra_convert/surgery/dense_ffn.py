@@ -95,6 +95,8 @@ def config_from_files(model_dir: Path, gguf_file: str | None) -> SimpleNamespace
     if adapter.is_moe:
         return SimpleNamespace(model_type=raw["model_type"])  # enough to refuse it
     if adapter.expert_kind == "mlp":  # gpt2 names
+        if {"hidden_size", "num_hidden_layers"} & raw.keys():  # aliases transformers may resolve either way
+            return None
         layers, hidden = raw.get("n_layer"), raw.get("n_embd")
         inter = raw.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)
     else:

@@ -310,8 +310,9 @@ def _check_same_layout(adapter: Any, files_config: Any, parent_config: Any) -> N
     if (loaded.layer_prefix, loaded.expert_kind, loaded.projections) != (adapter.layer_prefix, adapter.expert_kind, adapter.projections) \
             or adapter.num_layers(files_config) != adapter.num_layers(parent_config) \
             or adapter.ffn_shapes(files_config) != adapter.ffn_shapes(parent_config):
-        raise RuntimeError(f"the FFN layout read from the files ({adapter.num_layers(files_config)} layers, "
-                           f"{adapter.ffn_shapes(files_config)}) differs from transformers' config of the same parent")
+        raise UserError(f"the parent's files describe {adapter.num_layers(files_config)} layers with FFN shapes "
+                        f"{adapter.ffn_shapes(files_config)}, but transformers builds {adapter.num_layers(parent_config)} "
+                        f"with {adapter.ffn_shapes(parent_config)}; check its config.json")
 
 
 def noise_workers(cores: int) -> int:

@@ -404,8 +404,11 @@ def upcycle(
             # written while transformers imports, the parent loads and the routers calibrate.
             with gguf_parses.active():
                 early = ffn_getter(model_dir, gguf_file, adapter)
+            loaded: dict[str, torch.Tensor] = {}  # the parent's state dict, once loaded
             if early is not None:
-                builder.start(early)
+                # Layers not built by the time the parent is loaded take their FFNs from it (equal values,
+                # tested): a GGUF parent is then dequantised once for them, not twice.
+                builder.start(lambda key: loaded[key] if key in loaded else early(key))
             if parent_config is None:
                 with gguf_parses.active():
                     parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
@@ -414,6 +417,7 @@ def upcycle(
             with gguf_parses.active():
                 dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
             dense_state = dense.state_dict()
+            loaded.update(dense_state)
             if early is None:
                 builder.start(dense_state.__getitem__)
             spectra_config = _spectra_config(dense.config, adapter, overrides, experts=experts, top_k=top_k,

@@ -163,3 +163,27 @@ def test_close_reports_progress_in_shards_not_tensors(tmp_path: Path, streamed: 
         weight_map = writer.close(on_progress=lambda done, total: calls.append((done, total)))
     assert len(set(weight_map.values())) == 6
     assert calls[-1] == (6, 6) and {total for _, total in calls} == {6}
+
+
+def test_aligned_memory_goes_to_disk_without_a_staging_copy(tmp_path: Path) -> None:
+    """Whole blocks of an aligned source are written from the source itself; the staging buffer only ever sees
+    the unaligned tail (and the header)."""
+    import ctypes
+    import mmap
+
+    staging = StagingBuffer(2 * ALIGN)
+    ctypes.memset(staging.address, 0xAB, staging.size)  # a sentinel no copy may overwrite
+    source = mmap.mmap(-1, 5 * ALIGN)  # page-aligned
+    payload = os.urandom(3 * ALIGN + 100)
+    source[: len(payload)] = payload
+    address = ctypes.addressof(ctypes.c_char.from_buffer(source))
+    direct = DirectFile.open(tmp_path / "out.bin", staging)
+    assert direct is not None
+    try:
+        direct.put(address, 3 * ALIGN)
+        assert bytes(staging.view) == b"\xab" * staging.size  # nothing was staged
+        direct.put(address + 3 * ALIGN, 100)  # the tail is staged
+        direct.finish()
+    finally:
+        direct.close()
+    assert (tmp_path / "out.bin").read_bytes() == payload

@@ -35,7 +35,8 @@ from .dense_ffn import config_from_files, ffn_getter
 from .gguf_once import GgufParses
 from .noise import NoiseAhead, lower_thread_priority
 
-#: output shard size: small enough that written expert buffers come back for reuse early (``NoiseAhead.recycle``)
+#: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
+#: test sets it tiny to make every tensor its own shard.
 SHARD_BYTES = 256 * 1024**2
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")

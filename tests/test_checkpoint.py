@@ -347,3 +347,18 @@ def test_side_files_runtime_and_config(tmp_path: Path, mixtral_dir: Path) -> Non
     assert raw["auto_map"] == checkpoint.AUTO_MAP and raw["architectures"] == ["SpectraForCausalLM"]
     loaded = AutoConfig.from_pretrained(dst, trust_remote_code=True)
     assert type(loaded).__name__ == "SpectraConfig" and loaded.text_config.model_type == "mixtral"
+
+
+def test_durable_atomic_output_syncs_nested_files_and_publishes_them(tmp_path: Path) -> None:
+    """``durable=True`` fsyncs every file and folder (nested ones too) before the rename; the result is the same
+    published folder (and a failure still leaves nothing)."""
+    out = tmp_path / "out"
+    with atomic_output_dir(out, force=False, inputs=[], durable=True) as tmp:
+        (tmp / "sub" / "deeper").mkdir(parents=True)
+        (tmp / "a.json").write_text("{}")
+        (tmp / "sub" / "deeper" / "b.bin").write_bytes(b"\x00" * 10)
+    assert (out / "a.json").read_text() == "{}" and (out / "sub" / "deeper" / "b.bin").stat().st_size == 10
+    with pytest.raises(RuntimeError), atomic_output_dir(tmp_path / "failed", force=False, inputs=[], durable=True) as tmp:
+        (tmp / "x").write_text("partial")
+        raise RuntimeError("conversion failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

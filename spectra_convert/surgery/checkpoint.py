@@ -152,11 +152,13 @@ def _is_within(child: Path, parent: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path]) -> Iterator[Path]:
+def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable: bool = False) -> Iterator[Path]:
     """Yield a temp folder next to ``out``; on success rename it to ``out``, on any error remove it.
 
     Checks happen before any work: ``out`` must not exist (unless ``force``), must not be or lie inside an
-    input, and no input may lie inside ``out`` (``--force`` would delete it).
+    input, and no input may lie inside ``out`` (``--force`` would delete it). ``durable``: every file is fsynced
+    before the rename and the parent folder after it, so a power loss cannot leave ``out`` with empty files
+    (cheap when the big files were written with ``O_DIRECT`` and fsynced already, as upcycle's are).
     """
     out = Path(out).expanduser()
     target = out.resolve()
@@ -181,10 +183,30 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path]) -> Iter
         raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
     try:
         yield tmp
+        if durable:
+            _fsync_tree(tmp)
         _move_into_place(tmp, target, force=force)
+        if durable:
+            _fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under ``root`` (folders too: their entries are what a rename publishes)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
 
 
 def _move_into_place(tmp: Path, target: Path, *, force: bool) -> None:

@@ -448,6 +448,17 @@ class _BackgroundWrites:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+_SHARD_METADATA = {"format": "pt"}  # what transformers' own writer puts in every shard's header
+
+
+@dataclass
+class _OpenStream:
+    """A streamed shard being filled: its temp path, and its file once the writer thread has opened it."""
+
+    path: Path
+    shard: StreamedShard | None = None
+
+
 class ShardWriter:
     """Writes safetensors shards + ``model.safetensors.index.json`` into ``out_dir``.
 
@@ -473,8 +484,7 @@ class ShardWriter:
                  max_queued_shards: int = 1, direct_io: bool = True, streamed: bool = False):
         self.out_dir = Path(out_dir)
         self.direct_io, self.streamed = direct_io, streamed
-        self._stream: dict[str, StreamedShard] | None = None  # the open streamed shard (set on the writer thread)
-        self._stream_path: Path | None = None
+        self._stream: _OpenStream | None = None  # the streamed shard being filled
         self._header_room = header_reserve(max_shard_bytes)
         self._header_used = 0
         self._staging: StagingBuffer | None = None  # made on first use, by the one thread that writes
@@ -564,18 +574,17 @@ class ShardWriter:
                               or self._header_used + grows > self._header_room):
             self.flush()
         if self._stream is None:
-            stream: dict[str, StreamedShard] = {}
-            path, room = self._temp_path(), self._header_room
+            stream = self._stream = _OpenStream(self._temp_path())
+            room = self._header_room
 
             def open_shard(cancel: threading.Event | None) -> None:
-                stream["shard"] = StreamedShard(path, room, self._staging_buffer(), cancel)
+                stream.shard = StreamedShard(stream.path, room, self._staging_buffer(), cancel)
 
             self._run(open_shard)
-            self._stream, self._stream_path = stream, path
-            self._header_used = len(_header_bytes([], {"format": "pt"})[0])
+            self._header_used = len(_header_bytes([], _SHARD_METADATA)[0])
 
-        def append(cancel: threading.Event | None, stream: dict[str, StreamedShard] = self._stream) -> None:
-            stream["shard"].append(entry.tensor)  # type: ignore[arg-type]
+        def append(cancel: threading.Event | None, stream: _OpenStream = self._stream) -> None:
+            stream.shard.append(entry.tensor)  # type: ignore[union-attr, arg-type]
             if entry.on_written is not None:
                 entry.on_written(entry.tensor)  # type: ignore[arg-type]
 
@@ -585,11 +594,11 @@ class ShardWriter:
         self._header_used += grows
 
     def _finish_stream(self) -> None:
-        stream, path, entries = self._stream, self._stream_path, self._pending
-        assert stream is not None and path is not None
-        self._run(lambda cancel: stream.pop("shard").finish(entries, {"format": "pt"}), completes_shard=True)
-        self._shards.append((path, [e.name for e in entries], self._pending_bytes))
-        self._stream, self._stream_path = None, None
+        stream, entries = self._stream, self._pending
+        assert stream is not None
+        self._run(lambda cancel: stream.shard.finish(entries, _SHARD_METADATA), completes_shard=True)  # type: ignore[union-attr]
+        self._shards.append((stream.path, [e.name for e in entries], self._pending_bytes))
+        self._stream = None
         self._pending, self._pending_bytes = [], 0
 
     def flush(self) -> None:
@@ -601,7 +610,7 @@ class ShardWriter:
             return
         path = self._temp_path()
         names = [e.name for e in self._pending]
-        size = self._write(path, self._pending, {"format": "pt"})
+        size = self._write(path, self._pending, _SHARD_METADATA)
         self._shards.append((path, names, size))
         self._pending, self._pending_bytes = [], 0
 
@@ -633,7 +642,7 @@ class ShardWriter:
         self._claim(e.name for e in entries)
         path = self._temp_path()
         names = [e.name for e in entries]
-        size = self._write(path, entries, {"format": "pt", **{k: str(v) for k, v in metadata.items()}})
+        size = self._write(path, entries, {**_SHARD_METADATA, **{k: str(v) for k, v in metadata.items()}})
         self._shards.append((path, names, size))
 
     def close(self, extra_index_entries: dict[str, str] | None = None,

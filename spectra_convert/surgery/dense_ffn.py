@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+
 import torch
 
 from .adapters import ADAPTERS, DenseAdapter
@@ -101,9 +102,14 @@ def config_from_files(model_dir: Path, gguf_file: str | None) -> SimpleNamespace
         inter = raw.get("n_inner") or (4 * hidden if isinstance(hidden, int) else None)
     else:
         layers, hidden, inter = raw.get("num_hidden_layers"), raw.get("hidden_size"), raw.get("intermediate_size")
+    return _layout(raw["model_type"], layers, hidden, inter)
+
+
+def _layout(model_type: str, layers: object, hidden: object, inter: object) -> SimpleNamespace | None:
+    """The config view ``config_from_files`` returns, or ``None`` unless all three sizes are positive ints."""
     if not all(isinstance(v, int) and v > 0 for v in (layers, hidden, inter)):
         return None
-    return SimpleNamespace(model_type=raw["model_type"], num_hidden_layers=layers, hidden_size=hidden,
+    return SimpleNamespace(model_type=model_type, num_hidden_layers=layers, hidden_size=hidden,
                            intermediate_size=inter, n_inner=inter)
 
 
@@ -116,8 +122,4 @@ def _gguf_config(path: Path) -> SimpleNamespace | None:
         values = [fields[f"{arch}.{key}"].contents() for key in ("block_count", "embedding_length", "feed_forward_length")]
     except Exception:  # any unreadable file: transformers' loader gives the user its own clear error later
         return None
-    if arch not in _GGUF_ARCHS or not all(isinstance(v, int) and v > 0 for v in values):
-        return None
-    layers, hidden, inter = values
-    return SimpleNamespace(model_type=_GGUF_ARCHS[arch], num_hidden_layers=layers, hidden_size=hidden,
-                           intermediate_size=inter, n_inner=inter)
+    return _layout(_GGUF_ARCHS[arch], *values) if arch in _GGUF_ARCHS else None

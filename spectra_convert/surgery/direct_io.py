@@ -47,11 +47,12 @@ class StagingBuffer:
 
 
 class DirectFile:
-    """An ``O_DIRECT`` file written front to back through a ``StagingBuffer``: ``put(address, count)`` appends
-    bytes from memory, ``finish()`` writes the padded tail, trims the file to its true size and fsyncs it.
+    """An ``O_DIRECT`` file written front to back: ``put(address, count)`` appends bytes from memory (straight
+    from it when block-aligned, else through a ``StagingBuffer``), ``finish()`` writes the padded tail (and a
+    head into the room left before the data), trims the file to its true size and fsyncs it.
 
-    ``put`` copies with ``ctypes.memmove``, which releases the GIL, so a writer thread does not stall the
-    Python threads building tensors."""
+    Staging copies use ``ctypes.memmove`` and writes ``os.write``, both of which release the GIL, so a writer
+    thread does not stall the Python threads building tensors."""
 
     def __init__(self, fd: int, path: Path, staging: StagingBuffer, cancel: threading.Event | None, start: int) -> None:
         self.fd, self.path, self.staging, self.cancel = fd, path, staging, cancel
@@ -114,11 +115,8 @@ class DirectFile:
         buffer = ctypes.create_string_buffer(data, len(data))
         self.put(ctypes.addressof(buffer), len(data))
 
-    def _write(self, length: int, offset: int | None = None) -> None:
-        """Write the first ``length`` staged bytes at the file position (or at ``offset``)."""
-        self._write_view(self.staging.view[:length], offset)
-
     def _write_view(self, view: memoryview, offset: int | None = None) -> None:
+        """Write ``view`` (aligned memory) at the file position, or at ``offset``."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled
         try:
@@ -135,7 +133,7 @@ class DirectFile:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def _write_staged(self, length: int) -> None:
-        self._write(length)
+        self._write_view(self.staging.view[:length])
         self.flushed += self.fill
         self.fill = 0
 
@@ -154,7 +152,7 @@ class DirectFile:
         for offset in range(0, len(head), self.staging.size):  # the staging buffer is free now
             piece = head[offset : offset + self.staging.size]
             ctypes.memmove(self.staging.address, piece, len(piece))
-            self._write(len(piece), offset)
+            self._write_view(self.staging.view[: len(piece)], offset)
         os.ftruncate(self.fd, total)
         os.fsync(self.fd)
         return total

@@ -44,9 +44,16 @@ def _dtype_name(dtype: torch.dtype) -> str | None:
 
     return next((n for n, attr in _TORCH_DTYPE_ATTRS.items() if getattr(torch, attr) == dtype), None)
 
+
 def _contiguous_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``'s bytes as a flat contiguous CPU tensor (a view when it already is one)."""
     return tensor.detach().to("cpu").contiguous().reshape(-1)
+
+
+def _put_tensor(direct: DirectFile, tensor: torch.Tensor) -> None:
+    """Append ``tensor``'s bytes to ``direct`` (the flat view stays alive for the call)."""
+    flat = _contiguous_bytes(tensor)
+    direct.put(flat.data_ptr(), flat.numel() * flat.element_size())
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -98,6 +105,11 @@ class _Entry:
     on_written: Callable[[torch.Tensor], None] | None = None  # gets ``tensor`` back once its bytes are written
 
 
+def _header_member(entry: _Entry, offset: int) -> dict[str, Any]:
+    """``entry``'s value in a safetensors header when its bytes start ``offset`` bytes into the data section."""
+    return {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+
+
 def _header_bytes(entries: list[_Entry], metadata: dict[str, str], *, size: int | None = None) -> tuple[bytes, int]:
     """The safetensors header for ``entries`` laid out in order, and the data section's size. The JSON is
     padded with spaces (the format allows it) to a multiple of 8 bytes, as the reference writer does, or so
@@ -105,7 +117,7 @@ def _header_bytes(entries: list[_Entry], metadata: dict[str, str], *, size: int 
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for entry in entries:
-        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
+        header[entry.name] = _header_member(entry, offset)
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     if size is None:
@@ -120,7 +132,7 @@ def _header_bytes(entries: list[_Entry], metadata: dict[str, str], *, size: int 
 def header_entry_bytes(entry: _Entry) -> int:
     """Bytes ``entry`` adds to a shard's JSON header (its ``"name":{...}`` member and a comma), for offsets up to
     the shard size: lets a streamed shard know when its reserved header space is full."""
-    member = {entry.name: {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [10**12, 10**12]}}
+    member = {entry.name: _header_member(entry, 10**12)}  # offsets written no longer than this one
     return len(json.dumps(member, separators=(",", ":")).encode("utf-8")) - 2 + 1
 
 
@@ -152,8 +164,7 @@ class StreamedShard:
 
     def append(self, tensor: torch.Tensor) -> None:
         if self._direct is not None:
-            flat = _contiguous_bytes(tensor)
-            self._direct.put(flat.data_ptr(), flat.numel() * flat.element_size())
+            _put_tensor(self._direct, tensor)
         else:
             if self.cancel is not None and self.cancel.is_set():
                 raise Cancelled
@@ -212,8 +223,7 @@ def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str
             try:
                 direct.put_bytes(header)
                 for entry in entries:
-                    flat = _contiguous_bytes(entry.tensor)  # type: ignore[arg-type]
-                    direct.put(flat.data_ptr(), entry.nbytes)
+                    _put_tensor(direct, entry.tensor)  # type: ignore[arg-type]
                 direct.finish()
             finally:
                 direct.close()

@@ -396,8 +396,8 @@ def upcycle(
     ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
     # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
     sizes = noise_sizes(adapter.ffn_shapes(shape_config), experts, method) if noise else {}
-    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Shards are written
-    # by a background thread (bounded queue: at most one 256 MB shard waits).
+    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
+    # into their shard files by a background thread (bounded queue: at most one tensor waits).
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
         with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
                 checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,

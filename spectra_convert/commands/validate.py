@@ -14,7 +14,7 @@ import click
 
 from ..console import err_console, progress, summary_table
 from ..errors import ThresholdFailed
-from ..validate.api import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS, validate
+from ..validate import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
 from ..validate.report import check_lines, metric_rows
 
 
@@ -43,6 +43,8 @@ def command(model: str, data: Path, parent: str | None, baselines: bool, max_cv:
             max_ppl_ratio: float | None, report_dir: Path | None, max_tokens: int, max_length: int,
             device: str | None, dtype: str | None, force: bool, seed: int) -> None:
     """Measure the routing of a SPECTRA MODEL on held-out text and write a report."""
+    from ..validate.api import validate  # imports torch: not at module level, --help lists this verb
+
     with ExitStack() as stack:
         bars: list = []  # the progress display starts with the first long step, so early errors print alone
 

@@ -178,7 +178,8 @@ def run_variant(variant: Variant, plan: Plan, *, model_path: str, gguf_file: str
     """Convert (or derive), fine-tune, validate one variant; every stage is skipped when its folder exists."""
     from ..console import err_console
     from ..surgery.upcycle import upcycle
-    from ..validate.api import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS, validate
+    from ..validate import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
+    from ..validate.api import validate
     from .derive import derive_variant
 
     started = time.perf_counter()

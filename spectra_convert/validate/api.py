@@ -29,10 +29,9 @@ from .collect import (
     spectra_routers,
     tokenize_texts,
 )
+from . import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
 from .report import check_report_dir, default_report_dir, plot_names, write_report
 
-DEFAULT_MAX_TOKENS = 16384
-DEFAULT_MAX_LENGTH = 512
 INVARIANCE_TEXTS = 4
 BASELINES_NOTE = ("baselines route the same captured router inputs with a linear gate W = mu P[:, :H] (the hidden-"
                   "state part of the model's own router); loss-free-bias is fitted on every other text of each "

@@ -141,7 +141,7 @@ def reroute(
     gate_keys = {adapter.gate_key(i) for i in layers}
     texts = [record.text for record in load_texts(calibration or default_calibration_path())]
 
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir]) as tmp, \
+    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp, \
             _CountingWriter(tmp, background=True) as writer:
         # ... so the byte copying runs while the heavy imports and the calibration forward do.
         _queue_parent_shards(reader, writer, gate_keys)

@@ -281,3 +281,33 @@ def test_failure_after_the_builder_started_stops_it_and_leaves_nothing(tiny_gpt2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot load the dense model" in errors[0], result.stderr[-1500:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-tokenizer"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_capture_stops_after_the_last_router_input_with_the_full_forwards_values(model_type: str) -> None:
+    """``capture_ffn_inputs`` ends the forward at the last layer's FFN input; every layer's captured input
+    equals what the FFN sees in a complete forward of the same batches."""
+    from spectra_convert.modeling.modeling_spectra import decoder_layers
+    from spectra_convert.surgery.upcycle import capture_ffn_inputs
+    from tests.conftest import tiny_parent_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_parent_config(model_type, num_hidden_layers=3)).eval()
+    layers = decoder_layers(model)
+    batches = torch.randint(0, 128, (5, 16))
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    ran_last_ffn: list[bool] = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, args, i=i: seen[i].append(args[0].clone()))
+             for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            model(input_ids=batches[start : start + 2], use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    probe = layers[-1].mlp.register_forward_hook(lambda *_: ran_last_ffn.append(True))
+    captured = capture_ffn_inputs(model, layers, batches, batch_size=2)
+    probe.remove()
+    assert not ran_last_ffn  # the last FFN itself never ran
+    assert sorted(captured) == list(range(len(layers)))
+    for i in range(len(layers)):
+        torch.testing.assert_close(captured[i], torch.cat(seen[i]).float(), rtol=0, atol=0)

@@ -122,8 +122,9 @@ def stream_ffn_inputs(
         _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode)
 
 
-class _Captured(Exception):
-    """Stops the last layer's forward once its FFN input is captured."""
+class RouterInputsCaptured(Exception):
+    """Raised by a capture hook once the last layer's FFN input is captured: nothing after the last router's
+    input is needed (its experts, the final norm), so the forward stops there (reroute and upcycle capture)."""
 
 
 def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode: bool) -> None:
@@ -173,7 +174,7 @@ def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, gra
         def capture(module: nn.Module, args: tuple) -> None:
             captured.append(args[0].float())
             if last:  # nothing after the last router input is needed: skip the last layer's experts
-                raise _Captured
+                raise RouterInputsCaptured
 
         hook = layer.mlp.register_forward_pre_hook(capture)
         try:
@@ -185,7 +186,7 @@ def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, gra
                 try:
                     out = layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
                                 use_cache=False, position_embeddings=position_embeddings[b])
-                except _Captured:
+                except RouterInputsCaptured:
                     continue
                 hidden[b] = out[0] if isinstance(out, tuple) else out
         finally:

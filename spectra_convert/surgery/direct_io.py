@@ -6,8 +6,9 @@ page-cache pages, and on a VM those pages are often memory the guest has not tou
 hypervisor backs on first touch: measured on the 2-core CI box, that copy was 19% of all CPU time of an
 upcycle (3 core-seconds for 2.8 GB), more than drawing the noise. Through ``O_DIRECT`` the device's DMA reads
 the tensor's own memory when it is block-aligned (torch's huge-page allocations are), or else a small warm
-staging buffer the CPU copied the bytes into, while the CPU builds the next layer; the data is on the disk when the call returns (nothing left for a final ``sync``), and a multi-GB
-conversion does not push the user's page cache out.
+staging buffer the CPU copied the bytes into, while the CPU builds the next layer; the data is on the disk when
+the call returns (nothing left for a final ``sync``), and a multi-GB conversion does not push the user's page
+cache out.
 
 ``O_DIRECT`` needs the buffer address, the file offset and every length aligned to the device's block size:
 the stream is assembled in a page-aligned buffer (``mmap``), every write is a whole multiple of

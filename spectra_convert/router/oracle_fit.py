@@ -141,3 +141,71 @@ def router_selection(router: SpectraRouter, inputs: torch.Tensor) -> torch.Tenso
     finally:
         router.train(was_training)
     return selected
+
+
+@torch.no_grad()
+def block_oracle_mass(experts: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``[N, E]`` activation mass of every routed expert of a carved block (``SpectraExperts``) on ``hidden
+    [N, H]``: the norm of each expert's unscaled contribution to the FFN output."""
+    return torch.stack([experts.expert(e, hidden).norm(dim=-1) for e in range(experts.num_experts)], dim=-1).float()
+
+
+def carved_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE blocks of ``model`` that combine carved experts by sum (found by their ``expert_scale``)."""
+    return [m for m in model.modules() if getattr(m, "expert_scale", None) is not None and hasattr(m, "gate")]
+
+
+class OracleTap:
+    """Forward hooks on the routers of carved blocks: after each batch, ``take(mask)`` adds every router's oracle
+    top-k hits on that batch's real tokens; ``recall()`` is the per-layer mean. Used by validate and bench."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.blocks = carved_blocks(model)
+        self.hits = [0.0] * len(self.blocks)
+        self.counts = [0] * len(self.blocks)
+        self._handles: list = []
+        self._calls: dict[int, torch.Tensor] = {}
+
+    def __enter__(self) -> OracleTap:
+        for index, block in enumerate(self.blocks):
+            self._handles.append(block.gate.register_forward_hook(lambda m, a, o, i=index: self._hook(i, a, o)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def _hook(self, index: int, args: tuple, output: tuple) -> None:
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        selected = output[2]
+        oracle = oracle_topk(block_oracle_mass(self.blocks[index].experts, hidden), selected.shape[-1])
+        self._calls[index] = (oracle.unsqueeze(-1) == selected.unsqueeze(-2)).any(-1).float().mean(-1)
+
+    def take(self, mask: torch.Tensor | None = None) -> None:
+        for index, hits in self._calls.items():
+            if mask is not None:
+                hits = hits[mask.reshape(-1).bool().to(hits.device)]
+            self.hits[index] += float(hits.sum())
+            self.counts[index] += int(hits.numel())
+        self._calls.clear()
+
+    def recall(self) -> list[float]:
+        return [h / max(c, 1) for h, c in zip(self.hits, self.counts)]
+
+
+@torch.no_grad()
+def model_oracle_recall(model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int = 4) -> list[float]:
+    """Per carved layer, the oracle top-k recall of the routers over the token blocks ``[B, T]`` (no padding):
+    every router's selection is compared with the k largest-mass experts of the same FFN input."""
+    was_training = model.training
+    model.eval()
+    try:
+        with OracleTap(model) as tap:
+            for start in range(0, blocks.shape[0], batch_size):
+                model(input_ids=blocks[start : start + batch_size], use_cache=False)
+                tap.take()
+    finally:
+        model.train(was_training)
+    return tap.recall()

@@ -69,9 +69,9 @@ def contributions(acts: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, seed: int = 0) -> torch.Tensor:
-    """Partition the rows of ``features [n, F]`` into ``k`` clusters of exactly ``n / k`` rows, by cosine k-means
-    whose assignment step fills clusters greedily from the most similar (row, centroid) pair down (capacity n/k).
-    Returns ``[k, n/k]`` row indices, each group sorted."""
+    """Partition the rows of ``features [n, F]`` into ``k`` clusters of exactly ``n / k`` rows by cosine k-means
+    whose assignment step has capacities: rows are placed in order of regret (how much they lose if denied their
+    best centroid), each in its most similar cluster that still has room. Returns ``[k, n/k]`` sorted indices."""
     n = features.shape[0]
     if n % k:
         raise ValueError(f"{n} rows do not split into {k} equal clusters")
@@ -82,20 +82,16 @@ def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, seed: in
     assign = torch.empty(n, dtype=torch.long)
     for _ in range(iters):
         sims = points @ centroids.T
-        order = torch.argsort(sims.reshape(-1), descending=True).tolist()
-        taken = [False] * n
+        ranked = sims.topk(min(2, k), dim=1).values
+        regret = ranked[:, 0] - ranked[:, -1]
+        preferences = torch.argsort(sims, dim=1, descending=True).tolist()
         fill = [0] * k
-        placed = 0
-        for flat in order:
-            row, cluster = divmod(flat, k)
-            if taken[row] or fill[cluster] == size:
-                continue
-            taken[row] = True
-            fill[cluster] += 1
-            assign[row] = cluster
-            placed += 1
-            if placed == n:
-                break
+        for row in torch.argsort(regret, descending=True).tolist():
+            for cluster in preferences[row]:
+                if fill[cluster] < size:
+                    fill[cluster] += 1
+                    assign[row] = cluster
+                    break
         new = F.normalize(torch.zeros_like(centroids).index_add_(0, assign, points), dim=-1)
         if torch.allclose(new, centroids, atol=1e-6):
             break

@@ -176,3 +176,4 @@ def refit_scales(outputs: torch.Tensor, selected: torch.Tensor, *, ridge: float 
     lam = ridge * float(gram.diagonal().mean().clamp(min=1e-12))
     eye = torch.eye(experts, dtype=gram.dtype)
     return torch.linalg.solve(gram + lam * eye, rhs + lam * torch.ones(experts, dtype=gram.dtype))
+

@@ -19,7 +19,12 @@ import torch
 
 from ..console import human_bytes, progress, summary_table
 from ..errors import UserError
-from . import checkpoint
+from ..modelcard import write_model_card
+from ..modelio.checkpoint import ShardWriter
+from ..modelio.config import read_parent_config
+from ..modelio.outdir import atomic_output_dir
+from ..modelio.parent import load_dense_parent
+from ..modelio.side_files import write_runtime_files, write_spectra_config
 from .carve import (GROUPINGS, carve_tensors, contributions, expert_outputs, intermediate_activations, plan_carve,
                     refit_scales, shared_size)
 
@@ -134,11 +139,11 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
     from ..modeling.modeling_spectra import decoder_layers
     from .calibrate import calibration_batches
     from .upcycle import (SHARD_BYTES, UpcycleResult, _router_param_count, _spectra_config, _write_generation_config,
-                          _write_model_card, capture_ffn_inputs, load_dense_parent)
+                          capture_ffn_inputs)
 
     options.check()
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
-        parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
+        parent_config = read_parent_config(model_dir, gguf_file=gguf_file)
         inter = adapter.intermediate_size(parent_config)
         try:
             knobs = carve_knobs(inter, experts, options.shared_fraction)
@@ -159,7 +164,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
         non_ffn = {name: t for name, t in dense_state.items()
                    if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied}
-        with checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
+        with ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
                                     streamed=True) as writer, progress() as bar:
             layers = carve_into(writer, spectra_config, adapter, dense_state.__getitem__, ffn_inputs, options,
                                 seed=seed, out_dtype=out_dtype, bar=bar)
@@ -167,11 +172,11 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                 writer.add(name, tensor.to(out_dtype))
             write_task = bar.add_task("writing shards", total=None)
             writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
-        checkpoint.write_spectra_config(tmp, spectra_config)
-        checkpoint.write_runtime_files(tmp)
+        write_spectra_config(tmp, spectra_config)
+        write_runtime_files(tmp)
         tokenizer.save_pretrained(tmp)
         _write_generation_config(dense, tmp)
-        _write_model_card(tmp, str(model))
+        write_model_card(tmp, base_model=str(model))
         width, shared = knobs["intermediate_size"], knobs["shared_intermediate_size"]
         per_neuron = sum(math.prod(s) for s in adapter.ffn_shapes(parent_config).values() if len(s) == 2) // inter
         non_ffn_params = sum(t.numel() for t in non_ffn.values())

@@ -265,7 +265,7 @@ def test_finetune_trains_a_carved_model(tiny_carved, tmp_path, mode: str) -> Non
 
 
 def test_validate_reports_active_fraction_recall_and_parent_ratio(tiny_carved, tiny_parents, tmp_path) -> None:
-    from spectra_convert.validate import validate
+    from spectra_convert.validate.api import validate
 
     report = validate(tiny_carved, CORPUS / "heldout.jsonl", parent=tiny_parents["llama"], max_tokens=1024,
                       report_dir=tmp_path / "report")

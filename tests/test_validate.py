@@ -163,7 +163,7 @@ def test_batch_invariance_detects_batch_dependent_routing(tiny_model, tmp_path):
 
 def test_baselines_are_on_the_same_tokens(tiny_report):
     base = tiny_report["baselines"]
-    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias"}
+    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias", "lpr"}
     rows = tiny_report["baseline_layers"]
     n = tiny_report["tokens"]
     for name in ("switch-top1", "switch-top2", "expert-choice", "hash"):

@@ -147,14 +147,16 @@ def router_rows(report: dict[str, Any]) -> list[list[Any]]:
     """One row per router: SPECTRA first, then each baseline, columns as ``TABLE_COLUMNS`` (+ perplexity)."""
     rows = []
     spectra = dict(report["summary"])
-    rows.append(["SPECTRA", *[spectra.get(key) for key, _ in TABLE_COLUMNS], spectra.get("perplexity")])
+    rows.append(["SPECTRA", *[spectra.get(key) for key, _ in TABLE_COLUMNS], spectra.get("perplexity"),
+                 spectra.get("perplexity_eval_half")])
     for name, values in (report.get("baselines") or {}).items():
-        rows.append([name, *[values.get(key) for key, _ in TABLE_COLUMNS], values.get("perplexity")])
+        rows.append([name, *[values.get(key) for key, _ in TABLE_COLUMNS], values.get("perplexity"),
+                     values.get("perplexity_eval_half")])
     return rows
 
 
 def router_columns() -> list[str]:
-    return ["router", *[header for _, header in TABLE_COLUMNS], "perplexity"]
+    return ["router", *[header for _, header in TABLE_COLUMNS], "perplexity", "ppl (eval half)"]
 
 
 def metric_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

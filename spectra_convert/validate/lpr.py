@@ -27,7 +27,8 @@ Where the paper is vague, these are the choices made (each repeated where it is 
   ``B^2`` so its size does not grow with the batch; ``"prototypes"`` applies it to ``P [E, d]`` instead.
 * **Alignment** ``||StopGrad(Z) - softmax(S) P||^2``: the mean over tokens of the squared L2 distance; with the
   cosine metric ``Z`` is unit-normalised (prototypes are on the sphere, so unnormalised latents could never
-  be matched). Gradient reaches only the prototypes (and the scores), never the encoder.
+  be matched). ``S`` here is scored from the detached latent too: the paper stops gradients "through the
+  token encoder", and ``S`` would otherwise carry one back into it. Gradient reaches only the prototypes.
 * **EMA** ``μ_e ← λ μ_e + (1-λ) E_{z∈B_e}[z]``: ``hard`` uses the tokens whose top-k contains ``e``, ``soft``
   all tokens weighted by ``softmax(S)[:, e]``; an expert with no token keeps its prototype; prototypes are
   re-projected onto the unit sphere afterwards (Table 8's "unit ball constraint"), as after every optimiser
@@ -203,9 +204,9 @@ class LatentPrototypeRouter(nn.Module):
 
         ``mask`` [N] keeps real tokens only (padding must not shape the clusters)."""
         s = self.settings
-        z, mu, log_var, scores = out.z, out.mu, out.log_var, out.scores
+        z, mu, log_var = out.z, out.mu, out.log_var
         if mask is not None:
-            z, mu, scores = z[mask], mu[mask], scores[mask]
+            z, mu = z[mask], mu[mask]
             log_var = log_var[mask] if log_var is not None else None
         if s.diversity_on == "tokens":
             k = F.normalize(z, dim=-1)
@@ -214,7 +215,9 @@ class LatentPrototypeRouter(nn.Module):
         else:
             k = F.normalize(self.prototypes, dim=-1)
             div = (k @ k.T - torch.eye(k.shape[0], device=k.device, dtype=k.dtype)).pow(2).sum()
-        probs = torch.softmax(scores / s.temperature, dim=-1)
+        # Soft weights from the detached latent: no alignment gradient reaches the encoder (see module docstring).
+        detached = self.similarity(z.detach(), log_var.detach() if log_var is not None else None)
+        probs = torch.softmax(detached / s.temperature, dim=-1)
         aggregated = probs @ self.prototypes
         target = (F.normalize(z, dim=-1) if s.metric == "cosine" else z).detach()
         align = (target - aggregated).pow(2).sum(-1).mean()

@@ -121,8 +121,8 @@ def test_variational_kl_is_zero_at_the_prior_and_positive_elsewhere() -> None:
 def test_fitting_clusters_and_balances_better_than_its_random_start() -> None:
     from spectra_convert.validate import metrics as M
 
-    data = _hidden(1800)
-    fitted = fit_lpr(data, E, K, steps=100)
+    data = _hidden(1200)
+    fitted = fit_lpr(data, E, K, steps=60)
     start = LatentPrototypeRouter(H, E, K, seed=0).eval()
     held = _hidden(600, seed=5)
     loads = [np.bincount(r(held)[2].reshape(-1).numpy(), minlength=E) for r in (start, fitted)]
@@ -158,13 +158,17 @@ def test_driven_baselines_route_like_their_offline_rows(tiny) -> None:
     """In layer 0 (whose input no routing choice has touched yet) a baseline driving the experts picks what its
     offline row measured; SPECTRA's own pass through the same code gives validate's perplexity."""
     from spectra_convert.validate import metrics as M
-    from spectra_convert.validate.baselines import run_baselines, split_fit_eval
+    from spectra_convert.validate.baselines import linear_gate, lpr, split_fit_eval, switch
     from spectra_convert.validate.collect import spectra_routers
     from spectra_convert.validate.driven import DriveState, baseline_gates, driven_pass, eval_half_texts
 
     _, model, texts, pad_id, collection = tiny
-    _, fitted = run_baselines(collection, spectra_routers(model))
+    gates = [linear_gate(r) for r in spectra_routers(model)]
     _, evaluate = split_fit_eval(collection.seq_ids, collection.domains)
+    fit = np.setdiff1d(np.arange(collection.num_tokens), evaluate)
+    fitted = [{"lpr": lpr(layer.inputs, 4, 2, fit, evaluate),
+               "switch-top1": switch(layer.inputs.float() @ gate.T, 1, gate)}
+              for layer, gate in zip(collection.layers, gates)]
     half = eval_half_texts(collection.seq_ids, evaluate)
     seqs = [texts.ids[i] for i in half]
     own = driven_pass(model, texts.ids, pad_id, None, batch_tokens=512)
@@ -183,31 +187,11 @@ def test_driven_baselines_route_like_their_offline_rows(tiny) -> None:
     assert ppl["switch-top1"] != pytest.approx(own.perplexity(), rel=1e-4)  # distinct experts: routing matters
 
 
-def test_validate_lpr_row_is_present_and_sane(tiny, tmp_path: Path) -> None:
-    from spectra_convert.validate.api import validate
-    from tests.test_validate import HELDOUT
-
-    folder = tiny[0]
-    report = validate(folder, HELDOUT, baselines=True, report_dir=tmp_path / "r", max_tokens=1200, max_length=96,
-                      batch_tokens=512)
-    row, n = report["baselines"]["lpr"], report["tokens"]
-    assert 0 < min(r["tokens"] for r in report["baseline_layers"]["lpr"]) < n  # scored on texts it never saw
-    assert 0 <= row["cv"] < 3 and 0 <= row["gini"] <= 1 and 0 <= row["min_max"] <= 1
-    assert 0 <= row["seq_consistency"] <= 1 and 0 <= row["domain_nmi"] <= 1
-    assert 0 < row["gram_orthogonality"] <= 1 and row["routing_entropy"] > 0
-    for name, values in report["baselines"].items():
-        assert math.isfinite(values["perplexity_eval_half"]) and values["perplexity_eval_half"] > 1, name
-    spectra_half = report["summary"]["perplexity_eval_half"]
-    assert math.isfinite(spectra_half) and report["baselines_eval_half"]["tokens"] == row["tokens"]
-    markdown = (Path(report["report_dir"]) / "report.md").read_text()
-    assert "| lpr |" in markdown and "ppl (eval half)" in markdown
-
-
 # -- study: the trained lpr variant ---------------------------------------------------------------------------------
 
 
 def test_study_lpr_variant_plan_errors(tmp_path: Path) -> None:
-    from spectra_convert.study import parse_plan
+    from spectra_convert.study import load_plan, parse_plan
 
     base = {"name": "t", "convert": {"experts": 4, "top_k": 2}, "validate": {"nmi": False}}
     plan = parse_plan({**base, "variants": [{"name": "full"}, {"name": "lpr", "router": "lpr",
@@ -215,6 +199,9 @@ def test_study_lpr_variant_plan_errors(tmp_path: Path) -> None:
     full, lpr = plan.variants
     assert lpr.router == "lpr" and lpr.lpr == {"metric": "wasserstein"}
     assert lpr.conversion_key() == full.conversion_key()  # the same experts
+    shipped = load_plan(Path(__file__).parents[1] / "recipes" / "study-smollm2-lpr-cpu.yaml")
+    assert [(v.name, v.router) for v in shipped.variants] == [("full", "spectra"), ("lpr", "lpr")]
+    assert len({v.conversion_key() for v in shipped.variants}) == 1
     for variant, match in (({"router": "lpx"}, "router must be one of spectra, lpr"),
                            ({"router": "lpr", "spectra": {"repulsion": 0.0}}, "without SPECTRA knobs"),
                            ({"lpr": {"metric": "cosine"}}, "need router: lpr"),
@@ -225,6 +212,7 @@ def test_study_lpr_variant_plan_errors(tmp_path: Path) -> None:
 
 
 def test_study_trains_and_measures_an_lpr_variant(tmp_path: Path) -> None:
+    """A one-variant plan: the lpr variant upcycles the conversion itself, fits, fine-tunes and measures."""
     from spectra_convert.study import read_results, run_study
     from tests.study_helpers import FIXTURES, build_dense_llama
 
@@ -234,12 +222,12 @@ def test_study_trains_and_measures_an_lpr_variant(tmp_path: Path) -> None:
         "name": "tiny-lpr", "seed": 0,
         "convert": {"experts": 4, "top_k": 2, "router_dim": 16, "calibration_tokens": 512},
         "finetune": {"steps": 3, "seq_len": 64, "batch_size": 2, "lr_router": 0.001},
-        "validate": {"max_tokens": 768, "nmi": True},
+        "validate": {"max_tokens": 512, "nmi": True},
         "variants": [{"name": "lpr", "router": "lpr"}],
     }))
     result = run_study(str(dense), FIXTURES / "train.jsonl", FIXTURES / "mixed_eval.jsonl", plan, tmp_path / "out")
     (row,) = read_results(result.out)
-    assert row["router"] == "lpr" and row["tokens"] == 768 and row["batch_invariance_agree"] is True
+    assert row["router"] == "lpr" and row["tokens"] == 512 and row["batch_invariance_agree"] is True
     m = row["metrics"]
     assert m["perplexity"] > 1 and math.isfinite(m["cv"]) and 0 <= m["domain_nmi"] <= 1
     assert 0 <= m["routing_consistency"] <= 1 and 0 <= m["seq_consistency"] <= 1

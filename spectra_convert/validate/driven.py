@@ -13,12 +13,15 @@ Choices (also in the report's baselines note):
   which has no gate, weights its k experts equally.
 * Expert choice is decided per forward batch over its real tokens (it is not per-token; that is its known
   weakness): a token an expert did not pick gets weight 0 for it, a token no expert picked gets no FFN output.
+  A block that sums its experts with fixed scales (``expert_scale``, the carved combine rule) ignores router
+  weights, so a weight of 0 cannot switch an expert off there: expert choice gets no perplexity (nan) then.
 * Fitted routers (loss-free-bias, lpr) keep what they fitted on half of the texts; every router, SPECTRA
   included, is scored on the other half (``eval half``), so all rows share one token set.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -218,7 +221,11 @@ def baseline_perplexity(model: nn.Module, seqs: Sequence[Sequence[int]], pad_id:
     max_id = int(max(max(s) for s in seqs))
     n_tokens = sum(len(s) for s in chosen)
     out: dict[str, float] = {}
+    fixed_scales = any(getattr(m, "expert_scale", None) is not None for m in model.modules())
     for name in ("SPECTRA", *names):
+        if name == "expert-choice" and fixed_scales:
+            out[name] = math.nan
+            continue
         tick = progress(f"perplexity, {name} routing (eval half)", n_tokens) if progress is not None else None
         gates = None
         if name != "SPECTRA":

@@ -314,6 +314,3 @@ def _fit_steps(router: LatentPrototypeRouter, data: torch.Tensor, order: torch.T
         router.project_prototypes()
         router.ema_update(router.last)
 
-
-def lpr_routers_of(model: Any) -> list[LatentPrototypeRouter]:
-    return [m for m in model.modules() if isinstance(m, LatentPrototypeRouter)]

@@ -8,8 +8,10 @@ it reads. Writability is checked before the (long) model run, not after it.
 JSON schema (top level): ``model``, ``data``, ``tokens``, ``texts``, ``num_layers``, ``num_experts``,
 ``top_k``, ``summary`` {metric: value}, ``layers`` [{layer, cv, maxvio, gini, min_max, expert_entropy,
 expert_entropy_norm, collapse_rate, expert_overlap, seq_consistency, topk_overlap, domain_nmi, routing_entropy,
-gram_orthogonality, gram_offdiag, loads}], ``baselines`` {name: {metric: value}}, ``batch_invariance``
-{...}, ``parent`` {...} or null, ``thresholds`` {...}, ``domain_expert`` {...} or null. ``nan`` is ``null``.
+gram_orthogonality, gram_offdiag, loads}], ``baselines`` {name: {metric: value, perplexity_eval_half}},
+``baselines_eval_half`` {texts, tokens} (with ``summary.perplexity_eval_half``: every router driving the experts
+on the texts the fitted baselines did not see), ``batch_invariance`` {...}, ``parent`` {...} or null,
+``thresholds`` {...}, ``domain_expert`` {...} or null. ``nan`` is ``null``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ PLAN_FILE = "plan.json"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
 #: validate() summary keys copied into each result line (Table 2 columns and the scatter's axes).
-METRIC_KEYS = ("expert_overlap", "gram_orthogonality", "gram_offdiag", "cv", "cv_worst", "maxvio",
+METRIC_KEYS = ("expert_overlap", "gram_orthogonality", "gram_offdiag", "cv", "cv_worst", "maxvio", "gini", "min_max",
                "seq_consistency", "topk_overlap", "domain_nmi", "routing_entropy", "expert_entropy_norm",
                "collapse_rate", "perplexity")
 

@@ -11,7 +11,6 @@ Public API (used by upcycle, reroute, finetune and study; prototypes are ``proto
 ``calibrate_bias``       Sinkhorn-potential start, then hard-load correction of ``dual_bias``; returns the CV
 ``recalibrate_model_bias``  the same for every router of a model, on its own forward passes
 ``topk_agreement``       share of (token, slot) choices shared with an old linear gate's top-k
-``load_cv``              population CV of hard top-k loads
 """
 
 from __future__ import annotations
@@ -19,14 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..modeling.modeling_spectra import SpectraRouter, sinkhorn
-from . import metrics
 from .find import find_routers
 from .tap import RouterTap
-
-
-def load_cv(selected: torch.Tensor, num_experts: int) -> float:
-    """Population coefficient of variation of the hard loads of ``selected`` (the validate metric)."""
-    return metrics.load_cv(torch.bincount(selected.reshape(-1), minlength=num_experts).numpy())
 
 
 @torch.no_grad()

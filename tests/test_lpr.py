@@ -119,7 +119,7 @@ def test_variational_kl_is_zero_at_the_prior_and_positive_elsewhere() -> None:
 
 
 def test_fitting_clusters_and_balances_better_than_its_random_start() -> None:
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
 
     data = _hidden(1200)
     fitted = fit_lpr(data, E, K, steps=60)
@@ -157,13 +157,13 @@ def tiny(tmp_path_factory):
 def test_driven_baselines_route_like_their_offline_rows(tiny) -> None:
     """In layer 0 (whose input no routing choice has touched yet) a baseline driving the experts picks what its
     offline row measured; SPECTRA's own pass through the same code gives validate's perplexity."""
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
     from spectra_convert.validate.baselines import linear_gate, lpr, split_fit_eval, switch
-    from spectra_convert.validate.collect import spectra_routers
+    from spectra_convert.router.find import find_routers
     from spectra_convert.validate.driven import DriveState, baseline_gates, driven_pass, eval_half_texts
 
     _, model, texts, pad_id, collection = tiny
-    gates = [linear_gate(r) for r in spectra_routers(model)]
+    gates = [linear_gate(r) for r in find_routers(model)]
     _, evaluate = split_fit_eval(collection.seq_ids, collection.domains)
     fit = np.setdiff1d(np.arange(collection.num_tokens), evaluate)
     fitted = [{"lpr": lpr(layer.inputs, 4, 2, fit, evaluate),

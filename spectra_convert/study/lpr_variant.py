@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..validate import metrics as M
+from ..router import metrics as M
 from ..validate.driven import DrivenGate, DriveState, driven_pass, routers_replaced
 from ..validate.lpr import LatentPrototypeRouter, LPRSettings, fit_lpr
 
@@ -43,9 +43,9 @@ INVARIANCE_TEXTS = 4
 
 def _router_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 4) -> list[torch.Tensor]:
     """Every SPECTRA router's input ``[N, H]`` over ``blocks`` (the routers routing, as at conversion)."""
-    from ..validate.collect import spectra_routers
+    from ..router.find import find_routers
 
-    routers = spectra_routers(model)
+    routers = find_routers(model)
     parts: list[list[torch.Tensor]] = [[] for _ in routers]
     hooks = [r.register_forward_pre_hook(lambda m, args, i=i: parts[i].append(
         args[0].detach().float().reshape(-1, args[0].shape[-1]))) for i, r in enumerate(routers)]
@@ -156,7 +156,7 @@ def run_lpr_variant(variant: Any, plan: Any, *, base: Path, data: Path, eval_dat
     """Fit, fine-tune and measure LPR gates on the conversion ``base``; returns the variant's result row."""
     from ..console import err_console
     from ..finetune.data import pack, read_texts, split_validation
-    from ..surgery.calibrate import calibration_batches
+    from ..router.calibrate import calibration_batches
     from ..textdata import default_calibration_path, load_texts
     from ..validate import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
     from ..validate.collect import load_spectra_model, pad_id_of, tokenize_texts

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics as M
+from ..router import metrics as M
+from ..router.find import is_router
 from .collect import Batch, _forward, _nll, plan_batches
-
-ROUTER_CLASS = "SpectraRouter"
 
 
 @dataclass
@@ -137,7 +136,7 @@ def routers_replaced(model: nn.Module, gates: Sequence[nn.Module]) -> Iterator[N
     """Put ``gates`` (layer order) where the model's SPECTRA routers sit, and put the routers back after."""
     places = []
     for name, module in model.named_modules():
-        if type(module).__name__ == ROUTER_CLASS:
+        if is_router(module):
             owner, _, attr = name.rpartition(".")
             places.append((int(getattr(module, "layer_idx", len(places))), model.get_submodule(owner), attr, module))
     places.sort(key=lambda item: item[0])

@@ -46,7 +46,7 @@ class FixedSelection(nn.Module):
 
 
 def blocks_of(tokenizer, path: Path, tokens: int, seq_len: int = 256) -> torch.Tensor:
-    from spectra_convert.surgery.calibrate import calibration_batches
+    from spectra_convert.router.calibrate import calibration_batches
     from spectra_convert.textdata import load_texts
 
     return calibration_batches(tokenizer, [r.text for r in load_texts(path)], max_tokens=tokens, seq_len=seq_len)
@@ -107,7 +107,7 @@ def capture_block_inputs(model, blocks: torch.Tensor, device: str) -> list[torch
 def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str):
     """Refit every SPECTRA router for top-``k`` (the converter's functions) and a ridge linear gate per layer."""
     from spectra_convert.router.oracle_fit import LinearGate, block_oracle_mass, carved_blocks, fit_spectra_router
-    from spectra_convert.surgery.calibrate import calibrate_bias
+    from spectra_convert.router.calibrate import calibrate_bias
 
     gates = []
     for index, (block, x) in enumerate(zip(carved_blocks(model), inputs)):
@@ -186,7 +186,7 @@ def balance_study(model, tokenizer, device: str) -> dict:
 def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
     """Item-8 variants: ``seq+bias`` (sequence correction on, bias recalibrated with it), ``bias`` (dual bias
     alone, the carved default), ``none`` (neither: the fitted scores alone)."""
-    from spectra_convert.surgery.calibrate import calibrate_bias
+    from spectra_convert.router.calibrate import calibrate_bias
 
     for router, x in zip(model.routers(), inputs):
         router.sequence_balance = 1.0 if mode == "seq+bias" else 0.0

@@ -187,7 +187,7 @@ def test_bad_carve_options_are_one_line_errors(tiny_parents, tmp_path, kwargs, m
 
 
 def unseen_blocks(tokenizer, tokens: int = 1024) -> torch.Tensor:
-    from spectra_convert.surgery.calibrate import calibration_batches
+    from spectra_convert.router.calibrate import calibration_batches
     from spectra_convert.textdata import load_texts
 
     return calibration_batches(tokenizer, [r.text for r in load_texts(CORPUS / "unseen.jsonl")], max_tokens=tokens)

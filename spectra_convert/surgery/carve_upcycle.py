@@ -83,7 +83,7 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales; returns the block's tensors."""
     from ..router.oracle_fit import fit_spectra_router, oracle_topk, router_selection, topk_recall
-    from .calibrate import calibrate_bias
+    from ..router.calibrate import calibrate_bias
 
     experts, top_k = router.num_experts, router.top_k
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -137,7 +137,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                   gguf_file: str | None, seed: int, force: bool, overrides: dict) -> Any:
     """The carve branch of ``upcycle`` (arguments already checked there). Returns an ``UpcycleResult``."""
     from ..modeling.modeling_spectra import decoder_layers
-    from .calibrate import calibration_batches
+    from ..router.calibrate import calibration_batches
     from .upcycle import (SHARD_BYTES, UpcycleResult, _router_param_count, _spectra_config, _write_generation_config,
                           capture_ffn_inputs)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
+from . import output_option
+
 
 @click.command(name="run")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
-              help="Run folder: each stage writes OUT/<stage>/; re-running resumes.")
+@output_option("Run folder: each stage writes OUT/<stage>/; re-running resumes.")
 @click.option("--force", is_flag=True, help="Start over when OUT holds a run of another recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print its stages and memory note; run nothing.")
 def command(recipe: Path, out: Path, force: bool, dry_run: bool) -> None:

@@ -183,6 +183,7 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable
         raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
     try:
         yield tmp
+        _apply_umask(tmp, umask)
         if durable:
             _fsync_tree(tmp)
         _move_into_place(tmp, target, force=force)
@@ -191,6 +192,17 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(root: Path, umask: int) -> None:
+    """Give every file under ``root`` the mode a plain ``open`` would (0666 minus the umask): safetensors'
+    ``save_file`` (inside ``save_pretrained``) writes through a private temp file and leaves weights 0600,
+    unreadable to the user's group or a serving account."""
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~umask)
+        for name in dirs:
+            os.chmod(Path(folder) / name, 0o777 & ~umask)
 
 
 def _fsync_path(path: Path) -> None:

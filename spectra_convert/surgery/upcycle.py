@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..console import human_bytes, progress, summary_table
+from ..dtypes import torch_dtype
 from ..errors import UserError
 from . import adapters as adapter_registry
 from . import checkpoint
@@ -41,8 +42,8 @@ from .streaming import RouterInputsCaptured
 SHARD_BYTES = 256 * 1024**2
 METHODS = ("copy", "split")
 SPLIT_MODES = ("random", "balanced")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+#: the router inits (``calibrate.INIT_METHODS``) that need no parent gate
+ROUTER_INITS = ("orthogonal", "kmeans")
 
 
 @dataclass
@@ -374,13 +375,12 @@ def upcycle(
         raise UserError(f"--experts must be at least 2, got {experts}")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k ({top_k}) must be between 1 and --experts ({experts})")
-    if router_init not in ("orthogonal", "kmeans"):
-        raise UserError(f"--router-init must be 'orthogonal' or 'kmeans' for upcycle, got {router_init!r}")
+    if router_init not in ROUTER_INITS:
+        raise UserError(f"--router-init must be one of {', '.join(ROUTER_INITS)} for upcycle, got {router_init!r}")
     if noise < 0:
         raise UserError(f"--noise must be >= 0, got {noise}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    overrides = _check_overrides(spectra_overrides)
+    out_dtype = torch_dtype(dtype) if dtype is not None else torch.float32
+    overrides = check_overrides(spectra_overrides)
     out = Path(out)
     model_dir = checkpoint.resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
@@ -399,7 +399,6 @@ def upcycle(
             "use `spectra-convert reroute` to keep its experts and replace the gates"
         )
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
-    out_dtype = DTYPES[dtype] if dtype else torch.float32
     num_layers = adapter.num_layers(shape_config)
     ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
     # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
@@ -505,7 +504,7 @@ _OWN_KNOBS = {"num_experts": "experts", "top_k": "top_k", "router_dim": "router_
               "source": None}
 
 
-def _check_overrides(overrides: dict | None) -> dict:
+def check_overrides(overrides: dict | None) -> dict:
     """Unknown or argument-owned knobs fail before the (slow) model load, with one line naming the field."""
     if overrides is None:  # before the import: it pulls in transformers, which the expert builder need not wait for
         return {}
@@ -520,6 +519,12 @@ def _check_overrides(overrides: dict | None) -> dict:
             arg = _OWN_KNOBS[name]
             hint = f"use the {arg!r} argument" if arg else "it is set from the parent architecture"
             raise UserError(f"spectra.{name} cannot be overridden in upcycle ({hint})")
+    from ..modeling.configuration_spectra import _validate_spectra
+
+    try:  # the values too, before any work (a recipe's dry run calls this)
+        _validate_spectra({**SPECTRA_DEFAULTS, **overrides}, None)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"spectra overrides: {exc}") from None
     return dict(overrides)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import dtype_name, torch_dtype
 from ..errors import UserError
 from ..surgery import checkpoint
 from ..textdata import TextRecord
@@ -51,11 +52,9 @@ def _dtype(dtype: str | None, device: torch.device) -> Any:
     """float32 on CPU (exact comparisons, and CPU bf16 matmuls are slow); the checkpoint's dtype on GPU."""
     if dtype is None:
         return torch.float32 if device.type == "cpu" else "auto"
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
-    if dtype not in table:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(table)}")
-    return table[dtype]
+    if dtype_name(dtype, extra=("auto",)) == "auto":
+        return "auto"
+    return torch_dtype(dtype)
 
 
 def spectra_routers(model: torch.nn.Module) -> list[torch.nn.Module]:

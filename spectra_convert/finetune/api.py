@@ -19,7 +19,7 @@ from ..surgery.calibrate import recalibrate_model_bias
 from ..errors import UserError
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode, router_modules
-from ..surgery.checkpoint import atomic_output_dir, resolve_model_dir
+from ..surgery.checkpoint import atomic_output_dir, check_free_space, resolve_model_dir
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -117,6 +117,23 @@ def _check_out(out: Path, *, force: bool, inputs: list[Path]) -> None:
         raise UserError(f"{out} exists; pass --force to overwrite")
 
 
+def _write_card(out: Path, model: str | Path, model_path: Path, summary: dict[str, Any]) -> None:
+    """Our model card in ``out``: a full model's (its original parent carried over from MODEL's card), or an
+    adapter's (PEFT's blank template replaced; ``adapter_config.json`` names the base by Hub id or folder
+    name, never by this machine's absolute path)."""
+    from ..modelcard import card_base_model, finetune_facts, model_label, write_adapter_card, write_model_card
+
+    facts = finetune_facts(model, summary)
+    adapter_config = out / "adapter_config.json"
+    if not adapter_config.is_file():
+        write_model_card(out, base_model=card_base_model(model_path), finetuned=facts)
+        return
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = model_label(model)
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_adapter_card(out, base_model=model_label(model), facts=facts)
+
+
 def _positive(name: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise UserError(f"{name} must be at least {minimum}, got {value}")
@@ -174,6 +191,8 @@ def finetune(
     out = Path(out).expanduser().resolve()
     inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
     _check_out(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
+    if mode != "lora" or merge:  # a full model folder: the size of MODEL's weights (an adapter is small)
+        check_free_space(out, sum(f.stat().st_size for f in model_path.glob("*.safetensors")))
 
     accelerator = Accelerator(cpu=_cpu_workers(),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -282,6 +301,7 @@ def finetune(
             mode_impl.save(unwrapped, tmp, merge=merge, dtype=stored_dtype, state_dict=gathered)
             tokenizer.save_pretrained(tmp)
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            _write_card(tmp, model, model_path, summary)
         if default_ckpt:
             shutil.rmtree(ckpt.path, ignore_errors=True)
     accelerator.wait_for_everyone()

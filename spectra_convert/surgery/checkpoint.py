@@ -194,6 +194,26 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable
         raise
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing parent: where a folder about to be written will live."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """One-line ``UserError`` when the filesystem that will hold ``out`` has fewer than ``needed`` bytes free:
+    a conversion that runs out of disk half-way has spent minutes for nothing (and fills the disk for others)."""
+    from ..console import human_bytes
+
+    probe = existing_ancestor(out)
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise UserError(f"not enough free disk space for {out}: the output needs about {human_bytes(needed)} "
+                        f"({needed} bytes), {probe} has {human_bytes(free)} ({free} bytes) free")
+
+
 def _apply_umask(root: Path, umask: int) -> None:
     """Give every file under ``root`` the mode a plain ``open`` would (0666 minus the umask): safetensors'
     ``save_file`` (inside ``save_pretrained``) writes through a private temp file and leaves weights 0600,

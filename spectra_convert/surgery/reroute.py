@@ -140,6 +140,7 @@ def reroute(
     layers = _gate_layers(model_dir, raw_config, adapter, reader)
     gate_keys = {adapter.gate_key(i) for i in layers}
     texts = [record.text for record in load_texts(calibration or default_calibration_path())]
+    checkpoint.check_free_space(out, _written_bytes(reader, gate_keys, model_dir, out))
 
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp, \
             _CountingWriter(tmp, background=True) as writer:
@@ -245,6 +246,14 @@ class _CountingWriter(checkpoint.ShardWriter):
     def rewrite_shard(self, src_path, *, keep, add=None):
         self.rewritten += 1
         return super().rewrite_shard(src_path, keep=keep, add=add)
+
+
+def _written_bytes(reader, gate_keys: set[str], model_dir: Path, out: Path) -> int:
+    """Bytes the output will take on disk: the shards rewritten without their gates, plus every other shard
+    when it cannot be hard-linked (the output is on another filesystem than MODEL)."""
+    linkable = checkpoint.existing_ancestor(out).stat().st_dev == Path(model_dir).stat().st_dev
+    return sum(shard.stat().st_size for shard in reader.shards
+               if not linkable or any(n in gate_keys for n in reader.keys_in(shard)))
 
 
 def _queue_parent_shards(reader, writer: _CountingWriter, gate_keys: set[str]) -> None:

@@ -136,6 +136,13 @@ def noise_sizes(shapes: dict[str, tuple[int, ...]], experts: int, method: str) -
     return {name: copies * math.prod(shape) for name, shape in shapes.items() if not name.endswith("bias")}
 
 
+def expert_bytes(shapes: dict[str, tuple[int, ...]], layers: int, experts: int, method: str, dtype: torch.dtype) -> int:
+    """Bytes of every layer's expert tensors in the output: the lower bound of its size checked against free
+    disk space before anything is written (E copies of the FFN; a partition of its neurons holds it once)."""
+    copies = experts if method not in ("split", "carve") else 1
+    return layers * copies * sum(math.prod(shape) for shape in shapes.values()) * torch.empty((), dtype=dtype).element_size()
+
+
 def _copies(tensor: torch.Tensor, experts: int) -> torch.Tensor:
     """``[E, ...]`` view of ``experts`` copies of ``tensor`` (no memory until ``_noisy`` materialises it)."""
     return tensor.unsqueeze(0).expand(experts, *tensor.shape)
@@ -403,6 +410,8 @@ def upcycle(
     ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
     # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
     sizes = noise_sizes(adapter.ffn_shapes(shape_config), experts, method) if noise else {}
+    checkpoint.check_free_space(out, expert_bytes(adapter.ffn_shapes(shape_config), num_layers, experts, method,
+                                                  out_dtype))
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).
     with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:

@@ -135,11 +135,12 @@ def finetune_facts(model: str | Path, summary: Mapping[str, Any]) -> dict[str, A
             "mean_cv": (before.get("mean_cv"), after.get("mean_cv"))}
 
 
-def write_adapter_card(adapter_dir: Path | str, *, base_model: str, facts: Mapping[str, Any]) -> Path:
+def write_adapter_card(adapter_dir: Path | str, *, base_model: str, on_hub: bool, facts: Mapping[str, Any]) -> Path:
     """The README of a LoRA adapter folder (replacing PEFT's blank template): which base model it needs, how to
     load it (PeftModel / AutoPeftModelForCausalLM, trust_remote_code for the SPECTRA runtime), merge it and
-    publish it. ``base_model``: the base's ``model_label``; it is the Hub ``base_model`` only when a Hub id."""
-    hub_base = base_model if _is_hub_id(base_model) else None
+    publish it. ``base_model``: the base's ``model_label``; the card's Hub ``base_model`` when ``on_hub`` (the
+    base was loaded from the Hub, not from a local folder)."""
+    hub_base = base_model if on_hub and _HUB_ID.match(base_model) else None
     front: dict[str, Any] = {}
     if hub_base:
         front["base_model"] = hub_base

@@ -131,7 +131,8 @@ def _write_card(out: Path, model: str | Path, model_path: Path, summary: dict[st
     config = json.loads(adapter_config.read_text())
     config["base_model_name_or_path"] = model_label(model)
     adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_adapter_card(out, base_model=model_label(model), facts=facts)
+    on_hub = not Path(str(model)).expanduser().exists()  # resolve_model_dir: a path that exists is local
+    write_adapter_card(out, base_model=model_label(model), on_hub=on_hub, facts=facts)
 
 
 def _positive(name: str, value: int, minimum: int = 1) -> None:

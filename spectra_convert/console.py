@@ -5,14 +5,11 @@ Everything goes to stderr except tables that are the command's result, so piping
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-T = TypeVar("T")
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -29,12 +26,6 @@ def progress() -> Progress:
         console=err_console,
         transient=False,
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar (a one-off step)."""
-    with progress() as bar:
-        yield from bar.track(items, total=total, description=description)
 
 
 def summary_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:

@@ -102,7 +102,7 @@ def test_output_files_get_the_users_umask(finetuned: dict[str, Path], tmp_path: 
     import torch
     from safetensors.torch import save_file
 
-    from spectra_convert.surgery.checkpoint import atomic_output_dir
+    from spectra_convert.modelio.outdir import atomic_output_dir
 
     for folder in (finetuned["adapter"], finetuned["routers"]):
         for path in folder.iterdir():

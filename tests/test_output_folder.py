@@ -108,13 +108,17 @@ def test_output_files_get_the_users_umask(finetuned: dict[str, Path], tmp_path: 
     for folder in (finetuned["adapter"], finetuned["routers"]):
         for path in folder.iterdir():
             assert path.stat().st_mode & 0o777 == 0o666 & ~_umask(), path
+    parent_shard = tmp_path / "parent.safetensors"  # an input's file, hard-linked in as reroute does
+    save_file({"w": torch.ones(4)}, str(parent_shard))
     previous = os.umask(0o027)
     try:
-        with atomic_output_dir(tmp_path / "out", force=False, inputs=[]) as tmp:
+        with atomic_output_dir(tmp_path / "out", force=False, inputs=[parent_shard]) as tmp:
             save_file({"w": torch.zeros(4)}, str(tmp / "model.safetensors"))
             (tmp / "sub").mkdir()
+            os.link(parent_shard, tmp / "linked.safetensors")
     finally:
         os.umask(previous)
+    assert parent_shard.stat().st_mode & 0o777 == 0o600  # the input is never changed
     assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "out" / "sub").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750

@@ -96,10 +96,13 @@ def check_free_space(out: Path, needed: int) -> None:
 def _apply_umask(root: Path, umask: int) -> None:
     """Give every file under ``root`` the mode a plain ``open`` would (0666 minus the umask): safetensors'
     ``save_file`` (inside ``save_pretrained``) writes through a private temp file and leaves weights 0600,
-    unreadable to the user's group or a serving account."""
+    unreadable to the user's group or a serving account. Hard-linked files are left alone: they are the
+    input's own files (reroute links unchanged shards), and a chmod would change the input."""
     for folder, dirs, files in os.walk(root):
         for name in files:
-            os.chmod(Path(folder) / name, 0o666 & ~umask)
+            path = Path(folder) / name
+            if path.lstat().st_nlink == 1 and not path.is_symlink():
+                os.chmod(path, 0o666 & ~umask)
         for name in dirs:
             os.chmod(Path(folder) / name, 0o777 & ~umask)
 

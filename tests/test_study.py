@@ -16,7 +16,7 @@ from spectra_convert.cli import main
 from spectra_convert.errors import UserError
 from spectra_convert.study import load_plan, parse_plan, read_results, run_study
 from spectra_convert.study.dynamics import overlap_from_cooccurrence
-from spectra_convert.validate import metrics as M
+from spectra_convert.router import metrics as M
 from tests.study_helpers import FIXTURES, build_dense_llama
 
 RECIPES = Path(__file__).parents[1] / "recipes"

@@ -194,7 +194,7 @@ def test_hash_baseline_is_a_function_of_the_token_id():
 
 def test_loss_free_bias_balances_a_skewed_gate():
     """A gate that prefers expert 0 for every token: switch collapses onto it, the fitted bias undoes that."""
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
     from spectra_convert.validate.baselines import loss_free_bias, switch
 
     generator = torch.Generator().manual_seed(0)
@@ -317,7 +317,7 @@ def test_rerouted_model_reports_agreement_with_the_original_gate(tokenizer_dir, 
     from transformers import AutoTokenizer
 
     from spectra_convert.textdata import load_texts
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
 
     old_model = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
     new_model = AutoModelForCausalLM.from_pretrained(tmp_path / "rerouted", trust_remote_code=True).eval()

@@ -150,7 +150,7 @@ def routing_consistency(before: str | Path, after: str | Path, eval_data: Path, 
     import numpy as np
 
     from ..textdata import load_texts
-    from ..validate import metrics as M
+    from ..router import metrics as M
     from ..validate.collect import collect_routing, load_spectra_model, pad_id_of, tokenize_texts
 
     records = load_texts(eval_data)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import ThresholdFailed, UserError
 from ..textdata import domains_of, load_texts
-from . import metrics as M
+from ..router import metrics as M
+from ..router.find import find_routers
 from .collect import (
     Collection,
     batch_invariance,
@@ -26,7 +27,6 @@ from .collect import (
     mean_routing_entropy,
     pad_id_of,
     parent_pass,
-    spectra_routers,
     tokenize_texts,
 )
 from . import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
@@ -76,7 +76,7 @@ def validate(
     texts = tokenize_texts(tokenizer, records, max_length=max_length, max_tokens=max_tokens)
     pad_id = pad_id_of(tokenizer)
     n_tokens = sum(len(ids) for ids in texts.ids)
-    routers = spectra_routers(spectra)
+    routers = find_routers(spectra)
 
     collection = collect_routing(spectra, texts, pad_id, batch_tokens=batch_tokens, capture_inputs=baselines,
                                  on_batch=_tick(progress, "routing held-out text", n_tokens))
@@ -125,7 +125,7 @@ def _layer_position(collection: Collection, layer: int) -> int:
 
 
 def layer_rows(collection: Collection) -> list[dict[str, Any]]:
-    """Per-layer SPECTRA metrics (every DESIGN §5 metric that is defined per layer)."""
+    """Per-layer SPECTRA metrics (every metric of docs/ARCHITECTURE.md, "Metrics", that is defined per layer)."""
     rows = []
     for position, cap in enumerate(collection.layers):
         assignment = M.assignment_matrix(cap.selected, collection.num_experts)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics as M
+from ..router import metrics as M
 from .collect import Collection
 
 BASELINES = ("switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias")

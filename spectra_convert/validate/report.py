@@ -225,7 +225,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         _md_table(router_columns(), router_rows(report)),
         "",
         "CV, MaxVio, Gini, min/max, entropy, collapse, overlap, consistency and NMI are means over layers; "
-        "`CV worst` is the worst layer. Definitions: DESIGN §5.",
+        "`CV worst` is the worst layer. Definitions: docs/ARCHITECTURE.md (Metrics) in the spectra-convert repository.",
         "",
         *[f"- {line}" for line in check_lines(report)],
         "",

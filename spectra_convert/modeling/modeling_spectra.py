@@ -616,7 +616,11 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -steps:].bool()
             if bool(token_mask.all()):
                 token_mask = None
-        want_records = bool(output_router_logits) or labels is not None
+        # transformers' MoE convention: the router aux loss (and the per-router records it is computed from)
+        # only when asked for; with labels alone ``loss`` is the LM loss.
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        want_records = bool(output_router_logits)
 
         ctx = self.routing_context
         for router in self.routers():  # wrappers such as PEFT modules_to_save deep-copy routers: re-share
@@ -638,9 +642,10 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
             ctx.reset()
 
         loss, aux_loss = out.loss, None
-        if records and labels is not None:
+        if records:
             aux_loss = self.router_aux_loss(records)
-            loss = loss + aux_loss
+            if loss is not None:
+                loss = loss + self.config.spectra["router_aux_loss_coef"] * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -652,7 +657,10 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
         )
 
     def router_aux_loss(self, records: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Router entropy (coef ``router_entropy_coef``) + projector orthogonality (coef ``ortho_loss_coef``)."""
+        """Router entropy (coef ``router_entropy_coef``) + projector orthogonality (coef ``ortho_loss_coef``).
+
+        Returned as ``aux_loss`` with ``output_router_logits=True``; ``loss`` then adds it times
+        ``router_aux_loss_coef`` when labels are given, as in transformers' Mixtral."""
         knobs = self.config.spectra
         entropy = torch.stack([routing_entropy(r["scores"], knobs["temperature"], r["mask"]) for r in records]).mean()
         ortho = torch.stack([router.orthogonality_loss() for router in self.routers()]).mean()

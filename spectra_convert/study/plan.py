@@ -43,7 +43,7 @@ _VALIDATE_WIRED = {"data", "parent", "max_cv", "max_ppl_ratio"}
 #: Knobs that only change how a converted model routes/trains, not its parameters: variants differing only in
 #: these share one conversion (its config edited and its dual bias re-calibrated, see derive.py).
 RUNTIME_KNOBS = ("temperature", "repulsion", "sinkhorn_iters", "balance_mode", "sequence_balance", "bias_ema",
-                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef")
+                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef", "router_aux_loss_coef")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 

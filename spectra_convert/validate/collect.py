@@ -5,8 +5,8 @@ its own copy of ``modeling_spectra.py`` through ``trust_remote_code`` — the cl
 the contract (DESIGN §3: ``(router_logits, routing_weights, selected_experts)``) does not. A forward hook per
 router reads ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
 because we pass ``output_router_logits=True``) and, for the baselines, the router's input hidden states.
-Pad tokens are dropped with the attention mask; NLL is computed from the logits here (the model's own
-``loss`` would add the router auxiliary loss).
+Pad tokens are dropped with the attention mask; NLL is computed from the logits here (per real-token pair,
+which a batch-mean ``loss`` cannot give).
 """
 
 from __future__ import annotations

@@ -9,13 +9,33 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 T = TypeVar("T")
 
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+class RateColumn(ProgressColumn):
+    """Throughput of tasks added with a ``unit`` field (``add_task(..., unit="tok")`` shows ``1,234 tok/s``)."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit")
+        if not unit or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed:,.0f} {unit}/s", style="progress.data.speed")
 
 
 def progress() -> Progress:
@@ -24,6 +44,7 @@ def progress() -> Progress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,

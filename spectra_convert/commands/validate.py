@@ -51,7 +51,7 @@ def command(model: str, data: Path, parent: str | None, baselines: bool, max_cv:
         def make_tick(description: str, total: int) -> Callable[[int], None]:
             if not bars:
                 bars.append(stack.enter_context(progress()))
-            task = bars[0].add_task(description, total=total)
+            task = bars[0].add_task(description, total=total, unit="tok")  # totals count tokens
             return lambda done: bars[0].advance(task, done)
 
         failed: ThresholdFailed | None = None

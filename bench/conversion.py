@@ -296,7 +296,7 @@ def timed_writes(folder: Path, total: int) -> tuple[float, float]:
 
 def save_dense_safetensors(smol: Path, folder: Path) -> None:
     """The SmolLM2 GGUF dequantised once into an ordinary safetensors model folder (outside any timing)."""
-    from spectra_convert.surgery.upcycle import load_dense_parent
+    from spectra_convert.modelio.parent import load_dense_parent
     import torch
 
     model, tokenizer = load_dense_parent(smol, "SmolLM2-135M-Instruct.Q4_1.gguf", torch.float32)

@@ -30,7 +30,7 @@ def dense_parent_perplexity(seq_len: int, max_records: int | None) -> float:
     import torch.nn.functional as F
 
     from spectra_convert.finetune.data import pack, read_texts
-    from spectra_convert.surgery.upcycle import load_dense_parent
+    from spectra_convert.modelio.parent import load_dense_parent
     from tests.conftest import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()

@@ -5,8 +5,7 @@ Everything goes to stderr except tables that are the command's result, so piping
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -21,8 +20,6 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
-
-T = TypeVar("T")
 
 err_console = Console(stderr=True)
 out_console = Console()
@@ -50,12 +47,6 @@ def progress() -> Progress:
         console=err_console,
         transient=False,
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a progress bar (a one-off step)."""
-    with progress() as bar:
-        yield from bar.track(items, total=total, description=description)
 
 
 def summary_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> Table:

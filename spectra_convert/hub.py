@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .modelio.checkpoint import INDEX_NAME, SINGLE_NAME
+from .modelio.safetensors_files import read_header
+from .modelio.side_files import RUNTIME_DIR, RUNTIME_FILES
 
-#: The runtime shipped in every folder; its files must be byte-identical in the folder.
-RUNTIME_DIR = Path(__file__).resolve().parent / "modeling"
 #: Written next to the files of a dry run; not part of the upload.
 MANIFEST_NAME = "manifest.json"
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_WEIGHTS = "model.safetensors"
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -60,8 +58,8 @@ class PushResult:
 
 
 def runtime_files() -> list[Path]:
-    """The package's runtime modules (``spectra_convert/modeling/*.py``, private helpers excluded)."""
-    return sorted(p for p in RUNTIME_DIR.glob("*.py") if not p.name.startswith("_"))
+    """The package's runtime modules, which must be byte-identical in the folder."""
+    return [RUNTIME_DIR / name for name in RUNTIME_FILES]
 
 
 def check_model_folder(model_dir: Path | str) -> list[Path]:
@@ -150,28 +148,15 @@ def _check_weights(model_dir: Path) -> None:
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UserError(f"{shard_path}: tensor {missing[0]} named in {INDEX_NAME} missing{more}")
-    elif (model_dir / SINGLE_WEIGHTS).is_file():
-        safetensors_names(model_dir / SINGLE_WEIGHTS)
+    elif (model_dir / SINGLE_NAME).is_file():
+        safetensors_names(model_dir / SINGLE_NAME)
     else:
-        raise UserError(f"{model_dir}: no weights ({SINGLE_WEIGHTS} or {INDEX_NAME}) found")
+        raise UserError(f"{model_dir}: no weights ({SINGLE_NAME} or {INDEX_NAME}) found")
 
 
 def safetensors_names(path: Path) -> set[str]:
-    """Tensor names in a safetensors file, read from its JSON header only (no tensor data is loaded)."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ValueError("file shorter than its header")
-            (length,) = struct.unpack("<Q", raw)
-            if length > 100 * 1024 * 1024 or length > path.stat().st_size - 8:
-                raise ValueError("header length out of range")
-            header = json.loads(handle.read(length))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise UserError(f"{path}: not a readable safetensors file (header is not an object)")
-    return set(header) - {"__metadata__"}
+    """Tensor names in a safetensors file, read from its validated JSON header only (no tensor data is loaded)."""
+    return set(read_header(path)[0])
 
 
 def _upload_files(model_dir: Path) -> list[Path]:

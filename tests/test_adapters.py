@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from spectra_convert.errors import UserError
 from spectra_convert.modeling.configuration_spectra import DENSE_PARENTS, MOE_PARENTS
 from spectra_convert.modeling.modeling_spectra import SpectraExperts
-from spectra_convert.surgery.adapters import ADAPTERS, DENSE_TYPES, MOE_TYPES, MoeAdapter, adapter_for
+from spectra_convert.modelio.adapters import ADAPTERS, DENSE_TYPES, MOE_TYPES, MoeAdapter, adapter_for
 
 
 def test_registry_covers_every_runtime_parent() -> None:

@@ -16,8 +16,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from spectra_convert.errors import UserError
-from spectra_convert.surgery import checkpoint, safetensors_files
-from spectra_convert.surgery.checkpoint import CheckpointReader, ShardWriter, atomic_output_dir, read_header
+from spectra_convert.modelio import safetensors_files, side_files
+from spectra_convert.modelio.checkpoint import CheckpointReader, ShardWriter
+from spectra_convert.modelio.config import read_parent_config
+from spectra_convert.modelio.outdir import atomic_output_dir
+from spectra_convert.modelio.resolve import resolve_model_dir
+from spectra_convert.modelio.safetensors_files import read_header
 from tests.tiny_checkpoints import save_tiny_moe
 
 
@@ -94,32 +98,32 @@ def test_missing_weights_and_missing_shard(tmp_path: Path, mixtral_dir: Path) ->
 
 def test_read_parent_config_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"not a model folder \(no config.json\)"):
-        checkpoint.read_parent_config(tmp_path)
+        read_parent_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="not a valid JSON config"):
-        checkpoint.read_parent_config(tmp_path)
+        read_parent_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UserError, match="unsupported architecture 'bert'; supported: gpt2"):
-        checkpoint.read_parent_config(tmp_path)
+        read_parent_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_arch_xyz"}))
     with pytest.raises(UserError, match="unsupported architecture"):
-        checkpoint.read_parent_config(tmp_path)
+        read_parent_config(tmp_path)
 
 
 def test_resolve_model_dir(tmp_path: Path, monkeypatch) -> None:
-    assert checkpoint.resolve_model_dir(str(tmp_path)) == tmp_path.resolve()
+    assert resolve_model_dir(str(tmp_path)) == tmp_path.resolve()
     with pytest.raises(UserError, match="no such folder"):
-        checkpoint.resolve_model_dir(str(tmp_path / "missing"))
+        resolve_model_dir(str(tmp_path / "missing"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
-        checkpoint.resolve_model_dir(str(tmp_path / "file"))
+        resolve_model_dir(str(tmp_path / "file"))
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as info:
-        checkpoint.resolve_model_dir("someorg/somemodel")
+        resolve_model_dir("someorg/somemodel")
     assert "from the Hugging Face Hub (offline?): pass a local model folder" in str(info.value)
 
 
@@ -255,7 +259,7 @@ def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, m
 def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:
     shard = max(mixtral_dir.glob("model-*.safetensors"), key=lambda p: len(read_header(p)[0]))
     header, _ = read_header(shard)
-    entries = [safetensors_files._Entry(n, i.dtype, i.shape, i.nbytes, source=(shard, i)) for n, i in header.items()]
+    entries = [safetensors_files.Entry(n, i.dtype, i.shape, i.nbytes, source=(shard, i)) for n, i in header.items()]
     ordered = sorted(entries, key=lambda e: e.source[1].start)
     runs = list(safetensors_files._source_runs(ordered))
     assert len(runs) == 1 and runs[0][1] == sum(e.nbytes for e in entries)
@@ -337,14 +341,14 @@ def test_side_files_runtime_and_config(tmp_path: Path, mixtral_dir: Path) -> Non
     (src / "additional_chat_templates" / "tool.jinja").write_text("{{ x }}")
     dst = tmp_path / "dst"
     dst.mkdir()
-    copied = checkpoint.copy_side_files(src, dst)
+    copied = side_files.copy_side_files(src, dst)
     assert sorted(copied) == ["additional_chat_templates/", "chat_template.jinja", "generation_config.json",
                               "merges.txt", "tokenizer.json", "tokenizer_config.json"]
-    checkpoint.write_runtime_files(dst)
+    side_files.write_runtime_files(dst)
     parent = AutoConfig.from_pretrained(mixtral_dir)
-    checkpoint.write_spectra_config(dst, SpectraConfig(text_config=parent.to_dict(), spectra={"num_experts": 4}))
+    side_files.write_spectra_config(dst, SpectraConfig(text_config=parent.to_dict(), spectra={"num_experts": 4}))
     raw = json.loads((dst / "config.json").read_text())
-    assert raw["auto_map"] == checkpoint.AUTO_MAP and raw["architectures"] == ["SpectraForCausalLM"]
+    assert raw["auto_map"] == side_files.AUTO_MAP and raw["architectures"] == ["SpectraForCausalLM"]
     loaded = AutoConfig.from_pretrained(dst, trust_remote_code=True)
     assert type(loaded).__name__ == "SpectraConfig" and loaded.text_config.model_type == "mixtral"
 

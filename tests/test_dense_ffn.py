@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import tiny_parent_config
 from transformers import AutoModelForCausalLM
 
-from spectra_convert.surgery.adapters import DENSE_TYPES, adapter_for
-from spectra_convert.surgery.dense_ffn import ffn_getter
-from spectra_convert.surgery.gguf_once import parsed_once
+from spectra_convert.modelio.adapters import DENSE_TYPES, adapter_for
+from spectra_convert.modelio.dense_ffn import ffn_getter
+from spectra_convert.modelio.gguf_once import parsed_once
 
 
 def assert_same_ffns(getter, model, adapter) -> None:
@@ -62,8 +62,8 @@ def test_missing_ffn_tensor_means_no_early_reader(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gguf_ffns_equal_the_dequantised_model(smollm2_gguf: Path) -> None:
-    from spectra_convert.surgery.checkpoint import read_parent_config
-    from spectra_convert.surgery.upcycle import load_dense_parent
+    from spectra_convert.modelio.config import read_parent_config
+    from spectra_convert.modelio.parent import load_dense_parent
 
     with parsed_once():
         config = read_parent_config(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
@@ -79,7 +79,7 @@ def test_config_from_files_gives_transformers_layout(model_type: str, tmp_path: 
     FFN shapes as transformers' config of the same folder."""
     from transformers import AutoConfig
 
-    from spectra_convert.surgery.dense_ffn import config_from_files
+    from spectra_convert.modelio.dense_ffn import config_from_files
 
     tiny_parent_config(model_type, num_hidden_layers=3).save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
@@ -93,7 +93,7 @@ def test_config_from_files_gives_transformers_layout(model_type: str, tmp_path: 
 def test_config_from_files_leaves_class_defaults_to_transformers(tmp_path: Path) -> None:
     import json
 
-    from spectra_convert.surgery.dense_ffn import config_from_files
+    from spectra_convert.modelio.dense_ffn import config_from_files
 
     tiny_parent_config("llama").save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
@@ -103,8 +103,8 @@ def test_config_from_files_leaves_class_defaults_to_transformers(tmp_path: Path)
 
 
 def test_config_from_files_reads_gguf_metadata(smollm2_gguf: Path) -> None:
-    from spectra_convert.surgery.checkpoint import read_parent_config
-    from spectra_convert.surgery.dense_ffn import config_from_files
+    from spectra_convert.modelio.config import read_parent_config
+    from spectra_convert.modelio.dense_ffn import config_from_files
 
     with parsed_once():
         from_files = config_from_files(smollm2_gguf.parent, smollm2_gguf.name)
@@ -124,7 +124,7 @@ def test_gpt2_config_with_both_names_of_a_size_is_left_to_transformers(tmp_path:
     from transformers import AutoConfig
 
     from spectra_convert.errors import UserError
-    from spectra_convert.surgery.dense_ffn import config_from_files
+    from spectra_convert.modelio.dense_ffn import config_from_files
     from spectra_convert.surgery.upcycle import _check_same_layout
 
     tiny_parent_config("gpt2").save_pretrained(tmp_path)

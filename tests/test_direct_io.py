@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spectra_convert.surgery.checkpoint import ShardWriter, read_header
-from spectra_convert.surgery.direct_io import ALIGN, Cancelled, DirectFile, StagingBuffer
+from spectra_convert.modelio.checkpoint import ShardWriter
+from spectra_convert.modelio.safetensors_files import read_header
+from spectra_convert.modelio.direct_io import ALIGN, Cancelled, DirectFile, StagingBuffer
 
 
 def test_direct_file_writes_exact_bytes_across_staging_boundaries(tmp_path: Path) -> None:
@@ -119,7 +120,7 @@ def test_streamed_shards_hold_the_same_tensors_in_the_same_shards(tmp_path: Path
     same shard split, valid safetensors files whose header is exactly the reserved size."""
     from safetensors import safe_open
 
-    from spectra_convert.surgery.safetensors_files import header_reserve
+    from spectra_convert.modelio.safetensors_files import header_reserve
 
     tensors = _tensors()
     folders = {}

@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spectra_convert.surgery.adapters import ADAPTERS
-from spectra_convert.surgery.checkpoint import read_header, read_parent_config
+from spectra_convert.modelio.adapters import ADAPTERS
+from spectra_convert.modelio.config import read_parent_config
+from spectra_convert.modelio.safetensors_files import read_header
 from spectra_convert.surgery.reroute import reroute
 from spectra_convert.surgery.streaming import stream_ffn_inputs
 from tests.conftest import REPO, run_without_package, tiny_parent_config

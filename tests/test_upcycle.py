@@ -164,9 +164,9 @@ def test_gguf_file_is_parsed_once_per_upcycle_and_library_restored(smollm2_gguf:
     (transformers' legacy path parses it once per load otherwise); outside it the library is untouched."""
     import gguf
 
-    from spectra_convert.surgery.checkpoint import read_parent_config
-    from spectra_convert.surgery.gguf_once import parsed_once
-    from spectra_convert.surgery.upcycle import load_dense_parent
+    from spectra_convert.modelio.config import read_parent_config
+    from spectra_convert.modelio.gguf_once import parsed_once
+    from spectra_convert.modelio.parent import load_dense_parent
 
     original = gguf.GGUFReader
     parsed: list[str] = []
@@ -196,7 +196,7 @@ def test_shared_gguf_reader_reads_the_same_bytes_without_memmap_slices(smollm2_g
     import gguf
     import numpy as np
 
-    from spectra_convert.surgery.gguf_once import parsed_once
+    from spectra_convert.modelio.gguf_once import parsed_once
 
     library = gguf.GGUFReader(smollm2_gguf)
     with parsed_once():

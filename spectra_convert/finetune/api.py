@@ -19,7 +19,8 @@ from ..surgery.calibrate import recalibrate_model_bias
 from ..errors import UserError
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode, router_modules
-from ..surgery.checkpoint import atomic_output_dir, resolve_model_dir
+from ..modelio.outdir import atomic_output_dir, check_output
+from ..modelio.resolve import resolve_model_dir
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -107,16 +108,6 @@ def _cpu_workers() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def _check_out(out: Path, *, force: bool, inputs: list[Path]) -> None:
-    """The checks ``atomic_output_dir`` makes, run before any training time is spent."""
-    for item in inputs:
-        source = item.resolve()
-        if out == source or source in out.parents or out in source.parents:
-            raise UserError(f"OUT {out} and the input {item} overlap; choose an output outside the inputs")
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to overwrite")
-
-
 def _positive(name: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise UserError(f"{name} must be at least {minimum}, got {value}")
@@ -173,7 +164,7 @@ def finetune(
     model_path = resolve_spectra_model(model)
     out = Path(out).expanduser().resolve()
     inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
-    _check_out(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
+    check_output(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
 
     accelerator = Accelerator(cpu=_cpu_workers(),
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])

@@ -1,4 +1,4 @@
-"""Resumable checkpoints (the atomic output folder is ``surgery.checkpoint.atomic_output_dir``).
+"""Resumable checkpoints (the atomic output folder is ``modelio.outdir.atomic_output_dir``).
 
 Layout of the checkpoint folder (``OUT.partial/`` unless ``--checkpoint-dir``)::
 

@@ -132,12 +132,3 @@ class SpectraConfig(PretrainedConfig):
                 kwargs.setdefault(name, getattr(text_config, name, None))
             kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
-
-    # Convenience read-only views of the parent's shape, used by the runtime and the tools.
-    @property
-    def parent_model_type(self) -> str:
-        return self.text_config.model_type
-
-    @property
-    def is_moe_parent(self) -> bool:
-        return self.text_config.model_type in MOE_PARENTS

@@ -28,7 +28,7 @@ import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +87,6 @@ class RoutingContext:
     token_mask: torch.Tensor | None = None  # [B, T] bool, True for real tokens
     cache: Any = None  # transformers Cache whose ``spectra_router_states`` dict holds per-layer GRU states
     records: list[dict[str, torch.Tensor]] | None = None  # filled by routers when not None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.batch_shape, self.token_mask, self.cache, self.records = None, None, None, None

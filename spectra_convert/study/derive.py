@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..surgery.checkpoint import atomic_output_dir
+from ..modelio.outdir import atomic_output_dir
 
 
 @torch.no_grad()

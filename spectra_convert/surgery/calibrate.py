@@ -202,13 +202,6 @@ def topk_agreement(router: SpectraRouter, inputs: torch.Tensor, gate_weight: tor
     return float((shared / top_k).mean())
 
 
-@torch.no_grad()
-def hard_load_cv(router: SpectraRouter, inputs: torch.Tensor) -> float:
-    """CV of the hard top-k loads the router (with its current bias) gives on ``inputs``."""
-    selected = torch.topk(selection_scores(router, inputs) + router.dual_bias.float(), router.top_k, dim=-1).indices
-    return load_cv(selected, router.num_experts)
-
-
 def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 256, max_tokens: int = 8192, seed: int = 0) -> torch.Tensor:
     """Pack calibration texts into ``[B, seq_len]`` token blocks (shuffled, EOS-separated, <= max_tokens).
 

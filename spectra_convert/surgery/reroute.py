@@ -28,8 +28,13 @@ from typing import TYPE_CHECKING
 
 from ..console import err_console, human_bytes, progress, summary_table
 from ..errors import UserError
-from . import checkpoint
-from .adapters import MoeAdapter, adapter_for
+from ..modelcard import write_model_card
+from ..modelio.adapters import MoeAdapter, adapter_for
+from ..modelio.checkpoint import CheckpointReader, ShardWriter
+from ..modelio.config import read_parent_config, read_raw_config
+from ..modelio.outdir import atomic_output_dir
+from ..modelio.resolve import resolve_model_dir
+from ..modelio.side_files import copy_side_files, write_runtime_files, write_spectra_config
 
 if TYPE_CHECKING:  # imported inside the functions: the shard copy starts before torch/transformers load
     import torch
@@ -90,7 +95,7 @@ def _load_tokenizer(model_dir: Path):
         raise UserError(f"cannot load the tokenizer from {model_dir} (calibration needs it): {text}") from None
 
 
-def _param_counts(reader: checkpoint.CheckpointReader, adapter: MoeAdapter, layers: list[int], experts: int,
+def _param_counts(reader: CheckpointReader, adapter: MoeAdapter, layers: list[int], experts: int,
                   top_k: int, gate_keys: set[str], router_numel: int) -> tuple[int, int]:
     """(total, active per token) parameters of the rerouted model: only top-k of E routed experts run."""
     def numel(name: str) -> int:
@@ -107,7 +112,7 @@ def _param_counts(reader: checkpoint.CheckpointReader, adapter: MoeAdapter, laye
     return total, total - routed * (experts - top_k) // experts
 
 
-def _gate_layers(model_dir: Path, raw_config: dict, adapter: MoeAdapter, reader: checkpoint.CheckpointReader) -> list[int]:
+def _gate_layers(model_dir: Path, raw_config: dict, adapter: MoeAdapter, reader: CheckpointReader) -> list[int]:
     layers = int(raw_config.get("num_hidden_layers") or 0)
     found = [i for i in range(layers) if adapter.gate_key(i) in reader]
     if not found:
@@ -131,21 +136,21 @@ def reroute(
 
     _check_options(router_init, calibration_tokens, router_dim)
     out = Path(out)
-    model_dir = checkpoint.resolve_model_dir(model)
+    model_dir = resolve_model_dir(model)
     # Cheap checks from config.json and the shard headers (no torch/transformers yet) ...
-    raw_config = checkpoint.read_raw_config(model_dir)
+    raw_config = read_raw_config(model_dir)
     adapter = adapter_for(raw_config)
     _moe_shape(model, SimpleNamespace(**raw_config), adapter)
-    reader = checkpoint.CheckpointReader(model_dir)
+    reader = CheckpointReader(model_dir)
     layers = _gate_layers(model_dir, raw_config, adapter, reader)
     gate_keys = {adapter.gate_key(i) for i in layers}
     texts = [record.text for record in load_texts(calibration or default_calibration_path())]
 
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp, \
+    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp, \
             _CountingWriter(tmp, background=True) as writer:
         # ... so the byte copying runs while the heavy imports and the calibration forward do.
         _queue_parent_shards(reader, writer, gate_keys)
-        parent_config = checkpoint.read_parent_config(model_dir)
+        parent_config = read_parent_config(model_dir)
         experts, top_k = _moe_shape(model, parent_config, adapter)
         spectra_config = _spectra_config(parent_config, experts, top_k, router_dim)
         tokenizer = _load_tokenizer(model_dir)
@@ -165,10 +170,10 @@ def reroute(
             for name, tensor in routers[i].items():
                 writer.add(name, tensor)
         _finish_writing(writer, reader)
-        checkpoint.write_spectra_config(tmp, spectra_config)
-        checkpoint.write_runtime_files(tmp)
-        checkpoint.copy_side_files(model_dir, tmp)
-        _write_model_card(tmp, model)
+        write_spectra_config(tmp, spectra_config)
+        write_runtime_files(tmp)
+        copy_side_files(model_dir, tmp)
+        write_model_card(tmp, base_model=model)
         output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
 
     router_numel = sum(t.numel() for t in next(iter(routers.values())).values())
@@ -230,7 +235,7 @@ def _calibrate_routers(model_dir, reader, parent_config, spectra_config, adapter
     return routers, layer_cv, layer_agreement
 
 
-class _CountingWriter(checkpoint.ShardWriter):
+class _CountingWriter(ShardWriter):
     """ShardWriter that also counts what it did (for the summary)."""
 
     def __init__(self, *args, **kwargs):
@@ -263,19 +268,6 @@ def _finish_writing(writer: _CountingWriter, reader) -> None:
     with progress() as bar:
         task = bar.add_task("writing shards (experts linked or byte-copied)", total=len(reader.shards) + 1)
         writer.close(on_progress=lambda done, total: bar.update(task, completed=done, total=total))
-
-
-def _write_model_card(out_dir: Path, base_model: str) -> None:
-    try:
-        from ..modelcard import write_model_card
-    except ImportError:
-        # The model card module is optional at this layer; the YAML front matter is what the Hub needs.
-        (out_dir / "README.md").write_text(
-            f"---\nbase_model: {base_model}\nlibrary_name: transformers\ntags:\n- moe\n- spectra\n---\n",
-            encoding="utf-8",
-        )
-        return
-    write_model_card(out_dir, base_model=base_model)
 
 
 def _print_summary(model: str, result: RerouteResult, tokens: int) -> None:

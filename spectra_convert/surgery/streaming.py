@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from .adapters import MoeAdapter, adapter_for
-from .checkpoint import CheckpointReader
+from ..modelio.adapters import MoeAdapter, adapter_for
+from ..modelio.checkpoint import CheckpointReader
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:

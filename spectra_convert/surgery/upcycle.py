@@ -29,10 +29,16 @@ import torch.nn.functional as F
 
 from ..console import human_bytes, progress, summary_table
 from ..errors import UserError
-from . import adapters as adapter_registry
-from . import checkpoint
-from .dense_ffn import config_from_files, ffn_getter
-from .gguf_once import GgufParses
+from ..modelcard import write_model_card
+from ..modelio.adapters import adapter_for
+from ..modelio.checkpoint import ShardWriter
+from ..modelio.config import read_parent_config
+from ..modelio.dense_ffn import config_from_files, ffn_getter
+from ..modelio.gguf_once import GgufParses
+from ..modelio.outdir import atomic_output_dir
+from ..modelio.parent import load_dense_parent
+from ..modelio.resolve import resolve_model_dir
+from ..modelio.side_files import write_runtime_files, write_spectra_config
 from .noise import NoiseAhead, lower_thread_priority
 from .streaming import RouterInputsCaptured
 
@@ -55,29 +61,6 @@ class UpcycleResult:
     params_active: int
     output_bytes: int
     layer_cv: list[float] = field(default_factory=list)
-
-
-# -- loading the dense parent ------------------------------------------------------------------------------------
-
-
-def load_dense_parent(model_dir: Path, gguf_file: str | None, dtype: torch.dtype, config: Any = None):
-    """The dense model and tokenizer. GGUF weights are dequantised; its quantizer state is dropped (DESIGN §7).
-    ``config``: the parent config already read (saves transformers a second parse of a GGUF file)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, config=config, **gguf)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot load the dense model from {model_dir}: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    if gguf_file:  # a GGUF-loaded model refuses save_pretrained; we only keep its dequantised tensors
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    model.config.architectures = [type(model).__name__]
-    return model, tokenizer
 
 
 @torch.no_grad()
@@ -319,7 +302,7 @@ class ExpertBuilder:
 
 def _check_same_layout(adapter: Any, files_config: Any, parent_config: Any) -> None:
     """The layout the builder started from (``config_from_files``) must be the one transformers loads."""
-    loaded = adapter_registry.adapter_for(parent_config)
+    loaded = adapter_for(parent_config)
     if (loaded.layer_prefix, loaded.expert_kind, loaded.projections) != (adapter.layer_prefix, adapter.expert_kind, adapter.projections) \
             or adapter.num_layers(files_config) != adapter.num_layers(parent_config) \
             or adapter.ffn_shapes(files_config) != adapter.ffn_shapes(parent_config):
@@ -382,7 +365,7 @@ def upcycle(
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     overrides = _check_overrides(spectra_overrides)
     out = Path(out)
-    model_dir = checkpoint.resolve_model_dir(model)
+    model_dir = resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
         raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
     gguf_parses = GgufParses()  # config now, FFN weights, tokenizer + model later: one parse of a GGUF file
@@ -390,9 +373,9 @@ def upcycle(
     # then start before transformers is imported. Otherwise transformers' config (with class defaults) decides.
     with gguf_parses.active():
         shape_config = config_from_files(model_dir, gguf_file)
-        parent_config = None if shape_config is not None else checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+        parent_config = None if shape_config is not None else read_parent_config(model_dir, gguf_file=gguf_file)
     shape_config = shape_config or parent_config
-    adapter = adapter_registry.adapter_for(shape_config)
+    adapter = adapter_for(shape_config)
     if adapter.is_moe:
         raise UserError(
             f"{model} is a mixture-of-experts model ({shape_config.model_type}); "
@@ -406,9 +389,9 @@ def upcycle(
     sizes = noise_sizes(adapter.ffn_shapes(shape_config), experts, method) if noise else {}
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).
-    with checkpoint.atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
+    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
         with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
-                checkpoint.ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
+                ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
                                         streamed=True) as writer, \
                 progress() as bar, \
                 ExpertBuilder(writer, drawn_noise, list(sizes), adapter, ffn_prefixes, experts=experts, method=method,
@@ -424,7 +407,7 @@ def upcycle(
                 builder.start(lambda key: loaded[key] if key in loaded else early(key))
             if parent_config is None:
                 with gguf_parses.active():
-                    parent_config = checkpoint.read_parent_config(model_dir, gguf_file=gguf_file)
+                    parent_config = read_parent_config(model_dir, gguf_file=gguf_file)
                 _check_same_layout(adapter, shape_config, parent_config)
             torch.manual_seed(seed)
             with gguf_parses.active():
@@ -455,11 +438,11 @@ def upcycle(
                     writer.add(prefix + name, tensor.to(out_dtype))
             write_task = bar.add_task("writing shards", total=None)
             writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
-        checkpoint.write_spectra_config(tmp, spectra_config)
-        checkpoint.write_runtime_files(tmp)
+        write_spectra_config(tmp, spectra_config)
+        write_runtime_files(tmp)
         tokenizer.save_pretrained(tmp)
         _write_generation_config(dense, tmp)
-        _write_model_card(tmp, str(model))
+        write_model_card(tmp, base_model=str(model))
         expert_params = sum(math.prod(shape) for shape in adapter.ffn_shapes(parent_config).values())
         if method == "split":
             expert_params //= experts
@@ -533,11 +516,3 @@ def _write_generation_config(dense, out_dir: Path) -> None:
     generation_config = getattr(dense, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(out_dir)
-
-
-def _write_model_card(out_dir: Path, base_model: str) -> None:
-    try:
-        from ..modelcard import write_model_card
-    except ImportError:  # pragma: no cover - modelcard ships with the package
-        return
-    write_model_card(out_dir, base_model=base_model)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..surgery import checkpoint
+from ..modelio import resolve
 from ..textdata import TextRecord
 
 ROUTER_CLASS = "SpectraRouter"
@@ -35,7 +35,7 @@ ROUTER_CLASS = "SpectraRouter"
 
 def resolve_model_dir(name: str | Path, *, what: str = "model") -> Path:
     """A local folder, or a Hub id already in the local Hugging Face cache (validate never downloads)."""
-    return checkpoint.resolve_model_dir(str(name), download=False, what=what)
+    return resolve.resolve_model_dir(str(name), download=False, what=what)
 
 
 def pick_device(device: str | None) -> torch.device:

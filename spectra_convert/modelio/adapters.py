@@ -39,6 +39,7 @@ class DenseAdapter:
     expert_kind: str  # "gated" (SwiGLU) | "mlp" (GELU with biases)
     projections: dict[str, str] = field(default_factory=dict)  # role -> module name inside mlp
     is_moe: bool = False
+    gguf_arch: str | None = None  # GGUF ``general.architecture`` whose FFNs ``dense_ffn`` reads straight from the file
 
     def mlp_prefix(self, i: int) -> str:
         """Key prefix of layer ``i``'s FFN, e.g. ``model.layers.3.mlp.`` (module names = checkpoint names)."""
@@ -134,10 +135,10 @@ _LLAMA_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 ADAPTERS: dict[str, DenseAdapter | MoeAdapter] = {
     "gpt2": DenseAdapter("gpt2", "transformer.h.{i}.", "mlp", {"up": "c_fc", "down": "c_proj"}),
-    "llama": DenseAdapter("llama", "model.layers.{i}.", "gated", _LLAMA_PROJ),
-    "mistral": DenseAdapter("mistral", "model.layers.{i}.", "gated", _LLAMA_PROJ),
-    "qwen2": DenseAdapter("qwen2", "model.layers.{i}.", "gated", _LLAMA_PROJ),
-    "qwen3": DenseAdapter("qwen3", "model.layers.{i}.", "gated", _LLAMA_PROJ),
+    "llama": DenseAdapter("llama", "model.layers.{i}.", "gated", _LLAMA_PROJ, gguf_arch="llama"),
+    "mistral": DenseAdapter("mistral", "model.layers.{i}.", "gated", _LLAMA_PROJ, gguf_arch="mistral"),
+    "qwen2": DenseAdapter("qwen2", "model.layers.{i}.", "gated", _LLAMA_PROJ, gguf_arch="qwen2"),
+    "qwen3": DenseAdapter("qwen3", "model.layers.{i}.", "gated", _LLAMA_PROJ, gguf_arch="qwen3"),
     "mixtral": MoeAdapter("mixtral", "model.layers.{i}.block_sparse_moe.", {"gate": "w1", "up": "w3", "down": "w2"},
                           "num_local_experts"),
     "qwen2_moe": MoeAdapter("qwen2_moe", "model.layers.{i}.mlp.", _LLAMA_PROJ, "num_experts"),
@@ -147,10 +148,14 @@ ADAPTERS: dict[str, DenseAdapter | MoeAdapter] = {
 
 DENSE_TYPES = tuple(k for k, a in ADAPTERS.items() if not a.is_moe)
 MOE_TYPES = tuple(k for k, a in ADAPTERS.items() if a.is_moe)
+#: GGUF ``general.architecture`` -> transformers model_type, for the parents whose GGUF FFNs are read directly
+GGUF_ARCHS = {a.gguf_arch: k for k, a in ADAPTERS.items() if isinstance(a, DenseAdapter) and a.gguf_arch}
 
 
 def supported_message() -> str:
-    return f"supported: {', '.join(DENSE_TYPES)} (dense, for upcycle); {', '.join(MOE_TYPES)} (MoE, for reroute)"
+    return (f"supported: {', '.join(DENSE_TYPES)} (dense, for upcycle); {', '.join(MOE_TYPES)} (MoE, for reroute) — "
+            "a converter must know where a parent keeps its FFN or router (docs/ARCHITECTURE.md, "
+            "\"Adding a parent architecture\")")
 
 
 def adapter_for(config: Any) -> DenseAdapter | MoeAdapter:

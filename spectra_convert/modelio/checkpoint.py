@@ -1,7 +1,7 @@
-"""Checkpoint I/O for the converters: model folders in, safetensors shards out, atomically.
+"""A model folder's safetensors checkpoint: ``CheckpointReader`` reads it, ``ShardWriter`` writes one.
 
-Why it is hand-rolled around the safetensors *format* rather than ``save_pretrained``: converters must never
-hold a whole model (mergekit #54/#157: conversions killed by RAM, half-written output). So
+Why it is hand-rolled around the safetensors *format* (``safetensors_files``) rather than ``save_pretrained``:
+converters must never hold a whole model (mergekit #54/#157: conversions killed by RAM, half-written output). So
 
 * ``CheckpointReader`` validates every shard's header up front (a corrupt or truncated file fails in one line
   naming it, before any expensive work) and reads one tensor at a time with ``pread`` — no mmap, so the bytes
@@ -9,23 +9,15 @@ hold a whole model (mergekit #54/#157: conversions killed by RAM, half-written o
 * ``ShardWriter`` writes shards as they fill (memory ~ one shard), hard-links untouched shards, and rewrites a
   shard that needs a few tensors changed *by streaming the other tensors' bytes* from the source file
   (``copy_file_range``): expert tensors keep their names and exact bytes and never enter Python memory.
-* ``atomic_output_dir`` builds the output in a temp folder next to OUT and renames it into place at the end,
-  so an interrupted conversion leaves nothing half-written; OUT is never overwritten without ``--force`` and
-  may not lie inside an input (a rename would then destroy the input).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
 import os
-import re
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
@@ -34,281 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .direct_io import Cancelled, StagingBuffer
-from .safetensors_files import (_DTYPE_SIZES, StreamedShard, _copy_file, _Entry, _header_bytes, _memory_entry,
-                                _torch_dtype, _write_safetensors, header_entry_bytes, header_reserve)
+from .safetensors_files import (Entry, StreamedShard, TensorInfo, copy_file, header_bytes, header_entry_bytes,
+                                header_reserve, memory_entry, read_header, read_tensor, write_safetensors)
 
 if TYPE_CHECKING:  # torch is imported lazily: reroute starts copying shards before torch/transformers load
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-AUTO_MAP = {"AutoConfig": "configuration_spectra.SpectraConfig", "AutoModelForCausalLM": "modeling_spectra.SpectraForCausalLM"}
-RUNTIME_FILES = ("configuration_spectra.py", "modeling_spectra.py")
-
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resolving MODEL and reading its config
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _looks_like_hub_id(model: str) -> bool:
-    return bool(_HUB_ID.fullmatch(model)) and ".." not in model and not model.startswith(".")
-
-
-def resolve_model_dir(model: str, *, allow_patterns: list[str] | None = None, download: bool = True,
-                      what: str = "") -> Path:
-    """A local model folder for ``model``: the folder itself, or a Hub snapshot in the HF cache.
-
-    A path that exists must be a folder. A missing path that looks like a Hub id (``org/name``) is fetched with
-    ``huggingface_hub.snapshot_download``; any failure to reach the Hub (offline, no network) is one line that
-    tells the user to pass a local folder instead. ``download=False`` (validate) only looks in the local
-    cache. ``what`` names the argument in errors (e.g. ``--parent``).
-    """
-    label = f"{what} {model}" if what else str(model)
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise UserError(f"{label}: not a folder; pass a model folder (the one that holds config.json) or a "
-                            "Hugging Face Hub id")
-        return path.resolve()
-    if not _looks_like_hub_id(model):
-        raise UserError(f"{label}: no such folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    if not download:
-        try:
-            return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True)).resolve()
-        except Exception:  # any failure means "not available offline"
-            raise UserError(f"{label}: not a local folder and not in the local Hugging Face cache; download it "
-                            "first or pass a local folder") from None
-    try:
-        return Path(snapshot_download(model, allow_patterns=patterns)).resolve()
-    except RepositoryNotFoundError:
-        raise UserError(f"{label}: no such local folder and no such model on the Hugging Face Hub") from None
-    except Exception as exc:  # any network/offline/cache failure: the fix is the same
-        raise UserError(
-            f"{label}: no such local folder, and cannot download {model!r} from the Hugging Face Hub (offline?): "
-            f"pass a local model folder ({type(exc).__name__})"
-        ) from None
-
-
-def read_raw_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` as a dict, checked to be a supported parent — without importing transformers (reroute
-    reads it to start copying shards while the heavy imports still run)."""
-    from .adapters import ADAPTERS, supported_message
-
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{model_dir}: not a model folder (no config.json)")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{config_path}: not a valid JSON config ({_first_line(exc)})") from None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise UserError(f"{config_path}: no 'model_type' field; not a transformers model config")
-    model_type = raw["model_type"]
-    if model_type == "spectra":
-        raise UserError(f"{model_dir} is already a SPECTRA model; convert its parent model instead")
-    if model_type not in ADAPTERS:
-        raise UserError(f"unsupported architecture {model_type!r}; {supported_message()}")
-    return raw
-
-
-def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
-    """The parent's ``PretrainedConfig``; one-line errors for a folder that is not a (supported) model."""
-    from transformers import AutoConfig
-
-    model_dir = Path(model_dir)
-    if gguf_file:
-        try:
-            return AutoConfig.from_pretrained(model_dir, gguf_file=gguf_file)
-        except Exception as exc:  # gguf parsing errors come in many types
-            raise UserError(f"{model_dir / gguf_file}: cannot read a model config from this GGUF file ({_first_line(exc)})") from None
-    raw = read_raw_config(model_dir)
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{model_dir / 'config.json'}: cannot build a {raw['model_type']} config ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Atomic output folder
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _is_within(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable: bool = False) -> Iterator[Path]:
-    """Yield a temp folder next to ``out``; on success rename it to ``out``, on any error remove it.
-
-    Checks happen before any work: ``out`` must not exist (unless ``force``), must not be or lie inside an
-    input, and no input may lie inside ``out`` (``--force`` would delete it). ``durable``: every file is fsynced
-    before the rename and the parent folder after it, so a power loss cannot leave ``out`` with empty files
-    (cheap when the big files were written with ``O_DIRECT`` and fsynced already, as upcycle's are).
-    """
-    out = Path(out).expanduser()
-    target = out.resolve()
-    for item in inputs:
-        source = Path(item).resolve()
-        if _is_within(target, source):
-            raise UserError(f"output folder {out} is inside the input {item}; choose an output outside it")
-        if _is_within(source, target):
-            raise UserError(f"the input {item} is inside the output folder {out}; choose another output")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise UserError(f"{out} exists; pass --force to overwrite")
-        if not out.is_dir():
-            raise UserError(f"{out} exists and is not a folder; remove it or choose another output")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary folder
-    except OSError as exc:
-        raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
-    try:
-        yield tmp
-        if durable:
-            _fsync_tree(tmp)
-        _move_into_place(tmp, target, force=force)
-        if durable:
-            _fsync_path(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (folders too: their entries are what a rename publishes)."""
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
-
-
-def _move_into_place(tmp: Path, target: Path, *, force: bool) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if not force:  # appeared while we were working
-        raise UserError(f"{target} exists; pass --force to overwrite")
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, old / "previous")
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old / "previous", target)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# safetensors format: header validation, reading one tensor, streaming writes
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes live inside a safetensors file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute file offsets
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``.
-
-    Raises ``UserError`` naming the file when it is not safetensors, its header is damaged, or it is truncated
-    (a tensor's bytes would lie past the end of the file).
-    """
-    def bad(reason: str) -> UserError:
-        return UserError(f"{path}: corrupt or truncated safetensors file ({reason})")
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise bad("shorter than a header")
-            length = int.from_bytes(prefix, "little")
-            if length <= 0 or length > _MAX_HEADER or 8 + length > size:
-                raise bad("invalid header length")
-            raw = handle.read(length)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad("header is not JSON") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    base = 8 + length
-    metadata = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"bad entry for {name!r}") from None
-        if dtype not in _DTYPE_SIZES:
-            raise bad(f"unsupported dtype {dtype!r} of {name!r}")
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        itemsize = _DTYPE_SIZES[dtype]
-        if not (0 <= begin <= end) or end - begin != numel * itemsize:
-            raise bad(f"bad data offsets of {name!r}")
-        if base + end > size:
-            raise bad(f"tensor {name!r} ends past the end of the file")
-        tensors[name] = TensorInfo(dtype, shape, base + begin, base + end)
-    return tensors, metadata
-
-
-def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
-    """One tensor's bytes read with ``pread`` into a fresh tensor (no mmap: memory is exactly the tensor)."""
-    import torch
-
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    if info.nbytes:
-        with open(path, "rb", buffering=0) as handle:
-            view = memoryview(buffer.numpy())
-            done = 0
-            while done < info.nbytes:
-                count = os.preadv(handle.fileno(), [view[done:]], info.start + done)
-                if count <= 0:
-                    raise UserError(f"{path}: truncated while reading (file changed during conversion?)")
-                done += count
-    return buffer.view(_torch_dtype(info.dtype)).reshape(info.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,9 +105,6 @@ class CheckpointReader:
         if name not in self._shard_of:
             raise KeyError(name)
         return read_tensor(self._shard_of[name], self.info(name))
-
-    def total_bytes(self) -> int:
-        return sum(info.nbytes for header in self.headers.values() for info in header.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -489,7 +211,7 @@ class ShardWriter:
         self._header_used = 0
         self._staging: StagingBuffer | None = None  # made on first use, by the one thread that writes
         self.max_shard_bytes = int(max_shard_bytes)
-        self._pending: list[_Entry] = []
+        self._pending: list[Entry] = []
         self._pending_bytes = 0
         self._shards: list[tuple[Path, list[str], int]] = []  # (temp path, names, data bytes)
         self._names: set[str] = set()
@@ -536,12 +258,12 @@ class ShardWriter:
             self._staging = StagingBuffer()
         return self._staging
 
-    def _write(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> int:
+    def _write(self, path: Path, entries: list[Entry], metadata: dict[str, str]) -> int:
         """Write (or queue) one shard; returns its data size (known from the entries before writing)."""
 
         def write(cancel: threading.Event | None) -> None:
             try:
-                _write_safetensors(path, entries, metadata, cancel, self._staging_buffer())
+                write_safetensors(path, entries, metadata, cancel, self._staging_buffer())
                 for entry in entries:
                     if entry.on_written is not None:
                         entry.on_written(entry.tensor)  # type: ignore[arg-type]
@@ -555,7 +277,7 @@ class ShardWriter:
     def add(self, name: str, tensor: torch.Tensor, *, on_written: Callable[[torch.Tensor], None] | None = None) -> None:
         """Queue ``tensor`` for the current shard. ``on_written(tensor)`` is called (on the writer thread) once
         its bytes are in the file, so its buffer can be reused; the caller must not change it before then."""
-        entry = _memory_entry(name, tensor.detach().to("cpu").contiguous(), on_written)
+        entry = memory_entry(name, tensor.detach().to("cpu").contiguous(), on_written)
         self._claim([name])
         if self.streamed:
             self._add_streamed(entry)
@@ -565,7 +287,7 @@ class ShardWriter:
         self._pending.append(entry)
         self._pending_bytes += entry.nbytes
 
-    def _add_streamed(self, entry: _Entry) -> None:
+    def _add_streamed(self, entry: Entry) -> None:
         """``streamed`` mode: the tensor goes to the open shard file now (the writer thread appends it), only its
         header entry is kept until ``flush``."""
         header_entry = dataclasses.replace(entry, tensor=None, on_written=None)
@@ -581,7 +303,7 @@ class ShardWriter:
                 stream.shard = StreamedShard(stream.path, room, self._staging_buffer(), cancel)
 
             self._run(open_shard)
-            self._header_used = len(_header_bytes([], _SHARD_METADATA)[0])
+            self._header_used = len(header_bytes([], _SHARD_METADATA)[0])
 
         def append(cancel: threading.Event | None, stream: _OpenStream = self._stream) -> None:
             stream.shard.append(entry.tensor)  # type: ignore[union-attr, arg-type]
@@ -629,7 +351,7 @@ class ShardWriter:
         if _hardlink(Path(src_path), path):
             self.linked += 1
             return True
-        self._run(lambda cancel: _copy_file(Path(src_path), path, cancel), completes_shard=True)  # another filesystem
+        self._run(lambda cancel: copy_file(Path(src_path), path, cancel), completes_shard=True)  # another filesystem
         return False
 
     def rewrite_shard(self, src_path: Path, *, keep: list[str], add: dict[str, torch.Tensor] | None = None) -> None:
@@ -637,8 +359,8 @@ class ShardWriter:
         self.flush()
         src_path = Path(src_path)
         header, metadata = read_header(src_path)
-        entries = [_Entry(n, header[n].dtype, header[n].shape, header[n].nbytes, source=(src_path, header[n])) for n in keep]
-        entries += [_memory_entry(n, t.detach().to("cpu").contiguous()) for n, t in (add or {}).items()]
+        entries = [Entry(n, header[n].dtype, header[n].shape, header[n].nbytes, source=(src_path, header[n])) for n in keep]
+        entries += [memory_entry(n, t.detach().to("cpu").contiguous()) for n, t in (add or {}).items()]
         self._claim(e.name for e in entries)
         path = self._temp_path()
         names = [e.name for e in entries]
@@ -666,48 +388,3 @@ class ShardWriter:
         self.closed = True
         return weight_map
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Everything else in an output folder
-# ---------------------------------------------------------------------------------------------------------------
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt", ".onnx", ".npz")
-_NOT_COPIED = {"config.json", "README.md", INDEX_NAME, "pytorch_model.bin.index.json"}
-_SIDE_DIRS = ("additional_chat_templates",)
-
-
-def copy_side_files(src_dir: Path, dst_dir: Path) -> list[str]:
-    """Copy tokenizer files, generation config, chat templates, licence... (not weights, config.json, code,
-    or the parent's README, which the model card replaces). Returns the names copied."""
-    copied = []
-    for path in sorted(Path(src_dir).iterdir()):
-        name = path.name
-        if name.startswith(".") or name in _NOT_COPIED:
-            continue
-        if path.is_dir():
-            if name in _SIDE_DIRS:
-                shutil.copytree(path, Path(dst_dir) / name)
-                copied.append(name + "/")
-            continue
-        if path.suffix in _WEIGHT_SUFFIXES or path.suffix == ".py" or name.endswith(".index.json"):
-            continue
-        shutil.copyfile(path, Path(dst_dir) / name)
-        copied.append(name)
-    return copied
-
-
-def write_runtime_files(dst_dir: Path) -> None:
-    """Ship the SPECTRA runtime (``configuration_spectra.py``, ``modeling_spectra.py``) inside the folder."""
-    runtime = Path(__file__).resolve().parent.parent / "modeling"
-    for name in RUNTIME_FILES:
-        shutil.copyfile(runtime / name, Path(dst_dir) / name)
-
-
-def write_spectra_config(dst_dir: Path, spectra_config: Any) -> Path:
-    """Write ``config.json`` with ``auto_map`` and ``architectures`` so transformers finds the shipped code."""
-    config = copy.deepcopy(spectra_config)
-    config.auto_map = dict(AUTO_MAP)
-    config.architectures = ["SpectraForCausalLM"]
-    path = Path(dst_dir) / "config.json"
-    config.to_json_file(path, use_diff=True)
-    return path

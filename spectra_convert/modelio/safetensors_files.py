@@ -1,9 +1,10 @@
-"""Writing one safetensors file: whole (from tensors in memory and byte ranges of other files) or streamed
+"""One safetensors file, read and written: the header parsed and validated (``read_header``), one tensor read
+(``read_tensor``), a file written whole (from tensors in memory and byte ranges of other files) or streamed
 (``StreamedShard``: tensor by tensor as they arrive, the header last).
 
 Hand-rolled around the safetensors *format* (an 8-byte little-endian header length, a JSON header with every
 tensor's dtype, shape and byte range, then the data) so that converters control exactly when bytes are
-written and never hold a whole model; ``checkpoint.ShardWriter`` decides what goes into which file.
+read and written and never hold a whole model; ``checkpoint`` decides what goes into which file of a folder.
 """
 
 from __future__ import annotations
@@ -22,18 +23,16 @@ from .direct_io import ALIGN, Cancelled, DirectFile, StagingBuffer
 if TYPE_CHECKING:
     import torch
 
-    from .checkpoint import TensorInfo
-
 # safetensors dtype names -> item sizes (header validation needs no torch) and torch dtype attribute names
 # (the subset torch supports on every platform we run).
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_DTYPE_ATTRS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, _TORCH_DTYPE_ATTRS[name])
@@ -43,6 +42,90 @@ def _dtype_name(dtype: torch.dtype) -> str | None:
     import torch
 
     return next((n for n, attr in _TORCH_DTYPE_ATTRS.items() if getattr(torch, attr) == dtype), None)
+
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live inside a safetensors file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ``({name: TensorInfo}, metadata)``.
+
+    Raises ``UserError`` naming the file when it is not safetensors, its header is damaged, or it is truncated
+    (a tensor's bytes would lie past the end of the file).
+    """
+    def bad(reason: str) -> UserError:
+        return UserError(f"{path}: corrupt or truncated safetensors file ({reason})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than a header")
+            length = int.from_bytes(prefix, "little")
+            if length <= 0 or length > _MAX_HEADER or 8 + length > size:
+                raise bad("invalid header length")
+            raw = handle.read(length)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    base = 8 + length
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad entry for {name!r}") from None
+        if dtype not in DTYPE_SIZES:
+            raise bad(f"unsupported dtype {dtype!r} of {name!r}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        itemsize = DTYPE_SIZES[dtype]
+        if not (0 <= begin <= end) or end - begin != numel * itemsize:
+            raise bad(f"bad data offsets of {name!r}")
+        if base + end > size:
+            raise bad(f"tensor {name!r} ends past the end of the file")
+        tensors[name] = TensorInfo(dtype, shape, base + begin, base + end)
+    return tensors, metadata
+
+
+def read_tensor(path: Path, info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes read with ``pread`` into a fresh tensor (no mmap: memory is exactly the tensor)."""
+    import torch
+
+    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+    if info.nbytes:
+        with open(path, "rb", buffering=0) as handle:
+            view = memoryview(buffer.numpy())
+            done = 0
+            while done < info.nbytes:
+                count = os.preadv(handle.fileno(), [view[done:]], info.start + done)
+                if count <= 0:
+                    raise UserError(f"{path}: truncated while reading (file changed during conversion?)")
+                done += count
+    return buffer.view(torch_dtype(info.dtype)).reshape(info.shape)
+
 
 
 def _contiguous_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,7 +176,7 @@ def _copy_range(src: Any, dst: Any, offset: int, count: int, cancel: threading.E
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
     """A tensor to write: either in memory (``tensor``) or a byte range of a source file (``source``)."""
 
     name: str
@@ -105,12 +188,12 @@ class _Entry:
     on_written: Callable[[torch.Tensor], None] | None = None  # gets ``tensor`` back once its bytes are written
 
 
-def _header_member(entry: _Entry, offset: int) -> dict[str, Any]:
+def _header_member(entry: Entry, offset: int) -> dict[str, Any]:
     """``entry``'s value in a safetensors header when its bytes start ``offset`` bytes into the data section."""
     return {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + entry.nbytes]}
 
 
-def _header_bytes(entries: list[_Entry], metadata: dict[str, str], *, size: int | None = None) -> tuple[bytes, int]:
+def header_bytes(entries: list[Entry], metadata: dict[str, str], *, size: int | None = None) -> tuple[bytes, int]:
     """The safetensors header for ``entries`` laid out in order, and the data section's size. The JSON is
     padded with spaces (the format allows it) to a multiple of 8 bytes, as the reference writer does, or so
     that the whole header is exactly ``size`` bytes (a ``StreamedShard`` reserved that much before the data)."""
@@ -129,7 +212,7 @@ def _header_bytes(entries: list[_Entry], metadata: dict[str, str], *, size: int 
     return len(raw).to_bytes(8, "little") + raw, offset
 
 
-def header_entry_bytes(entry: _Entry) -> int:
+def header_entry_bytes(entry: Entry) -> int:
     """Bytes ``entry`` adds to a shard's JSON header (its ``"name":{...}`` member and a comma), for offsets up to
     the shard size: lets a streamed shard know when its reserved header space is full."""
     member = {entry.name: _header_member(entry, 10**12)}  # offsets written no longer than this one
@@ -170,9 +253,9 @@ class StreamedShard:
                 raise Cancelled
             self._file.write(_tensor_bytes(tensor))  # type: ignore[union-attr]
 
-    def finish(self, entries: list[_Entry], metadata: dict[str, str]) -> int:
+    def finish(self, entries: list[Entry], metadata: dict[str, str]) -> int:
         """Write the header of ``entries`` (the appended tensors, in order); returns the data size."""
-        header, size = _header_bytes(entries, metadata, size=self.reserve)
+        header, size = header_bytes(entries, metadata, size=self.reserve)
         try:
             if self._direct is not None:
                 self._direct.finish(header)
@@ -192,12 +275,12 @@ class StreamedShard:
             self._file = None
 
 
-def _source_runs(entries: list[_Entry]) -> Iterator[tuple[_Entry, int]]:
+def _source_runs(entries: list[Entry]) -> Iterator[tuple[Entry, int]]:
     """Group consecutive entries whose source bytes are adjacent in the same file: ``(first entry, run bytes)``.
 
     A rewritten shard keeps almost all of its tensors in order, so its data is copied in a handful of kernel
     calls instead of one per tensor."""
-    run: _Entry | None = None
+    run: Entry | None = None
     length = 0
     for entry in entries:
         if run is not None and entry.source is not None and run.source is not None and run.source[0] == entry.source[0] \
@@ -211,12 +294,12 @@ def _source_runs(entries: list[_Entry]) -> Iterator[tuple[_Entry, int]]:
         yield run, length
 
 
-def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str],
+def write_safetensors(dst: Path, entries: list[Entry], metadata: dict[str, str],
                        cancel: threading.Event | None = None, staging: StagingBuffer | None = None) -> int:
     """Write a safetensors file from ``entries`` in order; returns the data size. Source ranges are streamed
     kernel-side; a shard held wholly in memory goes through ``staging`` with ``O_DIRECT`` when one is given and
     the filesystem allows it (``direct_io``), else through the page cache."""
-    header, size = _header_bytes(entries, metadata)
+    header, size = header_bytes(entries, metadata)
     if staging is not None and all(entry.tensor is not None for entry in entries):
         direct = DirectFile.open(dst, staging, cancel)
         if direct is not None:
@@ -248,15 +331,15 @@ def _write_safetensors(dst: Path, entries: list[_Entry], metadata: dict[str, str
     return size
 
 
-def _memory_entry(name: str, tensor: torch.Tensor, on_written: Callable[[torch.Tensor], None] | None = None) -> _Entry:
+def memory_entry(name: str, tensor: torch.Tensor, on_written: Callable[[torch.Tensor], None] | None = None) -> Entry:
     dtype = _dtype_name(tensor.dtype)
     if dtype is None:
         raise ValueError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-    return _Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor,
+    return Entry(name, dtype, tuple(tensor.shape), tensor.numel() * tensor.element_size(), tensor=tensor,
                   on_written=on_written)
 
 
-def _copy_file(src: Path, dst: Path, cancel: threading.Event | None = None) -> None:
+def copy_file(src: Path, dst: Path, cancel: threading.Event | None = None) -> None:
     """Copy a whole file kernel-side (``copy_file_range``), checking ``cancel`` between chunks."""
     with open(src, "rb") as source, open(dst, "wb") as target:
         _copy_range(source, target, 0, os.fstat(source.fileno()).st_size, cancel)

@@ -24,8 +24,9 @@ from types import SimpleNamespace
 
 import torch
 
-from .adapters import ADAPTERS, DenseAdapter
-from .checkpoint import CheckpointReader, read_raw_config
+from .adapters import ADAPTERS, GGUF_ARCHS, DenseAdapter
+from .checkpoint import CheckpointReader
+from .config import read_raw_config
 
 Getter = Callable[[str], torch.Tensor]
 
@@ -79,10 +80,6 @@ def _gguf_getter(path: Path, adapter: DenseAdapter) -> Getter | None:
     return get
 
 
-#: GGUF ``general.architecture`` -> transformers model_type, for the gated parents ``_gguf_getter`` reads
-_GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
-
-
 def config_from_files(model_dir: Path, gguf_file: str | None) -> SimpleNamespace | None:
     """``model_type``, ``num_hidden_layers``, ``hidden_size`` and ``intermediate_size`` (also as gpt2's
     ``n_inner``) of the parent, read without transformers; enough for ``DenseAdapter.num_layers`` and
@@ -122,4 +119,4 @@ def _gguf_config(path: Path) -> SimpleNamespace | None:
         values = [fields[f"{arch}.{key}"].contents() for key in ("block_count", "embedding_length", "feed_forward_length")]
     except Exception:  # any unreadable file: transformers' loader gives the user its own clear error later
         return None
-    return _layout(_GGUF_ARCHS[arch], *values) if arch in _GGUF_ARCHS else None
+    return _layout(GGUF_ARCHS[arch], *values) if arch in GGUF_ARCHS else None

@@ -16,6 +16,7 @@ from spectra_convert.modeling.modeling_spectra import (
     SpectraCache,
     SpectraForCausalLM,
     SpectraRouter,
+    SequenceGRU,
     sinkhorn,
 )
 from tests.conftest import run_without_package, tiny_parent_config
@@ -239,6 +240,44 @@ def test_loss_is_the_lm_loss_unless_router_logits_are_asked_for(training: bool) 
     defaults = SpectraConfig().spectra  # today's training loss: lm + 1 * (0.1 entropy + 0.01 orthogonality)
     assert (defaults["router_aux_loss_coef"], defaults["router_entropy_coef"], defaults["ortho_loss_coef"]) == (
         1.0, 0.1, 0.01)
+
+
+def test_sequence_gru_states_are_nn_grus_and_its_backward_is_autograds() -> None:
+    """The training GRU path: states bit-identical to ``nn.GRU``, gradients equal to autograd's (float64)."""
+    torch.manual_seed(14)
+    gru = torch.nn.GRU(24, 8, batch_first=True).double()
+    x = torch.randn(3, 17, 24, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 17, 8, dtype=torch.float64)
+    expected, _ = gru(x, h0.unsqueeze(0))
+    reference = torch.autograd.grad((expected * upstream).sum(), [x, h0, *gru.parameters()])
+    states = SequenceGRU.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    assert torch.equal(states, expected)
+    grads = torch.autograd.grad((states * upstream).sum(), [x, h0, *gru.parameters()])
+    for ours, theirs in zip(grads, reference):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_row", [False, True])
+def test_training_forward_routes_and_computes_exactly_like_inference(mask_row: bool) -> None:
+    """Under autograd the router takes the SequenceGRU path; routing and logits must not move by one bit."""
+    model = build("llama", bias_ema=0.0, bias_update_rate=0.0)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(15))
+    mask = torch.ones_like(ids)
+    if mask_row:
+        mask[0, :5] = 0
+    sel_eval, log_eval = selections(model, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        logits_eval = model(ids, attention_mask=mask, use_cache=False).logits
+    model.train()
+    captured: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda m, a, out: captured.append(out[2])) for r in model.routers()]
+    logits_train = model(ids, attention_mask=mask, use_cache=False).logits
+    for hook in hooks:
+        hook.remove()
+    assert logits_train.requires_grad
+    assert all(torch.equal(a.reshape(-1, 2), b) for a, b in zip(sel_eval, captured))
+    assert torch.equal(logits_train.detach(), logits_eval)
 
 
 def test_training_updates_dual_bias_from_sinkhorn() -> None:

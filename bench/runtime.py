@@ -106,9 +106,9 @@ def mixtral_sharing(spectra) -> torch.nn.Module:
 
 def real_tokens(tokenizer_dir: Path, n: int) -> torch.Tensor:
     """Token ids of real text (Python standard-library sources), repeated if shorter than ``n``."""
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     text = "\n".join((stdlib / name).read_text() for name in ("argparse.py", "textwrap.py"))
     ids = tokenizer(text)["input_ids"]

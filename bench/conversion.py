@@ -188,7 +188,7 @@ def bench_reroute(workdir: Path, args: argparse.Namespace) -> list[tuple[str, st
     cp_times = []
     reroute_time = reroute_rss = None
     reroute_err = ""
-    heavy_imports = ("import spectra_convert.surgery.calibrate, spectra_convert.surgery.streaming, "
+    heavy_imports = ("import spectra_convert.router.calibrate, spectra_convert.surgery.streaming, "
                      "transformers.models.mixtral.modeling_mixtral")
     import_time, _, _, _ = run_measured([sys.executable, "-c", heavy_imports], env)
     # Interleave cp, reroute, cp so that page-cache state and load from other processes hit both alike.

@@ -3,7 +3,7 @@
 Two formats, chosen by file extension so a typo never silently changes how a file is read:
 
 * ``.jsonl`` / ``.ndjson`` — one JSON object per line with a string ``text`` and an optional ``domain``
-  (domains feed the domain-specialisation metric; see DESIGN §5). Blank lines are skipped.
+  (domains feed the domain-specialisation metric; see docs/ARCHITECTURE.md, "Metrics"). Blank lines are skipped.
 * ``.txt`` — plain text; documents are separated by blank lines; no domains.
 
 Every problem a user can cause (missing file, a directory, no permission, bad JSON on line 7, a record without

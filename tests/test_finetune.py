@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tests.finetune_helpers import STDLIB, build_tiny_model, write_corpus
 from spectra_convert.finetune import finetune
 from spectra_convert.finetune.data import block_indices, pack, split_validation
-from spectra_convert.finetune.monitor import gram_orthogonality, load_cv
+from spectra_convert.router.loads import gram_orthogonality, load_cv
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable

@@ -1,4 +1,4 @@
-"""Every validate metric pinned on hand-checkable inputs (DESIGN §5)."""
+"""Every validate metric pinned on hand-checkable inputs (docs/ARCHITECTURE.md, "Metrics")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from spectra_convert.validate import metrics as m
+from spectra_convert.router import metrics as m
 
 E = 8
 

@@ -311,6 +311,7 @@ def test_shard_copy_can_start_before_torch_is_imported() -> None:
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    from spectra_convert.surgery import calibrate, reroute
+    from spectra_convert.router import prototypes
+    from spectra_convert.surgery import reroute
 
-    assert reroute.INIT_METHODS == calibrate.INIT_METHODS
+    assert reroute.INIT_METHODS == prototypes.INIT_METHODS

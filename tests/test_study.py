@@ -16,7 +16,7 @@ from spectra_convert.cli import main
 from spectra_convert.errors import UserError
 from spectra_convert.study import load_plan, parse_plan, read_results, run_study
 from spectra_convert.study.dynamics import overlap_from_cooccurrence
-from spectra_convert.validate import metrics as M
+from spectra_convert.router import metrics as M
 from tests.study_helpers import FIXTURES, build_dense_llama
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -46,7 +46,9 @@ def _bad(data: dict, tmp_path: Path, match: str) -> None:
 
 def test_shipped_plans_parse() -> None:
     cpu = load_plan(RECIPES / "study-smollm2-cpu.yaml")
-    assert [v.name for v in cpu.variants] == ["full", "no-gru", "no-projector", "no-repulsion", "no-ortho", "in-batch"]
+    assert [v.name for v in cpu.variants] == ["full", "no-gru", "no-projector", "no-repulsion", "no-ortho", "in-batch",
+                                              "lpr"]
+    assert cpu.variants[-1].router == "lpr"
     assert cpu.convert["experts"] == 4 and cpu.finetune["steps"] <= 20 and cpu.validate["max_tokens"] <= 4096
     assert len({v.conversion_key() for v in cpu.variants}) == 3  # full (+ runtime variants), no-gru, no-projector
     full = load_plan(RECIPES / "study-gpt2-medium-a100.yaml")

@@ -163,7 +163,7 @@ def test_batch_invariance_detects_batch_dependent_routing(tiny_model, tmp_path):
 
 def test_baselines_are_on_the_same_tokens(tiny_report):
     base = tiny_report["baselines"]
-    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias"}
+    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias", "lpr"}
     rows = tiny_report["baseline_layers"]
     n = tiny_report["tokens"]
     for name in ("switch-top1", "switch-top2", "expert-choice", "hash"):
@@ -182,6 +182,22 @@ def test_baselines_are_on_the_same_tokens(tiny_report):
     assert base["switch-top1"]["gram_orthogonality"] == pytest.approx(base["expert-choice"]["gram_orthogonality"])
 
 
+def test_lpr_row_and_baseline_perplexity(tiny_report):
+    """The lpr row is fitted on half the texts and scored on the rest; every router, SPECTRA included, has a
+    perplexity with its own choices driving the experts on that same half."""
+    row, n = tiny_report["baselines"]["lpr"], tiny_report["tokens"]
+    assert 0 < min(r["tokens"] for r in tiny_report["baseline_layers"]["lpr"]) < n
+    assert 0 <= row["cv"] < 3 and 0 <= row["gini"] <= 1 and 0 <= row["min_max"] <= 1
+    assert 0 <= row["seq_consistency"] <= 1 and 0 <= row["domain_nmi"] <= 1
+    assert 0 < row["gram_orthogonality"] <= 1 and row["routing_entropy"] > 0
+    for name, values in tiny_report["baselines"].items():
+        assert math.isfinite(values["perplexity_eval_half"]) and values["perplexity_eval_half"] > 1, name
+    assert math.isfinite(tiny_report["summary"]["perplexity_eval_half"])
+    assert tiny_report["baselines_eval_half"]["tokens"] == row["tokens"]
+    markdown = (Path(tiny_report["report_dir"]) / "report.md").read_text()
+    assert "| lpr |" in markdown and "ppl (eval half)" in markdown
+
+
 def test_hash_baseline_is_a_function_of_the_token_id():
     from spectra_convert.validate.baselines import hash_routing
 
@@ -194,7 +210,7 @@ def test_hash_baseline_is_a_function_of_the_token_id():
 
 def test_loss_free_bias_balances_a_skewed_gate():
     """A gate that prefers expert 0 for every token: switch collapses onto it, the fitted bias undoes that."""
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
     from spectra_convert.validate.baselines import loss_free_bias, switch
 
     generator = torch.Generator().manual_seed(0)
@@ -317,7 +333,7 @@ def test_rerouted_model_reports_agreement_with_the_original_gate(tokenizer_dir, 
     from transformers import AutoTokenizer
 
     from spectra_convert.textdata import load_texts
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
 
     old_model = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
     new_model = AutoModelForCausalLM.from_pretrained(tmp_path / "rerouted", trust_remote_code=True).eval()

@@ -25,7 +25,8 @@ from ..validate.report import check_lines, metric_rows
 @click.option("--parent", default=None,
               help="The dense or original MoE model (folder or .gguf file) for perplexity and gate agreement.")
 @click.option("--baselines", is_flag=True, help="Also route the same tokens with switch top-1/top-2, expert choice, "
-              "hash and loss-free-bias routers.")
+              "hash, loss-free-bias and latent prototype (lpr) routers, each also driving the experts for a "
+              "perplexity.")
 @click.option("--max-cv", type=float, default=None, help="Fail (exit 1) when the worst layer's load CV exceeds this.")
 @click.option("--max-ppl-ratio", type=float, default=None,
               help="Fail (exit 1) when perplexity / parent perplexity exceeds this (needs --parent).")

@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 
-from ..surgery.calibrate import recalibrate_model_bias
+from ..console import err_console
 from ..errors import UserError
-from .data import pack, read_texts, split_validation
-from .modes import ModeOptions, get_mode, router_modules
+from ..modelio.config import stored_dtype
 from ..modelio.outdir import atomic_output_dir, check_output
 from ..modelio.resolve import resolve_model_dir
+from ..router.calibrate import recalibrate_model_bias
+from ..router.loads import RouterMonitor
+from .data import pack, read_texts, split_validation
+from .modes import ModeOptions, get_mode
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -30,7 +33,6 @@ from .trainer import (
     router_digest,
     train_loop,
 )
-from .monitor import RouterMonitor
 
 SUMMARY_FILE = "finetune.json"
 
@@ -79,12 +81,6 @@ def recalibration_blocks(train_blocks: torch.Tensor, tokens: int = RECALIBRATION
     count = min(n, max(16, -(-tokens // seq_len)))
     picks = torch.linspace(0, n - 1, steps=count).round().long().unique()
     return train_blocks[picks]
-
-
-def _stored_dtype(model_path: Path) -> torch.dtype:
-    config = json.loads((model_path / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
 
 
 def _model_fingerprint(model_path: Path) -> str:
@@ -148,63 +144,23 @@ def finetune(
     perplexity / load CV before and after. Checkpoints go to ``checkpoint_dir`` (default ``OUT.partial``);
     ``resume=True`` continues from the newest one if its config matches. Works single-process or under
     ``accelerate launch`` / ``torchrun`` (the data order and dual biases are rank-consistent).
+
+    Steps: check (every user error, before any training time), load (data, model, resume state), train (then
+    re-calibrate the biases), save.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
-    from transformers import AutoTokenizer
+    from accelerate.utils import set_seed
 
-    mode_impl = get_mode(mode)
-    if merge and mode != "lora":
-        raise UserError("--merge applies to --mode lora only (router mode always writes a full model)")
-    for name, value, minimum in (("--steps", steps, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
-                                 ("--grad-accum", grad_accum, 1), ("--save-every", save_every, 0),
-                                 ("--log-every", log_every, 1), ("--lora-r", lora_r, 1),
-                                 ("--recalibration-tokens", recalibration_tokens, 1)):
-        _positive(name, value, minimum)
-    model_path = resolve_spectra_model(model)
-    out = Path(out).expanduser().resolve()
-    inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
-    check_output(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
-
-    accelerator = Accelerator(cpu=_cpu_workers(),
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    run = _check(model, data, out, eval_data, mode=mode, merge=merge, force=force, steps=steps, seq_len=seq_len,
+                 batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, log_every=log_every,
+                 lora_r=lora_r, recalibration_tokens=recalibration_tokens)
+    accelerator = _accelerator(merge)
     set_seed(seed)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and merge:
-        raise UserError("--merge is not supported under FSDP/DeepSpeed; save the adapter, then merge it in one process")
-
-    from ..modeling.configuration_spectra import SpectraConfig
-
-    try:
-        # Passing the config keeps AutoTokenizer from reading config.json's auto_map (a trust_remote_code prompt).
-        tokenizer = AutoTokenizer.from_pretrained(model_path, config=SpectraConfig.from_pretrained(model_path),
-                                                  trust_remote_code=False)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"MODEL {model_path} has no usable tokenizer files ({str(exc).splitlines()[0]})") from None
-    texts = read_texts(data, max_records=max_records)
-    blocks = pack(texts, tokenizer, seq_len, source=str(data))
-    if eval_data is not None:
-        train_blocks = blocks
-        val_blocks = pack(read_texts(eval_data, max_records=max_records), tokenizer, seq_len, source=str(eval_data))
-    else:
-        split = split_validation(blocks, source=str(data))
-        train_blocks, val_blocks = split.train, split.validation
-
-    from ..modeling.modeling_spectra import SpectraForCausalLM
-
-    stored_dtype = _stored_dtype(model_path)
-    base = SpectraForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    if not base.routers():
-        raise UserError(f"MODEL {model_path} has no SPECTRA routers")
-    if int(train_blocks.max()) >= base.get_input_embeddings().num_embeddings:
-        raise UserError("the tokenizer in MODEL produces ids beyond the model's vocabulary")
-
+    tokenizer, train_blocks, val_blocks = _load_data(run, data, eval_data, seq_len, max_records)
     options = ModeOptions(lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
                           target_modules=tuple(target_modules) if target_modules else None)
-    trainable = mode_impl.prepare(base, options)
-
+    trainable = run.mode_impl.prepare(_load_model(run.model_path, train_blocks), options)
     run_config = {
-        "model": str(model_path), "model_fingerprint": _model_fingerprint(model_path),
+        "model": str(run.model_path), "model_fingerprint": _model_fingerprint(run.model_path),
         "data_sha256": hashlib.sha256(train_blocks.numpy().tobytes()).hexdigest()[:16],
         "mode": mode, "seq_len": seq_len, "batch_size": batch_size, "grad_accum": grad_accum,
         "world_size": accelerator.num_processes, "lr_router": lr_router, "seed": seed,
@@ -212,47 +168,22 @@ def finetune(
     }
     if mode == "lora":
         run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets)
-    default_ckpt = checkpoint_dir is None
-    ckpt = CheckpointDir(Path(checkpoint_dir).resolve() if checkpoint_dir else out.with_name(out.name + ".partial"),
-                         run_config)
-    resume_from = ckpt.check(resume=resume, force=force)  # every rank: same verdict, nobody has written yet
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.initialise(fresh=resume_from is None)
-    accelerator.wait_for_everyone()
-
-    optimizer = torch.optim.AdamW(mode_impl.param_groups(trainable, options), weight_decay=0.0)
+    ckpt_path = Path(checkpoint_dir).resolve() if checkpoint_dir else run.out.with_name(run.out.name + ".partial")
+    ckpt = CheckpointDir(ckpt_path, run_config)
+    resume_from = _open_checkpoints(accelerator, ckpt, resume=resume, force=force)
+    optimizer = torch.optim.AdamW(run.mode_impl.param_groups(trainable, options), weight_decay=0.0)
     model_p, optimizer = accelerator.prepare(trainable, optimizer)
     install_checkpoint_hooks(accelerator, model_p)
+    state = _resume_state(accelerator, ckpt, resume_from, resume)
 
-    state = TrainerState()
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = TrainerState(**json.loads((resume_from / "trainer_state.json").read_text()))
-        if accelerator.is_main_process:
-            from ..console import err_console
-
-            err_console.print(f"resuming from {resume_from} (step {state.step})", highlight=False)
-    elif resume and accelerator.is_main_process:
-        from ..console import err_console
-
-        err_console.print(f"no checkpoint in {ckpt.path}; starting from step 0", highlight=False)
-
-    monitor = RouterMonitor(accelerator.unwrap_model(model_p))
-    eval_batch = max(1, batch_size)
-    if state.eval_before is None:
-        state.eval_before = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
     loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
                       log_every=log_every, max_grad_norm=max_grad_norm,
                       log_file=Path(log_file) if log_file else None)
     start_step = state.step
-    state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
-    # Training moved the routers: end with the hard-load bias correction on training text (same blocks on
-    # every rank, so the biases stay identical across processes).
-    recalibrate_model_bias(accelerator.unwrap_model(model_p),
-                           recalibration_blocks(train_blocks, recalibration_tokens).to(accelerator.device))
-    eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
-    monitor.close()
+    state, eval_after = _train(accelerator, model_p, optimizer, train_blocks, val_blocks, loop, ckpt, state,
+                               eval_batch=max(1, batch_size), recalibration_tokens=recalibration_tokens)
+
+    from accelerate.utils import gather_object
 
     unwrapped = accelerator.unwrap_model(model_p)
     digests = gather_object([router_digest(unwrapped)])
@@ -264,23 +195,145 @@ def finetune(
         "train_blocks": int(train_blocks.shape[0]), "validation_blocks": int(val_blocks.shape[0]),
         "config": run_config,
     }
-    gathered = None
-    if sharded:  # FSDP / DeepSpeed hold shards: gather the full state on every rank (a collective)
-        gathered = accelerator.get_state_dict(model_p)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-            mode_impl.save(unwrapped, tmp, merge=merge, dtype=stored_dtype, state_dict=gathered)
-            tokenizer.save_pretrained(tmp)
-            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if default_ckpt:
-            shutil.rmtree(ckpt.path, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    _save(accelerator, run, model_p, tokenizer, summary, ckpt, remove_checkpoints=checkpoint_dir is None)
     return FinetuneResult(
-        out=out, mode=mode, steps=state.step, final_loss=summary["final_loss"], losses=state.losses,
+        out=run.out, mode=mode, steps=state.step, final_loss=summary["final_loss"], losses=state.losses,
         eval_before=state.eval_before, eval_after=eval_after,
         resumed_from_step=summary["resumed_from_step"], world_size=accelerator.num_processes,
     )
 
 
-__all__ = ["FinetuneResult", "finetune", "resolve_spectra_model", "router_modules"]
+@dataclass
+class _Run:
+    """What the checks settled: the mode, the SPECTRA model folder, OUT and every input it must not overlap."""
+
+    mode_impl: Any
+    model_path: Path
+    out: Path
+    inputs: list[Path]
+    merge: bool
+    force: bool
+
+
+def _check(model: str | Path, data: str | Path, out: str | Path, eval_data: str | Path | None, *, mode: str,
+           merge: bool, force: bool, **counts: int) -> _Run:
+    """Flags, MODEL and OUT, checked before anything is loaded (on every rank, before anyone writes)."""
+    mode_impl = get_mode(mode)
+    if merge and mode != "lora":
+        raise UserError("--merge applies to --mode lora only (router mode always writes a full model)")
+    minimums = {"steps": 1, "seq_len": 2, "batch_size": 1, "grad_accum": 1, "save_every": 0, "log_every": 1,
+                "lora_r": 1, "recalibration_tokens": 1}
+    for name, minimum in minimums.items():
+        _positive("--" + name.replace("_", "-"), counts[name], minimum)
+    model_path = resolve_spectra_model(model)
+    out = Path(out).expanduser().resolve()
+    inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
+    check_output(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
+    return _Run(mode_impl, model_path, out, inputs, merge, force)
+
+
+def _accelerator(merge: bool) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    accelerator = Accelerator(cpu=_cpu_workers(),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if merge and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UserError("--merge is not supported under FSDP/DeepSpeed; save the adapter, then merge it in one process")
+    return accelerator
+
+
+def _load_data(run: _Run, data: str | Path, eval_data: str | Path | None, seq_len: int,
+               max_records: int | None) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The model's tokenizer and the packed training and held-out blocks."""
+    from transformers import AutoTokenizer
+
+    from ..modeling.configuration_spectra import SpectraConfig
+
+    try:
+        # Passing the config keeps AutoTokenizer from reading config.json's auto_map (a trust_remote_code prompt).
+        tokenizer = AutoTokenizer.from_pretrained(run.model_path, config=SpectraConfig.from_pretrained(run.model_path),
+                                                  trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"MODEL {run.model_path} has no usable tokenizer files ({str(exc).splitlines()[0]})") from None
+    texts = read_texts(data, max_records=max_records)
+    blocks = pack(texts, tokenizer, seq_len, source=str(data))
+    if eval_data is not None:
+        val_blocks = pack(read_texts(eval_data, max_records=max_records), tokenizer, seq_len, source=str(eval_data))
+        return tokenizer, blocks, val_blocks
+    split = split_validation(blocks, source=str(data))
+    return tokenizer, split.train, split.validation
+
+
+def _load_model(model_path: Path, train_blocks: torch.Tensor) -> torch.nn.Module:
+    from ..modeling.modeling_spectra import SpectraForCausalLM
+
+    base = SpectraForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if not base.routers():
+        raise UserError(f"MODEL {model_path} has no SPECTRA routers")
+    if int(train_blocks.max()) >= base.get_input_embeddings().num_embeddings:
+        raise UserError("the tokenizer in MODEL produces ids beyond the model's vocabulary")
+    return base
+
+
+def _open_checkpoints(accelerator: Any, ckpt: CheckpointDir, *, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from (or None); every rank reaches the same verdict before anyone writes."""
+    resume_from = ckpt.check(resume=resume, force=force)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.initialise(fresh=resume_from is None)
+    accelerator.wait_for_everyone()
+    return resume_from
+
+
+def _resume_state(accelerator: Any, ckpt: CheckpointDir, resume_from: Path | None, resume: bool) -> TrainerState:
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state = TrainerState(**json.loads((resume_from / "trainer_state.json").read_text()))
+        if accelerator.is_main_process:
+            err_console.print(f"resuming from {resume_from} (step {state.step})", highlight=False)
+        return state
+    if resume and accelerator.is_main_process:
+        err_console.print(f"no checkpoint in {ckpt.path}; starting from step 0", highlight=False)
+    return TrainerState()
+
+
+def _train(accelerator: Any, model_p: Any, optimizer: Any, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
+           loop: LoopConfig, ckpt: CheckpointDir, state: TrainerState, *, eval_batch: int,
+           recalibration_tokens: int) -> tuple[TrainerState, dict[str, Any]]:
+    """Held-out evaluation, the training loop, the biases re-calibrated, held-out evaluation again."""
+    monitor = RouterMonitor(accelerator.unwrap_model(model_p))
+    if state.eval_before is None:
+        state.eval_before = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
+    state = train_loop(accelerator, model_p, optimizer, train_blocks, loop, ckpt, state, monitor)
+    # Training moved the routers: end with the hard-load bias correction on training text (same blocks on
+    # every rank, so the biases stay identical across processes).
+    recalibrate_model_bias(accelerator.unwrap_model(model_p),
+                           recalibration_blocks(train_blocks, recalibration_tokens).to(accelerator.device))
+    eval_after = evaluate(accelerator, model_p, val_blocks, eval_batch, monitor)
+    monitor.close()
+    return state, eval_after
+
+
+def _save(accelerator: Any, run: _Run, model_p: Any, tokenizer: Any, summary: dict[str, Any], ckpt: CheckpointDir,
+          *, remove_checkpoints: bool) -> None:
+    """The output folder, written atomically by the main process (a sharded model is gathered on every rank
+    first: a collective)."""
+    from accelerate.utils import DistributedType
+
+    gathered = None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        gathered = accelerator.get_state_dict(model_p)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with atomic_output_dir(run.out, force=run.force, inputs=run.inputs) as tmp:
+            run.mode_impl.save(accelerator.unwrap_model(model_p), tmp, merge=run.merge,
+                               dtype=stored_dtype(run.model_path), state_dict=gathered)
+            tokenizer.save_pretrained(tmp)
+            (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if remove_checkpoints:
+            shutil.rmtree(ckpt.path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+__all__ = ["FinetuneResult", "finetune", "resolve_spectra_model"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..router.find import find_routers, is_router
 
 #: Where SPECTRA routers sit in every parent (dense parents: our MoE block; MoE parents: the parent's gate).
 ROUTER_MODULE = "mlp.gate"
@@ -37,15 +38,6 @@ class ModeOptions:
     resolved_targets: dict[str, list[str]] = field(default_factory=dict)  # filled by LoraMode.prepare
 
 
-def is_router(module: nn.Module) -> bool:
-    """True for SPECTRA routers, matched by class name (the contract external tools use, DESIGN §3)."""
-    return type(module).__name__ == "SpectraRouter"
-
-
-def router_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if is_router(m)]
-
-
 def rebind_router_context(model: nn.Module) -> None:
     """Point every router at the model's shared ``RoutingContext``.
 
@@ -56,12 +48,12 @@ def rebind_router_context(model: nn.Module) -> None:
     owner = next((m for m in model.modules() if "routing_context" in m.__dict__), None)
     if owner is None:
         return
-    for router in router_modules(model):
+    for router in find_routers(model):
         router.__dict__["context"] = owner.__dict__["routing_context"]
 
 
 def _router_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for router in router_modules(model) for p in router.parameters()}
+    return {id(p) for router in find_routers(model) for p in router.parameters()}
 
 
 class RouterMode:
@@ -71,12 +63,12 @@ class RouterMode:
 
     def prepare(self, model: nn.Module, options: ModeOptions) -> nn.Module:
         model.requires_grad_(False)
-        for router in router_modules(model):
+        for router in find_routers(model):
             router.requires_grad_(True)
         return model
 
     def param_groups(self, model: nn.Module, options: ModeOptions) -> list[dict[str, Any]]:
-        params = [p for router in router_modules(model) for p in router.parameters() if p.requires_grad]
+        params = [p for router in find_routers(model) for p in router.parameters() if p.requires_grad]
         return [{"params": params, "lr": options.lr_router}]
 
     def save(self, model: nn.Module, out: Path, *, merge: bool, dtype: torch.dtype,

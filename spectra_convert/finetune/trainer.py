@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..console import err_console, progress
+from ..router.find import find_routers
+from ..router.loads import RouterMonitor
 from .data import block_indices
-from .monitor import RouterMonitor
-from .modes import router_modules
 from .state import CheckpointDir
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -119,7 +119,7 @@ def sync_dual_bias(accelerator: Accelerator, model: nn.Module) -> None:
     """Average every router's dual bias over ranks (one collective for all layers)."""
     if accelerator.num_processes == 1:
         return
-    buffers = [r.dual_bias for r in router_modules(accelerator.unwrap_model(model))]
+    buffers = [r.dual_bias for r in find_routers(accelerator.unwrap_model(model))]
     flat = torch.cat([b.reshape(-1).float() for b in buffers]).to(accelerator.device)
     flat = accelerator.reduce(flat, reduction="mean")
     offset = 0
@@ -133,7 +133,7 @@ def router_digest(model: nn.Module) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for router in router_modules(model):
+    for router in find_routers(model):
         for name, tensor in sorted(router.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

@@ -25,7 +25,7 @@ DENSE_PARENTS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 MOE_PARENTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED_PARENTS = DENSE_PARENTS + MOE_PARENTS
 
-#: Every routing knob with its default. Values follow seed 002 (SPECTRA hyper-parameters) and DESIGN §3.
+#: Every routing knob with its default: the SPECTRA paper's hyper-parameters, adapted as docs/ARCHITECTURE.md ("Routing") says.
 SPECTRA_DEFAULTS: dict[str, Any] = {
     "num_experts": 8,  # E: experts per MoE layer
     "top_k": 2,  # k: experts each token uses

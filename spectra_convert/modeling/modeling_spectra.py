@@ -11,7 +11,7 @@ Read top to bottom:
 6. ``SpectraCache``        — a DynamicCache whose router GRU states are reordered with the KV cache.
 7. ``SpectraForCausalLM``  — the parent causal LM (llama, gpt2, mixtral, ...) with SPECTRA routing inside.
 
-Why routing is per-token at inference (DESIGN §3): Sinkhorn across a batch makes a token's experts depend on
+Why routing is per-token at inference (docs/ARCHITECTURE.md, "Routing"): Sinkhorn across a batch makes a token's experts depend on
 the other tokens in the batch (including its own future), so outputs would change with batch composition and
 one-token decoding would be impossible. Sinkhorn therefore only *sets* a per-layer bias ``dual_bias`` (its
 column potentials, EMA-averaged in training and corrected on hard top-k loads at calibration); selection is
@@ -231,7 +231,7 @@ class SpectraRouter(nn.Module):
         if self.use_gru:
             self.gru.reset_parameters()
 
-    # -- the pipeline, one method per step of DESIGN §3 --------------------------------------------------------
+    # -- the pipeline, one method per step of docs/ARCHITECTURE.md, "Routing" -----------------------------------
 
     def sequential_state(
         self, h: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
@@ -327,12 +327,27 @@ class SpectraRouter(nn.Module):
         z = self.express(h, r)
         return z.reshape(-1, z.shape[-1]) if mask is None else z[mask]
 
+    @torch.no_grad()
+    def selection_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What top-k ranks before the dual bias, ``[N, E]`` float32, for ``[B, T, H]`` sequences routed on their
+        own (no cache, no padding): ``-C/tau`` plus each sequence's running-load correction. Changes nothing, in
+        any mode: bias calibration corrects ``dual_bias`` against these scores."""
+        batch, steps = hidden_states.shape[0], hidden_states.shape[1]
+        h = hidden_states.to(self._param_dtype())
+        r = self.sequential_state(h, None, None)[0] if self.use_gru else None
+        scores = self.express(h, r).reshape(batch * steps, -1) @ self.unit_expert_vectors().T
+        logits = (-self.osr_cost(scores) / self.temperature).float()
+        if self.sequence_balance > 0:
+            logits = logits + self.sequence_bias(logits.view(batch, steps, -1), None, None)[0].reshape(batch * steps, -1)
+        return logits
+
     # -- forward -----------------------------------------------------------------------------------------------
 
     def _param_dtype(self) -> torch.dtype:
         return self.expert_vectors.dtype
 
-    def _shape(self, hidden_states: torch.Tensor) -> tuple[int, int]:
+    def input_shape(self, hidden_states: torch.Tensor) -> tuple[int, int]:
+        """``(batch, time)`` of this call's hidden states, which an MoE block may pass flattened ``[N, H]``."""
         if hidden_states.dim() == 3:
             return hidden_states.shape[0], hidden_states.shape[1]
         n_tokens = hidden_states.shape[0]
@@ -349,7 +364,7 @@ class SpectraRouter(nn.Module):
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
-        batch, steps = self._shape(hidden_states)
+        batch, steps = self.input_shape(hidden_states)
         h = hidden_states.reshape(batch, steps, self.hidden_size).to(self._param_dtype())
         mask = ctx.token_mask if ctx.token_mask is not None and tuple(ctx.token_mask.shape) == (batch, steps) else None
 

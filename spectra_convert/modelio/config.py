@@ -48,6 +48,16 @@ def read_parent_config(model_dir: Path, gguf_file: str | None = None) -> Any:
         raise UserError(f"{model_dir / 'config.json'}: cannot build a {raw['model_type']} config ({_first_line(exc)})") from None
 
 
+def stored_dtype(model_dir: Path) -> Any:
+    """The torch dtype a model folder's ``config.json`` says its weights are stored in (float32 if unsaid), so a
+    tool that loads the model in float32 writes it back as it found it."""
+    import torch
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

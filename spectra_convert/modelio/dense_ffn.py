@@ -3,8 +3,8 @@
 Why: upcycled experts depend only on the dense FFN weights, the noise and the method — not on the model object,
 the tokenizer or the routers. Reading the FFNs from the files lets upcycle build and write the experts on a
 background thread while the main thread is still importing transformers' modeling code, loading the parent
-and capturing router inputs (DESIGN §4). The values are exactly those the loaded model holds (float32): the
-tests compare them tensor by tensor with ``model.state_dict()`` for every dense architecture and the real
+and capturing router inputs (docs/ARCHITECTURE.md, "Conversions"). The values are exactly those the loaded
+model holds (float32): the tests compare them tensor by tensor with ``model.state_dict()`` for every dense architecture and the real
 SmolLM2 GGUF.
 
 ``config_from_files`` reads the few config values the experts' shapes need (layer count, hidden and

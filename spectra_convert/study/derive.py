@@ -16,29 +16,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..modelio.config import stored_dtype
 from ..modelio.outdir import atomic_output_dir
-
-
-@torch.no_grad()
-def capture_router_inputs(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Each router's input ``[B, T, H]`` (float32) over the calibration blocks."""
-    routers = model.routers()
-    captured: dict[int, list[torch.Tensor]] = {r.layer_idx: [] for r in routers}
-
-    def hook(module: Any, args: tuple[Any, ...]) -> None:
-        h = args[0].float()
-        batch, steps = module.context.batch_shape or (1, h.reshape(-1, h.shape[-1]).shape[0])
-        captured[module.layer_idx].append(h.reshape(batch, steps, -1).cpu())
-
-    handles = [r.register_forward_pre_hook(hook) for r in routers]
-    try:
-        model.eval()
-        for start in range(0, blocks.shape[0], batch_size):
-            model(input_ids=blocks[start:start + batch_size], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: torch.cat(parts) for layer, parts in captured.items()}
 
 
 def derive_variant(base: Path, out: Path, knobs: dict[str, Any], *, calibration: str | Path | None,
@@ -49,10 +28,10 @@ def derive_variant(base: Path, out: Path, knobs: dict[str, Any], *, calibration:
     """
     from transformers import AutoTokenizer
 
-    from ..finetune.api import _stored_dtype
     from ..modeling.configuration_spectra import SpectraConfig
     from ..modeling.modeling_spectra import SpectraForCausalLM
-    from ..surgery.calibrate import calibrate_bias, calibration_batches
+    from ..router.calibrate import calibrate_bias, calibration_batches
+    from ..router.tap import capture_inputs
     from ..textdata import default_calibration_path, load_texts
 
     config = SpectraConfig.from_pretrained(base)
@@ -61,7 +40,7 @@ def derive_variant(base: Path, out: Path, knobs: dict[str, Any], *, calibration:
                                        spectra={**config.spectra, **knobs}).spectra
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    dtype = _stored_dtype(base)
+    dtype = stored_dtype(base)
     tokenizer = AutoTokenizer.from_pretrained(base, config=config, trust_remote_code=False)
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
     with atomic_output_dir(out, force=False, inputs=[base]) as tmp:
@@ -71,8 +50,12 @@ def derive_variant(base: Path, out: Path, knobs: dict[str, Any], *, calibration:
             blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        inputs = capture_router_inputs(model, blocks)
-        cvs = [calibrate_bias(router, inputs.pop(router.layer_idx)) for router in model.routers()]
+        routers = model.routers()
+        model.eval()
+        with torch.no_grad():
+            inputs = capture_inputs(routers, (lambda start=start: model(input_ids=blocks[start:start + 8], use_cache=False)
+                                              for start in range(0, blocks.shape[0], 8)))
+        cvs = [calibrate_bias(router, layer_inputs) for router, layer_inputs in zip(routers, inputs)]
         model.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         generation = base / "generation_config.json"

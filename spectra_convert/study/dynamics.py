@@ -1,10 +1,10 @@
 """Routing over training steps: load CV and Gram orthogonality from the trainer's JSONL log, routing entropy
 and expert overlap from a hook on the routers while the fine-tune runs.
 
-The trainer already logs per-layer load CV and Gram orthogonality every ``log_every`` steps (``finetune.monitor``)
+The trainer already logs per-layer load CV and Gram orthogonality every ``log_every`` steps (``router.loads``)
 and that log is reused as is. Entropy and overlap need each token's scores and selected set, which the log does
 not keep; ``finetune()`` builds its model internally, so they are read the way any external tool reads SPECTRA
-routing (DESIGN §3): a *global* module forward hook that acts on modules whose class name is ``SpectraRouter``
+routing (docs/ARCHITECTURE.md, "The router contract"): a *global* module forward hook that acts on modules whose class name is ``SpectraRouter``
 and reads ``selected_experts`` (third output) and the cosine scores the router records in its context. Only
 training-mode forwards count (the trainer's held-out evaluations run in eval mode). Statistics are kept per
 optimizer step as sufficient statistics (loads, expert co-occurrence, entropy sums), so memory does not grow
@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-ROUTER_CLASS = "SpectraRouter"
-
+from ..router.find import is_router
 
 def overlap_from_cooccurrence(co: np.ndarray) -> float:
     """Mean pairwise Jaccard of expert token sets from ``C = A^T A`` (``C_ii`` = tokens of i), as
-    ``validate.metrics.expert_overlap`` computes it from the assignment matrix A."""
+    ``router.metrics.expert_overlap`` computes it from the assignment matrix A."""
     e = co.shape[0]
     if e < 2:
         return math.nan
@@ -59,7 +58,7 @@ class RoutingDynamics:
             self._handle = None
 
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if type(module).__name__ != ROUTER_CLASS or not module.training:
+        if not is_router(module) or not module.training:
             return
         layer = int(module.layer_idx)
         if self._first_layer is None:

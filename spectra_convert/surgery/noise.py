@@ -8,7 +8,8 @@ inputs and calibrates routers, and it can be drawn on several cores at once.
 Determinism: every ``CHUNK``-sized piece of every buffer has its own generator, seeded from (seed, layer,
 tensor, piece), so the values depend only on ``seed`` and the shapes — not on how many workers there are or
 how the threads are scheduled. Memory stays bounded: at most ``layers_ahead`` layers of noise exist before
-they are taken (DESIGN §4: an upcycle holds a few MoE layers above the parent, never E full models).
+they are taken (docs/ARCHITECTURE.md, "Conversions": an upcycle holds a few MoE layers above the parent,
+never E full models).
 
 Recycling: a buffer handed back with ``recycle`` (once its bytes are written) is drawn into again instead of
 allocating a new one. A fresh multi-MB buffer costs a page fault and a kernel zeroing per page — and on a VM

@@ -1,6 +1,6 @@
 """Rerouting: an MoE checkpoint (Mixtral, Qwen2/3-MoE, OLMoE) -> the same experts routed by SPECTRA.
 
-Only the routers change (DESIGN §4). Flow:
+Only the routers change (docs/ARCHITECTURE.md, "Conversions"). Flow:
 1. resolve MODEL, read its config, pick the architecture adapter, validate every shard header;
 2. start writing the output shards on a background thread at once — before torch and transformers are even
    imported: shards without a gate are hard-linked (copied across filesystems); shards with gates are
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..console import err_console, human_bytes, progress, summary_table
 from ..errors import UserError
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # imported inside the functions: the shard copy starts before
     import torch
 
 CALIBRATION_BATCH = 8  # sequences per layer forward while streaming
-INIT_METHODS = ("orthogonal", "kmeans", "gate", "distill")  # = calibrate.INIT_METHODS (tested), without its imports
+INIT_METHODS = ("orthogonal", "kmeans", "gate", "distill")  # = router.prototypes.INIT_METHODS (tested), without torch
 
 
 @dataclass
@@ -120,6 +120,31 @@ def _gate_layers(model_dir: Path, raw_config: dict, adapter: MoeAdapter, reader:
     return found
 
 
+@dataclass
+class _Plan:
+    """What the cheap checks found, before torch or transformers is imported: the parent folder, its config
+    and adapter, its checkpoint (headers validated), the MoE layers and their gates, the calibration texts."""
+
+    model_dir: Path
+    raw_config: dict
+    adapter: MoeAdapter
+    reader: CheckpointReader
+    layers: list[int]
+    gate_keys: set[str]
+    texts: list[str]
+
+
+@dataclass
+class _Parent:
+    """What loading the parent gives the routers: its config, the output's config, calibration token blocks."""
+
+    config: Any
+    spectra_config: Any
+    experts: int
+    top_k: int
+    blocks: Any  # [B, T] LongTensor
+
+
 def reroute(
     model: str,
     out: str | Path,
@@ -131,61 +156,79 @@ def reroute(
     seed: int = 0,
     force: bool = False,
 ) -> RerouteResult:
-    """Replace the routers of the MoE model ``model`` (folder or Hub id) by calibrated SPECTRA routers in ``out``."""
-    from ..textdata import default_calibration_path, load_texts
+    """Replace the routers of the MoE model ``model`` (folder or Hub id) by calibrated SPECTRA routers in ``out``.
 
+    Steps: plan (cheap checks), copy the parent's shards (on a background thread from here on), load the
+    parent's config and calibration text, calibrate the routers, write them and the folder's other files."""
     _check_options(router_init, calibration_tokens, router_dim)
     out = Path(out)
+    plan = _plan(model, calibration)
+    with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp, \
+            _CountingWriter(tmp, background=True) as writer:
+        # The byte copying runs while the heavy imports and the calibration forward do.
+        _queue_parent_shards(plan.reader, writer, plan.gate_keys)
+        parent = _load_parent(model, plan, router_dim, calibration_tokens, seed)
+        routers, layer_cv, layer_agreement = _calibrate_routers(plan, parent, router_init, seed)
+        _write(tmp, writer, model, plan, parent, routers)
+        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+
+    router_numel = sum(t.numel() for t in next(iter(routers.values())).values())
+    total, active = _param_counts(plan.reader, plan.adapter, plan.layers, parent.experts, parent.top_k,
+                                  plan.gate_keys, router_numel)
+    result = RerouteResult(
+        output=out, experts=parent.experts, top_k=parent.top_k, layers=len(plan.layers), router_init=router_init,
+        params_total=total, params_active=active, output_bytes=output_bytes, layer_cv=layer_cv,
+        layer_agreement=layer_agreement, shards_linked=writer.linked,
+        shards_copied=writer.link_attempts - writer.linked, shards_rewritten=writer.rewritten,
+    )
+    _print_summary(model, result, parent.blocks.numel())
+    return result
+
+
+def _plan(model: str, calibration: str | Path | None) -> _Plan:
+    """Checks from config.json and the shard headers alone (no torch/transformers yet), so a bad input fails
+    in a second and the shard copying can start at once."""
+    from ..textdata import default_calibration_path, load_texts
+
     model_dir = resolve_model_dir(model)
-    # Cheap checks from config.json and the shard headers (no torch/transformers yet) ...
     raw_config = read_raw_config(model_dir)
     adapter = adapter_for(raw_config)
     _moe_shape(model, SimpleNamespace(**raw_config), adapter)
     reader = CheckpointReader(model_dir)
     layers = _gate_layers(model_dir, raw_config, adapter, reader)
-    gate_keys = {adapter.gate_key(i) for i in layers}
     texts = [record.text for record in load_texts(calibration or default_calibration_path())]
+    return _Plan(model_dir, raw_config, adapter, reader, layers, {adapter.gate_key(i) for i in layers}, texts)
 
-    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp, \
-            _CountingWriter(tmp, background=True) as writer:
-        # ... so the byte copying runs while the heavy imports and the calibration forward do.
-        _queue_parent_shards(reader, writer, gate_keys)
-        parent_config = read_parent_config(model_dir)
-        experts, top_k = _moe_shape(model, parent_config, adapter)
-        spectra_config = _spectra_config(parent_config, experts, top_k, router_dim)
-        tokenizer = _load_tokenizer(model_dir)
-        from .calibrate import calibration_batches
 
-        try:
-            blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if int(blocks.max()) >= parent_config.vocab_size:
-            raise UserError(f"the tokenizer in {model_dir} produces ids beyond the model's vocabulary "
-                            f"({int(blocks.max())} >= {parent_config.vocab_size})")
-        routers, layer_cv, layer_agreement = _calibrate_routers(
-            model_dir, reader, parent_config, spectra_config, adapter, layers, blocks, router_init, seed, top_k
-        )
-        for i in layers:
-            for name, tensor in routers[i].items():
-                writer.add(name, tensor)
-        _finish_writing(writer, reader)
-        write_spectra_config(tmp, spectra_config)
-        write_runtime_files(tmp)
-        copy_side_files(model_dir, tmp)
-        write_model_card(tmp, base_model=model)
-        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+def _load_parent(model: str, plan: _Plan, router_dim: int, calibration_tokens: int, seed: int) -> _Parent:
+    """The parent's transformers config, the output's SpectraConfig and the calibration token blocks."""
+    from ..router.calibrate import calibration_batches
 
-    router_numel = sum(t.numel() for t in next(iter(routers.values())).values())
-    total, active = _param_counts(reader, adapter, layers, experts, top_k, gate_keys, router_numel)
-    result = RerouteResult(
-        output=out, experts=experts, top_k=top_k, layers=len(layers), router_init=router_init,
-        params_total=total, params_active=active, output_bytes=output_bytes, layer_cv=layer_cv,
-        layer_agreement=layer_agreement, shards_linked=writer.linked,
-        shards_copied=writer.link_attempts - writer.linked, shards_rewritten=writer.rewritten,
-    )
-    _print_summary(model, result, blocks.numel())
-    return result
+    parent_config = read_parent_config(plan.model_dir)
+    experts, top_k = _moe_shape(model, parent_config, plan.adapter)
+    spectra_config = _spectra_config(parent_config, experts, top_k, router_dim)
+    tokenizer = _load_tokenizer(plan.model_dir)
+    try:
+        blocks = calibration_batches(tokenizer, plan.texts, max_tokens=calibration_tokens, seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if int(blocks.max()) >= parent_config.vocab_size:
+        raise UserError(f"the tokenizer in {plan.model_dir} produces ids beyond the model's vocabulary "
+                        f"({int(blocks.max())} >= {parent_config.vocab_size})")
+    return _Parent(parent_config, spectra_config, experts, top_k, blocks)
+
+
+def _write(tmp: Path, writer: _CountingWriter, model: str, plan: _Plan, parent: _Parent,
+           routers: dict[int, dict[str, Any]]) -> None:
+    """The new routers' tensors, then (once the shard copies are done) the index and the folder's other files."""
+    for i in plan.layers:
+        for name, tensor in routers[i].items():
+            writer.add(name, tensor)
+    _finish_writing(writer, plan.reader)
+    write_spectra_config(tmp, parent.spectra_config)
+    write_runtime_files(tmp)
+    copy_side_files(plan.model_dir, tmp)
+    write_model_card(tmp, base_model=model)
 
 
 def _spectra_config(parent_config, experts: int, top_k: int, router_dim: int):
@@ -200,37 +243,38 @@ def _spectra_config(parent_config, experts: int, top_k: int, router_dim: int):
         raise UserError(str(exc)) from None
 
 
-def _calibrate_routers(model_dir, reader, parent_config, spectra_config, adapter, layers, blocks, router_init,
-                       seed, top_k):
+def _calibrate_routers(plan: _Plan, parent: _Parent, router_init: str, seed: int):
     """Stream the parent layer by layer; build, initialise and calibrate one SpectraRouter per MoE layer."""
     import torch
 
     from ..modeling.modeling_spectra import SpectraRouter
-    from .calibrate import calibrate_bias, init_router, topk_agreement
+    from ..router.calibrate import calibrate_bias, topk_agreement
+    from ..router.prototypes import init_router
     from .streaming import stream_ffn_inputs
 
     routers: dict[int, dict[str, torch.Tensor]] = {}
     layer_cv: dict[int, float] = {}
     layer_agreement: dict[int, float] = {}
-    wanted = set(layers)
+    reader, adapter, blocks = plan.reader, plan.adapter, parent.blocks
+    wanted = set(plan.layers)
     torch.manual_seed(seed)
 
     def on_layer(i: int, inputs: torch.Tensor) -> None:
         if i not in wanted:
             return
-        router = SpectraRouter(parent_config.hidden_size, spectra_config.spectra, i)
+        router = SpectraRouter(parent.config.hidden_size, parent.spectra_config.spectra, i)
         gate_weight = reader.get(adapter.gate_key(i)).float()
         init_router(router, inputs, init=router_init, gate_weight=gate_weight, seed=seed + i)
         layer_cv[i] = calibrate_bias(router, inputs)
-        layer_agreement[i] = topk_agreement(router, inputs, gate_weight, top_k)
+        layer_agreement[i] = topk_agreement(router, inputs, gate_weight, parent.top_k)
         routers[i] = {adapter.router_prefix(i) + name: t.detach().float().contiguous()
                       for name, t in router.state_dict().items()}
 
     batches = list(blocks.split(CALIBRATION_BATCH))
-    total_layers = adapter.num_layers(parent_config)
+    total_layers = adapter.num_layers(parent.config)
     with progress() as bar:
         task = bar.add_task(f"calibrating routers on {blocks.numel()} tokens ({router_init} init)", total=total_layers)
-        stream_ffn_inputs(model_dir, parent_config, batches, on_layer=on_layer, reader=reader,
+        stream_ffn_inputs(plan.model_dir, parent.config, batches, on_layer=on_layer, reader=reader,
                           on_progress=lambda i: bar.advance(task))
     return routers, layer_cv, layer_agreement
 

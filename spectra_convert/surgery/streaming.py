@@ -1,10 +1,11 @@
 """Run a parent model over calibration tokens one decoder layer at a time, straight from its checkpoint.
 
 Why: a router is calibrated on its layer's FFN inputs, and those depend on every layer below. Loading the
-whole model to get them is what makes peer tools die on big MoE checkpoints (DESIGN §7: "gate init that needs
-the whole model in memory"). Here the model is built on the meta device (no memory), only the embeddings and
-rotary tables are materialised, and each decoder layer is loaded from the checkpoint, run on the hidden states,
-and freed. Peak memory: embeddings + one layer's non-expert weights + one expert + the calibration activations.
+whole model to get them is what makes peer tools die on big MoE checkpoints (a gate init that needs the whole
+model in memory; docs/ARCHITECTURE.md, "How a router is fitted"). Here the model is built on the meta device
+(no memory), only the embeddings and rotary tables are materialised, and each decoder layer is loaded from the
+checkpoint, run on the hidden states, and freed. Peak memory: embeddings + one layer's non-expert weights + one
+expert + the calibration activations.
 
 Checkpoints store experts per expert (Mixtral legacy ``block_sparse_moe.experts.N.w1|w2|w3``, Qwen/OLMoE
 ``mlp.experts.N.gate_proj|up_proj|down_proj``) while transformers 5 modules hold them fused
@@ -27,6 +28,7 @@ from torch import nn
 from ..errors import UserError
 from ..modelio.adapters import MoeAdapter, adapter_for
 from ..modelio.checkpoint import CheckpointReader
+from ..router.tap import RouterTap
 
 
 def _module_name(root: nn.Module, target: nn.Module) -> str:
@@ -122,11 +124,6 @@ def stream_ffn_inputs(
         _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode)
 
 
-class RouterInputsCaptured(Exception):
-    """Raised by a capture hook once the last layer's FFN input is captured: nothing after the last router's
-    input is needed (its experts, the final norm), so the forward stops there (reroute and upcycle capture)."""
-
-
 def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, grad_mode: bool) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -169,28 +166,18 @@ def _stream(model_dir, config, token_batches, on_layer, reader, on_progress, gra
             raise UserError(f"layer {i} of {model_dir} does not match its config ({str(exc).splitlines()[0]})") from None
         del state
         captured: list[torch.Tensor] = []
-        last = i == len(layers) - 1
-
-        def capture(module: nn.Module, args: tuple) -> None:
-            captured.append(args[0].float())
-            if last:  # nothing after the last router input is needed: skip the last layer's experts
-                raise RouterInputsCaptured
-
-        hook = layer.mlp.register_forward_pre_hook(capture)
-        try:
+        # nothing after the last router input is needed: the last layer's experts are skipped
+        with RouterTap([layer.mlp], inputs=True, outputs=False, stop_after_last=i == len(layers) - 1) as tap:
             for b, h in enumerate(hidden):
                 mask = mask_fn[_mask_kind(skeleton.config, i)](
                     config=skeleton.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
                     position_ids=position_ids[b],
                 )
-                try:
-                    out = layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
-                                use_cache=False, position_embeddings=position_embeddings[b])
-                except RouterInputsCaptured:
-                    continue
-                hidden[b] = out[0] if isinstance(out, tuple) else out
-        finally:
-            hook.remove()
+                out = tap.run(lambda: layer(h, attention_mask=mask, position_ids=position_ids[b], past_key_values=None,
+                                            use_cache=False, position_embeddings=position_embeddings[b]))
+                captured.append(tap.take()[0]["inputs"].float())
+                if out is not None:
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
         layer.to("meta")  # drop this layer's weights before the next one is loaded
         with torch.set_grad_enabled(grad_mode):
             on_layer(i, torch.cat(captured))

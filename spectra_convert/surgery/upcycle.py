@@ -1,6 +1,6 @@
 """Upcycling: a dense causal LM -> a SPECTRA mixture-of-experts model, calibrated before any training.
 
-Flow (DESIGN §4):
+Flow (docs/ARCHITECTURE.md, "Conversions"):
 1. read the layer count and FFN shapes from ``config.json`` or the GGUF metadata (``dense_ffn``, no
    transformers yet); when the FFN weights can be read straight from the files too, a background thread
    (``ExpertBuilder``) starts building every layer's experts (``copy`` + noise drawn ahead by ``NoiseAhead``, or
@@ -39,8 +39,8 @@ from ..modelio.outdir import atomic_output_dir
 from ..modelio.parent import load_dense_parent
 from ..modelio.resolve import resolve_model_dir
 from ..modelio.side_files import write_runtime_files, write_spectra_config
+from ..router.tap import capture_inputs
 from .noise import NoiseAhead, lower_thread_priority
-from .streaming import RouterInputsCaptured
 
 #: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
 #: test sets it tiny to make every tensor its own shard.
@@ -69,29 +69,16 @@ def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8
     Runs the decoder without its LM head (``base_model``): the vocabulary projection is a fifth of SmolLM2's
     forward and its logits are not needed; the forward stops at the last layer's FFN input, as reroute's does."""
     body = getattr(model, "base_model", model)
-    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    with progress() as bar:
+        task = bar.add_task("capturing router inputs", total=batches.shape[0])
 
-    def capture(i: int, args: tuple) -> None:
-        captured[i].append(args[0].float())
-        if i == len(layers) - 1:
-            raise RouterInputsCaptured
-
-    hooks = [layer.mlp.register_forward_pre_hook(lambda module, args, i=i: capture(i, args))
-             for i, layer in enumerate(layers)]
-    try:
-        with progress() as bar:
-            task = bar.add_task("capturing router inputs", total=batches.shape[0])
+        def forwards():
             for start in range(0, batches.shape[0], batch_size):
                 chunk = batches[start : start + batch_size]
-                try:
-                    body(input_ids=chunk, use_cache=False)
-                except RouterInputsCaptured:
-                    pass
+                yield lambda: body(input_ids=chunk, use_cache=False)
                 bar.advance(task, chunk.shape[0])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {i: torch.cat(parts) for i, parts in captured.items()}
+
+        return dict(enumerate(capture_inputs([layer.mlp for layer in layers], forwards())))
 
 
 # -- building experts ----------------------------------------------------------------------------------------
@@ -136,7 +123,7 @@ def neuron_groups(dense: dict[str, torch.Tensor], experts: int, mode: str, gener
     size = inter // experts
     if mode == "random":
         return list(torch.randperm(inter, generator=generator).view(experts, size))
-    from .calibrate import spherical_kmeans
+    from ..router.prototypes import spherical_kmeans
 
     points = F.normalize(rows.float(), dim=-1)
     centroids = spherical_kmeans(points, experts, seed=int(torch.randint(1 << 30, (1,), generator=generator)))
@@ -205,7 +192,8 @@ def calibrate_routers(spectra_config: Any, ffn_inputs: dict[int, torch.Tensor], 
     """Every layer's router initialised and bias-calibrated on its captured FFN inputs (consumed as it goes).
     Returns each layer's block tensors other than the experts (router, shared expert) and its calibration CV."""
     from ..modeling.modeling_spectra import RoutingContext
-    from .calibrate import calibrate_bias, init_router
+    from ..router.calibrate import calibrate_bias
+    from ..router.prototypes import init_router
 
     context = RoutingContext()
     states: list[dict[str, torch.Tensor]] = []
@@ -346,9 +334,43 @@ def upcycle(
     ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
     False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
     conversion time, and the bias is calibrated with the knobs the model will route with.
-    """
-    from ..textdata import default_calibration_path, load_texts
 
+    Steps: plan (checks and shapes, before transformers is imported), build (experts, on a background thread
+    from the start), load (the dense parent), calibrate (routers on the parent's FFN inputs), write (routers,
+    index, config, runtime, tokenizer, model card) — all into a temp folder renamed into place at the end.
+    """
+    _check_options(method=method, split_mode=split_mode, experts=experts, top_k=top_k, router_init=router_init,
+                   noise=noise, dtype=dtype)
+    plan = _plan(model, gguf_file, calibration, experts=experts, method=method, noise=noise,
+                 overrides=_check_overrides(spectra_overrides), out_dtype=DTYPES[dtype] if dtype else torch.float32)
+    out = Path(out)
+    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
+    # into their shard files by a background thread (bounded queue: at most one tensor waits).
+    with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp:
+        with NoiseAhead([list(plan.noise_sizes.values())] * plan.num_layers, seed,
+                        workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
+                ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
+                            streamed=True) as writer, \
+                progress() as bar, \
+                ExpertBuilder(writer, drawn_noise, list(plan.noise_sizes), plan.adapter, plan.ffn_prefixes,
+                              experts=experts, method=method, noise=noise, split_mode=split_mode, seed=seed,
+                              out_dtype=plan.out_dtype, bar=bar) as builder:
+            parent = _load_parent(plan, builder, seed, experts=experts, top_k=top_k, router_dim=router_dim,
+                                  method=method)
+            router_states, layer_cv = _calibrate(plan, parent, router_init, calibration_tokens, seed, bar)
+            builder.wait()  # every expert and non-FFN tensor is queued; the writer is ours again
+            _write_routers(writer, plan, router_states, bar)
+        _write_files(tmp, parent, model)
+        total, active = _param_counts(plan, parent, experts=experts, top_k=top_k, method=method)
+        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    result = UpcycleResult(out, experts, top_k, plan.num_layers, total, active, output_bytes, layer_cv)
+    _print_summary(model, out, method, result)
+    return result
+
+
+def _check_options(*, method: str, split_mode: str, experts: int, top_k: int, router_init: str, noise: float,
+                   dtype: str | None) -> None:
+    """Argument checks: one line naming the option, before anything is read."""
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if split_mode not in SPLIT_MODES:
@@ -363,12 +385,36 @@ def upcycle(
         raise UserError(f"--noise must be >= 0, got {noise}")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    overrides = _check_overrides(spectra_overrides)
-    out = Path(out)
+
+
+@dataclass
+class _Plan:
+    """What upcycle knows before transformers is imported: the parent's folder, its layout and FFN shapes
+    (from ``config.json`` or the GGUF metadata when they say enough, else from transformers' config), the
+    noise each layer's experts need, the calibration texts and the output dtype."""
+
+    model_dir: Path
+    gguf_file: str | None
+    gguf_parses: GgufParses  # config now, FFN weights, tokenizer + model later: one parse of a GGUF file
+    shape_config: Any
+    parent_config: Any  # None until transformers has read it (see ``_load_parent``)
+    adapter: Any
+    num_layers: int
+    ffn_prefixes: list[str]
+    noise_sizes: dict[str, int]
+    texts: list[str]
+    overrides: dict
+    out_dtype: torch.dtype
+
+
+def _plan(model: str, gguf_file: str | None, calibration: str | Path | None, *, experts: int, method: str,
+          noise: float, overrides: dict, out_dtype: torch.dtype) -> _Plan:
+    from ..textdata import default_calibration_path, load_texts
+
     model_dir = resolve_model_dir(model)
     if gguf_file and not (model_dir / gguf_file).is_file():
         raise UserError(f"--gguf-file {gguf_file!r} not found in {model_dir}")
-    gguf_parses = GgufParses()  # config now, FFN weights, tokenizer + model later: one parse of a GGUF file
+    gguf_parses = GgufParses()
     # The experts' shapes come from the files when they say enough: the noise workers and the expert builder
     # then start before transformers is imported. Otherwise transformers' config (with class defaults) decides.
     with gguf_parses.active():
@@ -382,85 +428,110 @@ def upcycle(
             "use `spectra-convert reroute` to keep its experts and replace the gates"
         )
     texts = [r.text for r in load_texts(calibration or default_calibration_path())]
-    out_dtype = DTYPES[dtype] if dtype else torch.float32
     num_layers = adapter.num_layers(shape_config)
-    ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
     # The experts' noise depends only on shapes: worker threads draw it ahead of use (a few layers, never all).
     sizes = noise_sizes(adapter.ffn_shapes(shape_config), experts, method) if noise else {}
-    # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
-    # into their shard files by a background thread (bounded queue: at most one tensor waits).
-    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
-        with NoiseAhead([list(sizes.values())] * num_layers, seed, workers=noise_workers(torch.get_num_threads())) as drawn_noise, \
-                ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
-                                        streamed=True) as writer, \
-                progress() as bar, \
-                ExpertBuilder(writer, drawn_noise, list(sizes), adapter, ffn_prefixes, experts=experts, method=method,
-                              noise=noise, split_mode=split_mode, seed=seed, out_dtype=out_dtype, bar=bar) as builder:
-            # Experts need only the FFN weights: when the checkpoint can be read directly they are built and
-            # written while transformers imports, the parent loads and the routers calibrate.
-            with gguf_parses.active():
-                early = ffn_getter(model_dir, gguf_file, adapter)
-            loaded: dict[str, torch.Tensor] = {}  # the parent's state dict, once loaded
-            if early is not None:
-                # Layers not built by the time the parent is loaded take their FFNs from it (equal values,
-                # tested): a GGUF parent is then dequantised once for them, not twice.
-                builder.start(lambda key: loaded[key] if key in loaded else early(key))
-            if parent_config is None:
-                with gguf_parses.active():
-                    parent_config = read_parent_config(model_dir, gguf_file=gguf_file)
-                _check_same_layout(adapter, shape_config, parent_config)
-            torch.manual_seed(seed)
-            with gguf_parses.active():
-                dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
-            dense_state = dense.state_dict()
-            loaded.update(dense_state)
-            if early is None:
-                builder.start(dense_state.__getitem__)
-            spectra_config = _spectra_config(dense.config, adapter, overrides, experts=experts, top_k=top_k,
-                                             router_dim=router_dim, method=method, out_dtype=out_dtype)
-            tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
-            non_ffn = {name: tensor for name, tensor in dense_state.items()
-                       if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied}
-            builder.then_add(non_ffn)
-            from .calibrate import calibration_batches
+    return _Plan(model_dir, gguf_file, gguf_parses, shape_config, parent_config, adapter, num_layers,
+                 [adapter.mlp_prefix(i) for i in range(num_layers)], sizes, texts, overrides, out_dtype)
 
-            try:
-                blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
-            except ValueError as exc:
-                raise UserError(str(exc)) from exc
-            from ..modeling.modeling_spectra import decoder_layers
 
-            ffn_inputs = capture_ffn_inputs(dense, decoder_layers(dense), blocks)
-            router_states, layer_cv = calibrate_routers(spectra_config, ffn_inputs, router_init, seed, bar)
-            builder.wait()  # every expert and non-FFN tensor is queued; the writer is ours again
-            for prefix, state in zip(ffn_prefixes, router_states):
-                for name, tensor in state.items():
-                    writer.add(prefix + name, tensor.to(out_dtype))
-            write_task = bar.add_task("writing shards", total=None)
-            writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
-        write_spectra_config(tmp, spectra_config)
-        write_runtime_files(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_generation_config(dense, tmp)
-        write_model_card(tmp, base_model=str(model))
-        expert_params = sum(math.prod(shape) for shape in adapter.ffn_shapes(parent_config).values())
-        if method == "split":
-            expert_params //= experts
-        non_ffn_params = sum(t.numel() for t in non_ffn.values())
-        router_params = _router_param_count(spectra_config)
-        total = non_ffn_params + num_layers * (experts * expert_params + router_params)
-        active = non_ffn_params + num_layers * (top_k * expert_params + router_params)
-        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    result = UpcycleResult(out, experts, top_k, num_layers, total, active, output_bytes, layer_cv)
+@dataclass
+class _Parent:
+    """The loaded dense parent and what is derived from it: tokenizer, the output's config, its non-FFN tensors."""
+
+    model: Any
+    tokenizer: Any
+    spectra_config: Any
+    non_ffn: dict[str, torch.Tensor]
+
+
+def _load_parent(plan: _Plan, builder: ExpertBuilder, seed: int, *, experts: int, top_k: int, router_dim: int,
+                 method: str) -> _Parent:
+    """Start the expert builder (from the checkpoint files when they can be read directly, so experts are built
+    and written while transformers imports, the parent loads and the routers calibrate), load the parent, and
+    hand its non-FFN tensors to the builder to write after the experts."""
+    with plan.gguf_parses.active():
+        early = ffn_getter(plan.model_dir, plan.gguf_file, plan.adapter)
+    loaded: dict[str, torch.Tensor] = {}  # the parent's state dict, once loaded
+    if early is not None:
+        # Layers not built by the time the parent is loaded take their FFNs from it (equal values,
+        # tested): a GGUF parent is then dequantised once for them, not twice.
+        builder.start(lambda key: loaded[key] if key in loaded else early(key))
+    if plan.parent_config is None:
+        with plan.gguf_parses.active():
+            plan.parent_config = read_parent_config(plan.model_dir, gguf_file=plan.gguf_file)
+        _check_same_layout(plan.adapter, plan.shape_config, plan.parent_config)
+    torch.manual_seed(seed)
+    with plan.gguf_parses.active():
+        dense, tokenizer = load_dense_parent(plan.model_dir, plan.gguf_file, torch.float32, config=plan.parent_config)
+    dense_state = dense.state_dict()
+    loaded.update(dense_state)
+    if early is None:
+        builder.start(dense_state.__getitem__)
+    spectra_config = _spectra_config(dense.config, plan.adapter, plan.overrides, experts=experts, top_k=top_k,
+                                     router_dim=router_dim, method=method, out_dtype=plan.out_dtype)
+    tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
+    non_ffn = {name: tensor for name, tensor in dense_state.items()
+               if not any(name.startswith(p) for p in plan.ffn_prefixes) and name not in tied}
+    builder.then_add(non_ffn)
+    return _Parent(dense, tokenizer, spectra_config, non_ffn)
+
+
+def _calibrate(plan: _Plan, parent: _Parent, router_init: str, calibration_tokens: int, seed: int,
+               bar: Any) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """One forward over calibration text captures every layer's FFN input; each router is then fitted on it."""
+    from ..modeling.modeling_spectra import decoder_layers
+    from ..router.calibrate import calibration_batches
+
+    try:
+        blocks = calibration_batches(parent.tokenizer, plan.texts, max_tokens=calibration_tokens, seed=seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    ffn_inputs = capture_ffn_inputs(parent.model, decoder_layers(parent.model), blocks)
+    return calibrate_routers(parent.spectra_config, ffn_inputs, router_init, seed, bar)
+
+
+def _write_routers(writer: ShardWriter, plan: _Plan, router_states: list[dict[str, torch.Tensor]], bar: Any) -> None:
+    """Each layer's router (and shared expert) tensors, then the last shards and the index."""
+    for prefix, state in zip(plan.ffn_prefixes, router_states):
+        for name, tensor in state.items():
+            writer.add(prefix + name, tensor.to(plan.out_dtype))
+    write_task = bar.add_task("writing shards", total=None)
+    writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
+
+
+def _write_files(tmp: Path, parent: _Parent, model: str) -> None:
+    """Everything in the output folder besides the weights."""
+    write_spectra_config(tmp, parent.spectra_config)
+    write_runtime_files(tmp)
+    parent.tokenizer.save_pretrained(tmp)
+    _write_generation_config(parent.model, tmp)
+    write_model_card(tmp, base_model=str(model))
+
+
+def _param_counts(plan: _Plan, parent: _Parent, *, experts: int, top_k: int, method: str) -> tuple[int, int]:
+    """(total, active per token) parameters of the output: only top-k of E experts run for a token."""
+    expert_params = sum(math.prod(shape) for shape in plan.adapter.ffn_shapes(plan.parent_config).values())
+    if method == "split":
+        expert_params //= experts
+    non_ffn_params = sum(t.numel() for t in parent.non_ffn.values())
+    router_params = _router_param_count(parent.spectra_config)
+    total = non_ffn_params + plan.num_layers * (experts * expert_params + router_params)
+    active = non_ffn_params + plan.num_layers * (top_k * expert_params + router_params)
+    return total, active
+
+
+def _print_summary(model: str, out: Path, method: str, result: UpcycleResult) -> None:
+    layer_cv = result.layer_cv
     summary_table(
         f"upcycled {model} -> {out}",
         ["", "value"],
-        [["experts / top-k", f"{experts} / {top_k}"], ["method", method], ["MoE layers", num_layers],
-         ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
-         ["output size", human_bytes(output_bytes)],
+        [["experts / top-k", f"{result.experts} / {result.top_k}"], ["method", method], ["MoE layers", result.layers],
+         ["params total", f"{result.params_total / 1e6:.1f}M"],
+         ["params active per token", f"{result.params_active / 1e6:.1f}M"],
+         ["output size", human_bytes(result.output_bytes)],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
-    return result
 
 
 def _spectra_config(text_config: Any, adapter: Any, overrides: dict, *, experts: int, top_k: int, router_dim: int,

@@ -1,9 +1,8 @@
 """Run a model over held-out texts and record what its routers did.
 
-Routers are found by class name (``SpectraRouter``) rather than by import, because a converted folder loads
-its own copy of ``modeling_spectra.py`` through ``trust_remote_code`` — the class object differs from ours,
-the contract (DESIGN §3: ``(router_logits, routing_weights, selected_experts)``) does not. A forward hook per
-router reads ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
+Routers are found by class name (``router.find``; docs/ARCHITECTURE.md, "The router contract"): a converted
+folder loads its own copy of ``modeling_spectra.py`` through ``trust_remote_code``. A ``RouterTap`` reads each
+router's ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
 because we pass ``output_router_logits=True``) and, for the baselines, the router's input hidden states.
 Pad tokens are dropped with the attention mask; NLL is computed from the logits here (per real-token pair,
 which a batch-mean ``loss`` cannot give).
@@ -12,7 +11,6 @@ which a batch-mean ``loss`` cannot give).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +22,9 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..modelio import resolve
+from ..router.find import find_routers, parent_gates
+from ..router.tap import RouterTap, gate_reader
 from ..textdata import TextRecord
-
-ROUTER_CLASS = "SpectraRouter"
 
 # --------------------------------------------------------------------------------------------------------------
 # Loading
@@ -58,12 +56,6 @@ def _dtype(dtype: str | None, device: torch.device) -> Any:
     return table[dtype]
 
 
-def spectra_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's SPECTRA routers in layer order (matched by class name, see the module docstring)."""
-    routers = [m for m in model.modules() if type(m).__name__ == ROUTER_CLASS]
-    return sorted(routers, key=lambda r: getattr(r, "layer_idx", 0))
-
-
 def _not_spectra(path: Path, detail: str) -> UserError:
     return UserError(
         f"{path} has no SPECTRA routers ({detail}); convert it first with `spectra-convert upcycle` (dense) "
@@ -86,7 +78,7 @@ def load_spectra_model(name: str | Path, *, device: str | None = None, dtype: st
         raise _not_spectra(path, f"model_type is {getattr(config, 'model_type', None)!r}")
     dev = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=_dtype(dtype, dev))
-    if not spectra_routers(model):
+    if not find_routers(model):
         raise _not_spectra(path, "no SpectraRouter module after loading")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
@@ -223,90 +215,6 @@ def pad_id_of(tokenizer: Any) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class RouterTap:
-    """Forward hooks on routers; after each batch, ``take(mask)`` returns per-layer real-token captures."""
-
-    def __init__(self, routers: Sequence[torch.nn.Module], *, capture_inputs: bool = False,
-                 reader: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None):
-        self.routers = list(routers)
-        self.capture_inputs = capture_inputs
-        self.reader = reader
-        self._handles: list[Any] = []
-        self._calls: dict[int, dict[str, torch.Tensor]] = {}
-
-    def __enter__(self) -> RouterTap:
-        for position, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._hook(position)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, position: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            hidden = args[0] if args else None
-            entry: dict[str, torch.Tensor] = {}
-            if self.reader is not None:
-                entry["selected"] = self.reader(module, output)
-            else:
-                entry["selected"] = output[2]
-                entry["scores"] = _scores_of(module, output)
-            if self.capture_inputs and hidden is not None:
-                entry["inputs"] = hidden.reshape(-1, hidden.shape[-1])
-            self._calls[position] = entry
-
-        return hook
-
-    def take(self, mask: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """This batch's captures per router, restricted to real tokens (flattened row-major)."""
-        flat = mask.reshape(-1).bool()
-        out = []
-        for position in range(len(self.routers)):
-            entry = self._calls.get(position)
-            if entry is None:
-                raise RuntimeError(f"router {position} did not run in this forward pass")
-            out.append({k: v[flat.to(v.device)] for k, v in entry.items()})
-        self._calls.clear()
-        return out
-
-
-def _scores_of(router: torch.nn.Module, output: Any) -> torch.Tensor:
-    """Cosine scores S / tau of this call (from context.records); else the selection logits -C/tau."""
-    records = getattr(getattr(router, "context", None), "records", None)
-    temperature = float(getattr(router, "temperature", 1.0))
-    if records:
-        last = records[-1]
-        if last.get("layer") == getattr(router, "layer_idx", None) and "scores" in last:
-            return last["scores"].float() / temperature
-    return output[0].float()
-
-
-def gate_reader(top_k: int) -> Callable[[torch.nn.Module, Any], torch.Tensor]:
-    """Selected experts of a parent MoE's own gate: its index output, or top-k of its logits."""
-
-    def read(module: torch.nn.Module, output: Any) -> torch.Tensor:
-        if isinstance(output, tuple):
-            last = output[-1]
-            if isinstance(last, torch.Tensor) and not last.is_floating_point():
-                return last.reshape(-1, last.shape[-1])
-            output = output[0]
-        return torch.topk(output.reshape(-1, output.shape[-1]).float(), top_k, dim=-1).indices
-
-    return read
-
-
-def parent_gates(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """A MoE parent's original routers: the modules at ``...mlp.gate`` (Mixtral, Qwen-MoE, OLMoE), layer order."""
-    found = []
-    for name, module in model.named_modules():
-        match = re.search(r"\.(\d+)\.mlp\.gate$", name)
-        if match:
-            found.append((int(match.group(1)), module))
-    return [module for _, module in sorted(found, key=lambda item: item[0])]
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------------------
@@ -376,7 +284,7 @@ def collect_routing(
     on_batch: Callable[[int], None] | None = None,
 ) -> Collection:
     """Run ``model`` over ``texts``; record every router's choices, routing entropy, NLL (and inputs)."""
-    routers = spectra_routers(model)
+    routers = find_routers(model)
     if not routers:
         raise UserError("the model has no SPECTRA routers; convert it first with `spectra-convert upcycle` "
                         "(dense) or `spectra-convert reroute` (MoE)")
@@ -390,7 +298,7 @@ def collect_routing(
     nll_sum, nll_count = 0.0, 0
     batches = plan_batches(texts.ids, pad_id, batch_tokens=batch_tokens)
     seq_offset = 0
-    with RouterTap(routers, capture_inputs=capture_inputs) as tap:
+    with RouterTap(routers, inputs=capture_inputs) as tap:
         for batch in batches:
             out = _forward(model, batch, router_records=True)
             captured = tap.take(batch.attention_mask)
@@ -462,11 +370,11 @@ def parent_pass(
 def batch_invariance(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, Any]:
     """Route each sequence alone, then all together with right and with left padding; count disagreements.
 
-    SPECTRA's dual-bias routing is per-token and causal (DESIGN §3), so a token's experts must not depend on
+    SPECTRA's dual-bias routing is per-token and causal (docs/ARCHITECTURE.md, "Routing"), so a token's experts must not depend on
     its batch-mates or on where padding sits. Sequences are cut to different lengths so padding really occurs.
     Compared: the selected expert SET of every real token in every layer.
     """
-    routers = spectra_routers(model)
+    routers = find_routers(model)
     sample = [list(s[: max(2, 96 - 16 * i)]) for i, s in enumerate(seqs)]
     alone: list[list[np.ndarray]] = []
     with RouterTap(routers) as tap:

@@ -1,9 +1,9 @@
-"""Router health while training: per-layer hard top-k loads (-> load CV) and Gram orthogonality.
+"""Router load statistics while a model runs (training): per-layer hard top-k loads (-> load CV) and Gram
+orthogonality of the expert vectors.
 
-Loads are read the way every external tool reads SPECTRA routing (DESIGN §3): a forward hook on modules whose
-class name is ``SpectraRouter`` takes ``selected_experts`` (the third item of its output). Definitions follow
-DESIGN §5: CV = population std / mean of per-expert loads; Gram orthogonality = 1 - ||G - I||_F / (E sqrt 2)
-on the unit expert vectors.
+Loads are read the way every external tool reads SPECTRA routing (docs/ARCHITECTURE.md, "The router
+contract"): a forward hook on each router found by ``find_routers`` takes ``selected_experts`` (the third item
+of its output). Definitions are ``metrics``' (docs/ARCHITECTURE.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..validate import metrics
-from .modes import router_modules
+from . import metrics
+from .find import find_routers
 
 
 def load_cv(loads: torch.Tensor) -> float:
-    """Coefficient of variation (population std / mean) of one layer's per-expert loads (DESIGN §5)."""
+    """Coefficient of variation (population std / mean) of one layer's per-expert loads."""
     return metrics.load_cv(loads.detach().double().cpu().numpy())
 
 
@@ -29,7 +29,7 @@ class RouterMonitor:
     """Accumulates per-layer expert loads from router forward hooks until ``reset()``."""
 
     def __init__(self, model: nn.Module):
-        self.routers = router_modules(model)
+        self.routers = find_routers(model)
         self.num_experts = self.routers[0].num_experts if self.routers else 0
         self.layers = sorted({r.layer_idx for r in self.routers})
         self.loads = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float64)

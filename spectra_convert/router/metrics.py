@@ -1,4 +1,4 @@
-"""Routing metrics of DESIGN §5 as pure functions over numpy arrays.
+"""Routing metrics (docs/ARCHITECTURE.md, "Metrics") as pure functions over numpy arrays.
 
 Why pure functions: the same definitions score SPECTRA, every baseline router and any model a user brings,
 so each one is pinned by a unit test on a hand-checkable input and none of them knows where its input came
@@ -74,7 +74,7 @@ def max_vio(loads: ArrayLike) -> float:
 
 
 def gini(loads: ArrayLike) -> float:
-    """Gini = sum_i (2i - E - 1) l_(i) / (E sum l), loads sorted ascending, i = 1..E (seed 004).
+    """Gini = sum_i (2i - E - 1) l_(i) / (E sum l), loads sorted ascending, i = 1..E (as LPR reports it).
 
     0 for equal loads; (E-1)/E when one expert takes everything.
     """
@@ -160,7 +160,7 @@ def gram_matrix(vectors: ArrayLike) -> np.ndarray:
 
 
 def gram_orthogonality(vectors: ArrayLike) -> float:
-    """1 - ||G - I||_F / (E sqrt 2) on normalised expert vectors (seed 003): 1 for orthonormal vectors."""
+    """1 - ||G - I||_F / (E sqrt 2) on normalised expert vectors (as SPECTRA reports it): 1 for orthonormal vectors."""
     g = gram_matrix(vectors)
     e = g.shape[0]
     return float(1.0 - np.linalg.norm(g - np.eye(e)) / (e * math.sqrt(2.0)))

@@ -46,7 +46,9 @@ def _bad(data: dict, tmp_path: Path, match: str) -> None:
 
 def test_shipped_plans_parse() -> None:
     cpu = load_plan(RECIPES / "study-smollm2-cpu.yaml")
-    assert [v.name for v in cpu.variants] == ["full", "no-gru", "no-projector", "no-repulsion", "no-ortho", "in-batch"]
+    assert [v.name for v in cpu.variants] == ["full", "no-gru", "no-projector", "no-repulsion", "no-ortho", "in-batch",
+                                              "lpr"]
+    assert cpu.variants[-1].router == "lpr"
     assert cpu.convert["experts"] == 4 and cpu.finetune["steps"] <= 20 and cpu.validate["max_tokens"] <= 4096
     assert len({v.conversion_key() for v in cpu.variants}) == 3  # full (+ runtime variants), no-gru, no-projector
     full = load_plan(RECIPES / "study-gpt2-medium-a100.yaml")

@@ -163,7 +163,7 @@ def test_batch_invariance_detects_batch_dependent_routing(tiny_model, tmp_path):
 
 def test_baselines_are_on_the_same_tokens(tiny_report):
     base = tiny_report["baselines"]
-    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias"}
+    assert set(base) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias", "lpr"}
     rows = tiny_report["baseline_layers"]
     n = tiny_report["tokens"]
     for name in ("switch-top1", "switch-top2", "expert-choice", "hash"):
@@ -180,6 +180,22 @@ def test_baselines_are_on_the_same_tokens(tiny_report):
     assert math.isnan(base["hash"]["gram_orthogonality"])
     # the same linear gate serves switch, expert choice and loss-free bias
     assert base["switch-top1"]["gram_orthogonality"] == pytest.approx(base["expert-choice"]["gram_orthogonality"])
+
+
+def test_lpr_row_and_baseline_perplexity(tiny_report):
+    """The lpr row is fitted on half the texts and scored on the rest; every router, SPECTRA included, has a
+    perplexity with its own choices driving the experts on that same half."""
+    row, n = tiny_report["baselines"]["lpr"], tiny_report["tokens"]
+    assert 0 < min(r["tokens"] for r in tiny_report["baseline_layers"]["lpr"]) < n
+    assert 0 <= row["cv"] < 3 and 0 <= row["gini"] <= 1 and 0 <= row["min_max"] <= 1
+    assert 0 <= row["seq_consistency"] <= 1 and 0 <= row["domain_nmi"] <= 1
+    assert 0 < row["gram_orthogonality"] <= 1 and row["routing_entropy"] > 0
+    for name, values in tiny_report["baselines"].items():
+        assert math.isfinite(values["perplexity_eval_half"]) and values["perplexity_eval_half"] > 1, name
+    assert math.isfinite(tiny_report["summary"]["perplexity_eval_half"])
+    assert tiny_report["baselines_eval_half"]["tokens"] == row["tokens"]
+    markdown = (Path(tiny_report["report_dir"]) / "report.md").read_text()
+    assert "| lpr |" in markdown and "ppl (eval half)" in markdown
 
 
 def test_hash_baseline_is_a_function_of_the_token_id():

@@ -26,7 +26,8 @@ from . import checked
 @click.option("--parent", default=None,
               help="The dense or original MoE model (folder or .gguf file) for perplexity and gate agreement.")
 @click.option("--baselines", is_flag=True, help="Also route the same tokens with switch top-1/top-2, expert choice, "
-              "hash and loss-free-bias routers.")
+              "hash, loss-free-bias and latent prototype (lpr) routers, each also driving the experts for a "
+              "perplexity.")
 @click.option("--max-cv", type=checked("validate", "max_cv"), default=None, help="Fail (exit 1) when the worst layer's load CV exceeds this.")
 @click.option("--max-ppl-ratio", type=checked("validate", "max_ppl_ratio"), default=None,
               help="Fail (exit 1) when perplexity / parent perplexity exceeds this (needs --parent).")
@@ -53,7 +54,7 @@ def command(model: str, data: Path, parent: str | None, baselines: bool, max_cv:
         def make_tick(description: str, total: int) -> Callable[[int], None]:
             if not bars:
                 bars.append(stack.enter_context(progress()))
-            task = bars[0].add_task(description, total=total)
+            task = bars[0].add_task(description, total=total, unit="tok")  # totals count tokens
             return lambda done: bars[0].advance(task, done)
 
         failed: ThresholdFailed | None = None

@@ -13,6 +13,9 @@
         spectra: {use_gru: false}                   # any SPECTRA_DEFAULTS knob
       - name: temperature
         sweep: {temperature: [0.05, 0.2]}           # expands to temperature=0.05 and temperature=0.2
+      - name: lpr
+        router: lpr                                 # the Latent Prototype Routing competitor (lpr_variant.py)
+        lpr: {metric: cosine}                       # optional LPRSettings fields
 
 Why a closed schema: a typo in a variant (``spectr:``) would otherwise silently run the reference model under
 another name and the ablation table would lie. Every unknown key is a one-line ``UserError`` naming the key
@@ -34,7 +37,9 @@ from ..modeling.configuration_spectra import SPECTRA_DEFAULTS
 from ..recipes import _read_yaml, allowed_stage_keys, check_keys, check_stage_values
 
 PLAN_KEYS = ("name", "description", "seed", "keep_models", "convert", "finetune", "validate", "variants")
-VARIANT_KEYS = ("name", "description", "spectra", "convert", "finetune", "sweep")
+VARIANT_KEYS = ("name", "description", "spectra", "convert", "finetune", "sweep", "router", "lpr")
+#: ``router`` of a variant: SPECTRA (the default) or LPR on the same conversion's experts.
+ROUTERS = ("spectra", "lpr")
 #: Study-only validate keys: ``nmi`` requires a ``domain`` on every eval record (balance vs specialisation).
 VALIDATE_EXTRA = ("nmi",)
 _FINETUNE_WIRED = {"data", "eval_data", "log_file", "launch", "launch_args"}
@@ -43,7 +48,7 @@ _VALIDATE_WIRED = {"data", "parent", "max_cv", "max_ppl_ratio"}
 #: Knobs that only change how a converted model routes/trains, not its parameters: variants differing only in
 #: these share one conversion (its config edited and its dual bias re-calibrated, see derive.py).
 RUNTIME_KNOBS = ("temperature", "repulsion", "sinkhorn_iters", "balance_mode", "sequence_balance", "bias_ema",
-                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef")
+                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef", "router_aux_loss_coef")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -68,6 +73,8 @@ class Variant:
     convert: dict[str, Any]  # upcycle() keyword arguments (without spectra)
     finetune: dict[str, Any]
     description: str = ""
+    router: str = "spectra"
+    lpr: dict[str, Any] = field(default_factory=dict)  # LPRSettings fields (router: lpr only)
 
     def conversion_key(self) -> str:
         """Variants with the same key share one upcycle run (they differ only in RUNTIME_KNOBS)."""
@@ -99,7 +106,8 @@ class Plan:
         return json.loads(json.dumps({
             "name": self.name, "seed": self.seed, "convert": self.convert, "finetune": self.finetune,
             "validate": self.validate,
-            "variants": [{"name": v.name, "spectra": v.spectra, "convert": v.convert, "finetune": v.finetune}
+            "variants": [{"name": v.name, "spectra": v.spectra, "convert": v.convert, "finetune": v.finetune,
+                          **({"router": v.router, "lpr": v.lpr} if v.router != "spectra" else {})}
                          for v in self.variants],
         }, sort_keys=True, default=str))
 
@@ -148,6 +156,32 @@ def _expand(entry: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]
     return out
 
 
+def _router(entry: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """(router, LPR settings) of a variant; an LPR variant takes no SPECTRA knobs (it routes without them)."""
+    from dataclasses import fields
+
+    from ..validate.lpr import LPRSettings
+
+    router = entry.get("router", "spectra")
+    if router not in ROUTERS:
+        raise UserError(f"{where}: router must be one of {', '.join(ROUTERS)}, got {router!r}")
+    lpr = _mapping(entry.get("lpr"), f"{where}.lpr")
+    if router != "lpr":
+        if lpr:
+            raise UserError(f"{where}: lpr settings need router: lpr")
+        return router, {}
+    for key in ("spectra", "sweep"):
+        if entry.get(key):
+            raise UserError(f"{where}: router lpr routes the shared conversion's experts without SPECTRA knobs; "
+                            f"remove {key}")
+    check_keys(f"{where}.lpr", lpr, [f.name for f in fields(LPRSettings)])
+    try:
+        LPRSettings(**lpr)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{where}.lpr: {exc}") from None
+    return router, lpr
+
+
 def parse_plan(data: Any, path: Path) -> Plan:
     """Validate a loaded plan mapping; relative calibration paths are resolved against the plan's folder."""
     where = str(path)
@@ -194,9 +228,11 @@ def parse_plan(data: Any, path: Path) -> Plan:
         if merged_ft.get("mode", "router") == "lora" and not merged_ft.get("merge"):
             raise UserError(f"{vwhere}: finetune mode lora writes an adapter folder, which validate cannot route; "
                             "use mode router or set merge: true")
+        router, lpr = _router(entry, vwhere)
         for name, knobs in _expand(entry, vwhere):
             variants.append(Variant(name=name, spectra={**plan_spectra, **knobs}, convert={**convert, **vconvert},
-                                    finetune={**finetune, **vfinetune}, description=str(entry.get("description", ""))))
+                                    finetune={**finetune, **vfinetune}, description=str(entry.get("description", "")),
+                                    router=router, lpr=lpr))
     names = [v.name for v in variants]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:

@@ -35,7 +35,7 @@ PLAN_FILE = "plan.json"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
 #: validate() summary keys copied into each result line (Table 2 columns and the scatter's axes).
-METRIC_KEYS = ("expert_overlap", "gram_orthogonality", "gram_offdiag", "cv", "cv_worst", "maxvio",
+METRIC_KEYS = ("expert_overlap", "gram_orthogonality", "gram_offdiag", "cv", "cv_worst", "maxvio", "gini", "min_max",
                "seq_consistency", "topk_overlap", "domain_nmi", "routing_entropy", "expert_entropy_norm",
                "collapse_rate", "perplexity")
 
@@ -252,6 +252,19 @@ def run_variant(variant: Variant, plan: Plan, *, model_path: str, gguf_file: str
     return row
 
 
+def run_lpr(variant: Variant, plan: Plan, *, model_path: str, gguf_file: str | None, data: Path, eval_data: Path,
+            base: Path) -> dict[str, Any]:
+    """An LPR variant (lpr_variant.py) on its conversion, upcycled first when no earlier variant made it."""
+    from ..surgery.upcycle import upcycle
+    from .lpr_variant import run_lpr_variant
+
+    if not base.exists():
+        convert = {k: v for k, v in variant.convert.items() if k != "gguf_file"}
+        shape = {k: v for k, v in variant.spectra.items() if k not in variant.runtime_knobs()}
+        upcycle(model_path, base, gguf_file=gguf_file, seed=plan.seed, spectra_overrides=shape or None, **convert)
+    return run_lpr_variant(variant, plan, base=base, data=data, eval_data=eval_data, metric_keys=METRIC_KEYS)
+
+
 def run_study(model: str, data: str | Path, eval_data: str | Path, plan: str | Path | Plan, out: str | Path, *,
               resume: bool = False, force: bool = False, gguf_file: str | None = None) -> StudyResult:
     """Run every variant of ``plan`` (see plan.py) and write ``DIR/results.jsonl``, ``summary.md`` and plots."""
@@ -276,9 +289,13 @@ def run_study(model: str, data: str | Path, eval_data: str | Path, plan: str | P
             skipped.append(variant.name)
             continue
         err_console.print(f"[bold]variant {index + 1}/{len(plan.variants)}: {variant.name}[/bold]", highlight=False)
-        row = run_variant(variant, plan, model_path=model_path, gguf_file=gguf, data=data, eval_data=eval_data,
-                          out=out, base=bases[variant.conversion_key()],
-                          baselines=bool(plan.validate.get("baselines")) and index == 0)
+        base = bases[variant.conversion_key()]
+        if variant.router == "lpr":
+            row = run_lpr(variant, plan, model_path=model_path, gguf_file=gguf, data=data, eval_data=eval_data,
+                          base=base)
+        else:
+            row = run_variant(variant, plan, model_path=model_path, gguf_file=gguf, data=data, eval_data=eval_data,
+                              out=out, base=base, baselines=bool(plan.validate.get("baselines")) and index == 0)
         _append_result(out, row)
         ran.append(variant.name)
     order = {v.name: i for i, v in enumerate(plan.variants)}

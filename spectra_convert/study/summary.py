@@ -37,6 +37,14 @@ def _knobs(spectra: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(spectra.items())) or "defaults"
 
 
+def _router_knobs(result: dict[str, Any]) -> str:
+    if result.get("router") == "lpr":
+        lpr = result.get("lpr") or {}
+        return "LPR router: " + ", ".join(f"{k}={lpr[k]}" for k in ("metric", "latent_dim", "variational", "ema_decay")
+                                          if k in lpr)
+    return _knobs(result.get("spectra") or {})
+
+
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     """Variant rows, then one row per baseline router (measured on the first variant's experts)."""
     rows = []
@@ -47,7 +55,11 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         for name, metrics in (result.get("baselines") or {}).items():
             cells = []
             for key, _, kind in TABLE:
-                cells.append("—" if key in ("routing_consistency", "perplexity") else fmt(metrics.get(key), kind))
+                if key == "perplexity":  # each baseline driving the experts, on the eval half of the texts
+                    cells.append(f"{fmt(metrics.get('perplexity_eval_half'), kind)} (eval half)"
+                                 if metrics.get("perplexity_eval_half") is not None else "—")
+                else:
+                    cells.append("—" if key == "routing_consistency" else fmt(metrics.get(key), kind))
             rows.append([f"baseline: {name} ({result['variant']} experts)"] + cells)
     return rows
 
@@ -76,7 +88,10 @@ def write_summary(out: Path, plan: Plan, results: list[dict[str, Any]]) -> Path:
         "",
         "Routing consistency = share of eval tokens whose selected expert set is unchanged by the fine-tune "
         "(converted vs fine-tuned model). Baseline rows route the first variant's captured router inputs with "
-        "other routers (validate --baselines); they have no perplexity or fine-tune.",
+        "other routers (validate --baselines, no fine-tune); their perplexity is each baseline driving the experts "
+        "on the eval half of the texts (the fitted baselines were fitted on the other half). A `router: lpr` "
+        "variant is Latent Prototype Routing (seed 004) on the shared conversion's experts, fitted on the same "
+        "calibration text and fine-tuned on the same blocks, steps and seed with its own losses.",
         "",
         markdown_table(results),
         "",
@@ -89,7 +104,7 @@ def write_summary(out: Path, plan: Plan, results: list[dict[str, Any]]) -> Path:
         f = r.get("finetune") or {}
         ppl = f"{fmt(f.get('ppl_before'), 'f2')} → {fmt(f.get('ppl_after'), 'f2')}" if f else "—"
         derived = f"{r['conversion']}{' (+ re-calibrated bias)' if r.get('derived') else ''}"
-        lines.append(f"| {r['variant']} | {_knobs(r.get('spectra') or {})} | {derived} | {ppl} | "
+        lines.append(f"| {r['variant']} | {_router_knobs(r)} | {derived} | {ppl} | "
                      f"{r.get('batch_invariance_agree')} | {r.get('seconds')} |")
     if pending:
         lines += ["", f"Not finished yet: {', '.join(pending)} (run again with --resume)."]

@@ -34,8 +34,9 @@ from .report import check_report_dir, default_report_dir, plot_names, write_repo
 
 INVARIANCE_TEXTS = 4
 BASELINES_NOTE = ("baselines route the same captured router inputs with a linear gate W = mu P[:, :H] (the hidden-"
-                  "state part of the model's own router); loss-free-bias is fitted on every other text of each "
-                  "domain and scored on the rest; baseline perplexity is not computed")
+                  "state part of the model's own router); loss-free-bias and lpr (latent prototype routing, fitted "
+                  "with its own regularisers + EMA) are fitted on every other text of each domain and scored on the "
+                  "rest; 'ppl (eval half)' is each router driving the experts in every layer, on those rest texts")
 
 
 def validate(
@@ -86,10 +87,12 @@ def validate(
     if baselines:
         from .baselines import run_baselines
 
-        per_layer = run_baselines(collection, routers, seed=seed)
+        per_layer, fitted = run_baselines(collection, routers, seed=seed)
         report["baselines"] = {name: summarize(rows) for name, rows in per_layer.items()}
         report["baseline_layers"] = per_layer
         report["baselines_note"] = BASELINES_NOTE
+        add_baseline_perplexity(report, spectra, texts, pad_id, collection, fitted, seed=seed,
+                                batch_tokens=batch_tokens, progress=progress)
 
     if parent is not None:
         report["parent"] = compare_parent(spectra, collection, texts, pad_id, parent, device=device, dtype=dtype,
@@ -109,6 +112,26 @@ def validate(
         exc.report = report  # type: ignore[attr-defined]
         raise exc
     return report
+
+
+def add_baseline_perplexity(report: dict[str, Any], spectra: Any, texts: Any, pad_id: int, collection: Collection,
+                            fitted: list[dict[str, Any]], *, seed: int, batch_tokens: int, progress: Any) -> None:
+    """Each baseline (and SPECTRA) driving the experts on the evaluate half of the texts: ``perplexity_eval_half``.
+
+    On the evaluate half because the fitted baselines have seen the other half; SPECTRA's own number on the same
+    texts goes into ``summary.perplexity_eval_half`` so every row of the table shares one token set."""
+    from .baselines import split_fit_eval
+    from .driven import baseline_perplexity, eval_half_texts
+
+    _, evaluate = split_fit_eval(collection.seq_ids, collection.domains)
+    chosen = eval_half_texts(collection.seq_ids, evaluate)
+    ppl = baseline_perplexity(spectra, texts.ids, pad_id, fitted, list(report["baselines"]), texts=chosen,
+                              num_experts=collection.num_experts, top_k=collection.top_k, seed=seed,
+                              batch_tokens=batch_tokens, progress=progress)
+    report["summary"]["perplexity_eval_half"] = ppl.pop("SPECTRA")
+    for name, value in ppl.items():
+        report["baselines"][name]["perplexity_eval_half"] = value
+    report["baselines_eval_half"] = {"texts": int(len(chosen)), "tokens": int(sum(len(texts.ids[i]) for i in chosen))}
 
 
 def _tick(progress: Callable[[str, int], Callable[[int], None]] | None, what: str, total: int):

@@ -2,7 +2,8 @@
 
 Every baseline routes the router inputs (the FFN input hidden states) that ``collect`` captured from the
 SPECTRA model itself, so all rows of the table see identical tokens in identical layers. Only the routing
-decision differs; the experts and their outputs are not re-run (baseline perplexity is not computed).
+decision differs. Perplexity is the exception: it needs the experts to run on each router's own choices, so
+driven.py puts every baseline in the routers' places for one more forward (``perplexity_eval_half``).
 
 **The linear gate.** Switch top-1/top-2, expert choice and loss-free-bias need a linear gate ``W [E, H]``.
 We derive it from the model's own router rather than from a random init: SPECTRA scores a token by
@@ -22,12 +23,16 @@ Routers (k = the model's top-k unless named):
   sequences of each domain) and the metrics are measured on the others, so it is scored on text it never
   saw; alternating texts within each domain rather than splitting the token stream in two halves keeps a
   file sorted by domain from fitting on one domain and scoring on another.
+* ``lpr`` — Latent Prototype Routing (seed 004, lpr.py): its own encoder and unit-sphere prototypes (not the
+  linear gate), fitted on the same fit texts as loss-free-bias with LPR's regularisers (diversity, alignment,
+  KL) and its EMA prototype update, then scored on the other texts. There is no task loss in a fit on
+  captured inputs; the study's ``lpr`` variant trains it with the LM loss too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +41,7 @@ import torch
 from ..router import metrics as M
 from .collect import Collection
 
-BASELINES = ("switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias")
+BASELINES = ("switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias", "lpr")
 
 #: DeepSeek's loss-free balancing update rate u and how many mini-batch updates the bias gets.
 LFB_RATE = 1e-3
@@ -54,6 +59,9 @@ class BaselineRouting:
     gate: np.ndarray | None  # [E, H] gate rows (None for hash)
     routing_entropy: float = math.nan
     dropped: float = 0.0
+    #: What driving the experts with this router needs besides the gate (``bias`` for loss-free-bias, the fitted
+    #: ``router`` module for lpr); see driven.py.
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def linear_gate(router: Any) -> torch.Tensor:
@@ -124,7 +132,24 @@ def loss_free_bias(
     eval_probs = probs[torch.as_tensor(evaluate)]
     selected = torch.topk(eval_probs + bias, k, dim=-1).indices.numpy()
     return BaselineRouting(M.assignment_matrix(selected, e), selected[:, 0], evaluate, gate.numpy(),
-                           _entropy(logits[torch.as_tensor(evaluate)]))
+                           _entropy(logits[torch.as_tensor(evaluate)]), state={"bias": bias})
+
+
+def lpr(inputs: torch.Tensor, num_experts: int, k: int, fit: np.ndarray, evaluate: np.ndarray, *, seed: int = 0
+        ) -> BaselineRouting:
+    """Latent Prototype Routing (lpr.py) fitted on the ``fit`` tokens' router inputs, scored on ``evaluate``.
+
+    Fitted like loss-free-bias, on every other text of each domain, so it is scored on text it never saw. Its
+    "gate rows" (for Gram orthogonality) are the unit prototypes in its latent space.
+    """
+    from .lpr import fit_lpr
+
+    router = fit_lpr(inputs[torch.as_tensor(fit)], num_experts, k, seed=seed)
+    with torch.no_grad():
+        logits, _, selected = router(inputs[torch.as_tensor(evaluate)].float())
+    chosen = selected.numpy()
+    return BaselineRouting(M.assignment_matrix(chosen, num_experts), chosen[:, 0], evaluate,
+                           router.prototypes.detach().numpy().copy(), _entropy(logits), state={"router": router})
 
 
 def split_fit_eval(seq_ids: np.ndarray, domains: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +190,7 @@ def route_layer(
         "expert-choice": expert_choice(logits, top_k, gate),
         "hash": hash_routing(token_ids, e, top_k, seed=seed),
         "loss-free-bias": loss_free_bias(logits, top_k, gate, fit, evaluate),
+        "lpr": lpr(inputs, e, top_k, fit, evaluate, seed=seed),
     }
 
 
@@ -184,14 +210,19 @@ def layer_metrics(routing: BaselineRouting, collection: Collection) -> dict[str,
     return out
 
 
-def run_baselines(collection: Collection, routers: list[Any], *, seed: int = 0) -> dict[str, list[dict[str, float]]]:
-    """``{baseline: [per-layer metrics]}`` for every baseline, on the collection's captured router inputs."""
+def run_baselines(collection: Collection, routers: list[Any], *, seed: int = 0
+                  ) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, BaselineRouting]]]:
+    """``({baseline: [per-layer metrics]}, [per-layer {baseline: routing}])`` on the captured router inputs.
+
+    The routings carry what driven.py needs to let each baseline drive the experts (baseline perplexity)."""
     if any(layer.inputs is None for layer in collection.layers):
         raise ValueError("baselines need router inputs: collect with capture_inputs=True")
     per_layer: dict[str, list[dict[str, float]]] = {name: [] for name in BASELINES}
+    fitted: list[dict[str, BaselineRouting]] = []
     for layer, router in zip(collection.layers, routers):
         routings = route_layer(layer.inputs, router, collection.token_ids, collection.seq_ids, collection.top_k,
                                seed=seed, domains=collection.domains)
         for name, routing in routings.items():
             per_layer[name].append(layer_metrics(routing, collection))
-    return per_layer
+        fitted.append(routings)
+    return per_layer, fitted

@@ -4,8 +4,8 @@ Routers are found by class name (``router.find``; docs/ARCHITECTURE.md, "The rou
 folder loads its own copy of ``modeling_spectra.py`` through ``trust_remote_code``. A ``RouterTap`` reads each
 router's ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
 because we pass ``output_router_logits=True``) and, for the baselines, the router's input hidden states.
-Pad tokens are dropped with the attention mask; NLL is computed from the logits here (the model's own
-``loss`` would add the router auxiliary loss).
+Pad tokens are dropped with the attention mask; NLL is computed from the logits here (per real-token pair,
+which a batch-mean ``loss`` cannot give).
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ it reads. Writability is checked before the (long) model run, not after it.
 JSON schema (top level): ``model``, ``data``, ``tokens``, ``texts``, ``num_layers``, ``num_experts``,
 ``top_k``, ``summary`` {metric: value}, ``layers`` [{layer, cv, maxvio, gini, min_max, expert_entropy,
 expert_entropy_norm, collapse_rate, expert_overlap, seq_consistency, topk_overlap, domain_nmi, routing_entropy,
-gram_orthogonality, gram_offdiag, loads}], ``baselines`` {name: {metric: value}}, ``batch_invariance``
-{...}, ``parent`` {...} or null, ``thresholds`` {...}, ``domain_expert`` {...} or null. ``nan`` is ``null``.
+gram_orthogonality, gram_offdiag, loads}], ``baselines`` {name: {metric: value, perplexity_eval_half}},
+``baselines_eval_half`` {texts, tokens} (with ``summary.perplexity_eval_half``: every router driving the experts
+on the texts the fitted baselines did not see), ``batch_invariance`` {...}, ``parent`` {...} or null,
+``thresholds`` {...}, ``domain_expert`` {...} or null. ``nan`` is ``null``.
 """
 
 from __future__ import annotations
@@ -147,14 +149,16 @@ def router_rows(report: dict[str, Any]) -> list[list[Any]]:
     """One row per router: SPECTRA first, then each baseline, columns as ``TABLE_COLUMNS`` (+ perplexity)."""
     rows = []
     spectra = dict(report["summary"])
-    rows.append(["SPECTRA", *[spectra.get(key) for key, _ in TABLE_COLUMNS], spectra.get("perplexity")])
+    rows.append(["SPECTRA", *[spectra.get(key) for key, _ in TABLE_COLUMNS], spectra.get("perplexity"),
+                 spectra.get("perplexity_eval_half")])
     for name, values in (report.get("baselines") or {}).items():
-        rows.append([name, *[values.get(key) for key, _ in TABLE_COLUMNS], values.get("perplexity")])
+        rows.append([name, *[values.get(key) for key, _ in TABLE_COLUMNS], values.get("perplexity"),
+                     values.get("perplexity_eval_half")])
     return rows
 
 
 def router_columns() -> list[str]:
-    return ["router", *[header for _, header in TABLE_COLUMNS], "perplexity"]
+    return ["router", *[header for _, header in TABLE_COLUMNS], "perplexity", "ppl (eval half)"]
 
 
 def metric_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

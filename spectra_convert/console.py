@@ -8,11 +8,31 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 err_console = Console(stderr=True)
 out_console = Console()
+
+
+class RateColumn(ProgressColumn):
+    """Throughput of tasks added with a ``unit`` field (``add_task(..., unit="tok")`` shows ``1,234 tok/s``)."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit")
+        if not unit or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed:,.0f} {unit}/s", style="progress.data.speed")
 
 
 def progress() -> Progress:
@@ -21,6 +41,7 @@ def progress() -> Progress:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,

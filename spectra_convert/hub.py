@@ -36,6 +36,7 @@ from .modelio.side_files import RUNTIME_DIR, RUNTIME_FILES
 #: Written next to the files of a dry run; not part of the upload.
 MANIFEST_NAME = "manifest.json"
 REQUIRED_AUTO_MAP = ("AutoConfig", "AutoModelForCausalLM")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -70,6 +71,8 @@ def check_model_folder(model_dir: Path | str) -> list[Path]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: not a folder; push uploads a local folder written by spectra-convert")
+    if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
+        return _check_adapter_folder(model_dir)
     config = _read_json(model_dir / "config.json", "config.json")
     if config.get("model_type") != "spectra":
         raise UserError(
@@ -85,6 +88,34 @@ def check_model_folder(model_dir: Path | str) -> list[Path]:
             f"{card}: model card missing; write it with spectra_convert.modelcard.write_model_card(folder, "
             "base_model=...) or re-run the conversion"
         )
+    return _upload_files(model_dir)
+
+
+def adapter_base(model_dir: Path) -> str | None:
+    """The Hub id of the base model a LoRA adapter folder needs, or None when its base is not on the Hub."""
+    from .modelcard import card_base_model
+
+    config = _read_json(model_dir / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    base = config.get("base_model_name_or_path")
+    return base if isinstance(base, str) and base == card_base_model(model_dir) else None
+
+
+def _check_adapter_folder(model_dir: Path) -> list[Path]:
+    """A LoRA adapter folder (``finetune --mode lora``) is published only when its base model is a Hub repo
+    (its card, written by finetune, names it): an adapter whose base exists only on this machine is useless on
+    the Hub, so the user is pointed at ``--merge`` instead."""
+    config = _read_json(model_dir / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    base = adapter_base(model_dir)
+    if base is None:
+        raise UserError(
+            f"{model_dir} is a LoRA adapter for {config.get('base_model_name_or_path')!r}, which is not a Hugging Face "
+            "Hub repository; publish a full model instead: `spectra-convert finetune MODEL --mode lora --merge -o "
+            "DIR` writes one (or fine-tune from the base model's Hub id to publish the adapter)"
+        )
+    weights = model_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{model_dir}: adapter weights {ADAPTER_WEIGHTS} missing; re-run the fine-tune")
+    safetensors_names(weights)
     return _upload_files(model_dir)
 
 
@@ -221,24 +252,24 @@ def push(
     if revision is not None and (not revision or revision.startswith(("refs/", "/")) or ".." in revision):
         raise UserError(f"--revision {revision!r}: expected a branch name such as 'main' or 'v1'")
     files = check_model_folder(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    message = commit_message or _default_message(model_dir)
+    branch = revision or "main"
+    if dry_run is None:  # the token is checked before gigabytes are hashed, not after
+        endpoint = resolve_endpoint(endpoint)
+        token = _token()
+        if token is None:
+            raise UserError("no Hugging Face token found: set HF_TOKEN or run `hf auth login`")
+        _check_token(endpoint, token, repo_id, branch)
     total = sum(p.stat().st_size for p in files)
     with progress() as bar:
         task = bar.add_task(f"hashing {len(files)} files ({human_bytes(total)})", total=total)
         entries = manifest(files, model_dir, on_bytes=lambda n: bar.advance(task, n))
-    message = commit_message or _default_message(config)
-    branch = revision or "main"
-
     if dry_run is not None:
         target = _write_dry_run(model_dir, entries, Path(dry_run), force=force, meta={
             "repo_id": repo_id, "revision": branch, "private": private, "commit_message": message,
         })
         return PushResult(repo_id, branch, entries, sum(e["size"] for e in entries), dry_run_dir=target)
 
-    endpoint = resolve_endpoint(endpoint)
-    token = _token()
-    if token is None:
-        raise UserError("no Hugging Face token found: set HF_TOKEN or run `hf auth login`")
     err_console.print(f"uploading {len(entries)} files ({human_bytes(total)}) to {endpoint}/{repo_id} @ {branch}")
     try:
         repo_url, commit_url = _upload(model_dir, entries, repo_id, private, revision, message, endpoint)
@@ -257,6 +288,20 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     from huggingface_hub import constants
 
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def _check_token(endpoint: str, token: str, repo_id: str, branch: str) -> None:
+    """Ask the Hub who the token belongs to (one small request): a wrong or expired token fails here, in one
+    line, before any hashing or upload."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(endpoint=endpoint).whoami(token=token)
+    except Exception as exc:  # mapped to one line; anything unknown is re-raised untouched
+        mapped = hub_error(exc, endpoint=endpoint, repo_id=repo_id, revision=branch, token=token)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def _token() -> str | None:
@@ -350,8 +395,10 @@ def _first_line(text: str) -> str:
     return line[:300]
 
 
-def _default_message(config: dict[str, Any]) -> str:
-    knobs = config.get("spectra") or {}
+def _default_message(model_dir: Path) -> str:
+    if not (model_dir / "config.json").is_file():
+        return f"Upload SPECTRA LoRA adapter for {adapter_base(model_dir)} with spectra-convert"
+    knobs = _read_json(model_dir / "config.json", "config.json").get("spectra") or {}
     return (f"Upload SPECTRA model ({knobs.get('source', 'upcycled')}, {knobs.get('num_experts')} experts, "
             f"top-{knobs.get('top_k')}) with spectra-convert")
 

@@ -37,12 +37,14 @@ def render_model_card(
     base_model: str | None,
     report: Mapping[str, Any] | None,
     plots: Sequence[str] = (),
+    finetuned: Mapping[str, Any] | None = None,
 ) -> str:
     """Return the README.md text for a SPECTRA model.
 
     ``config`` is the ``config.json`` dict or a ``SpectraConfig``; ``report`` a validate report (a ``summary``
     mapping metric -> value and optionally a ``layers`` list of per-layer dicts); ``plots`` are paths relative
-    to the model folder (they are embedded as images, so they must be uploaded with the card).
+    to the model folder (they are embedded as images, so they must be uploaded with the card). ``finetuned``:
+    ``finetune_facts`` of a fine-tuned model (what it was trained from, how, and what changed).
     """
     cfg = _as_dict(config)
     knobs = dict(cfg.get("spectra") or {})
@@ -51,6 +53,7 @@ def render_model_card(
     if source not in ("upcycled", "rerouted"):
         raise UserError(f"config.json: spectra.source must be 'upcycled' or 'rerouted', got {source!r}")
     hub_base = base_model if base_model and _is_hub_id(base_model) else None
+    base_model = model_label(base_model) if base_model else None  # never a local absolute path
 
     front: dict[str, Any] = {}
     if hub_base:
@@ -60,13 +63,15 @@ def render_model_card(
     front["tags"] = ["mixture-of-experts", "spectra", source]
     header = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
 
-    parts = [header, _intro(knobs, text_config, base_model, source), _usage(knobs), _config_section(knobs, text_config)]
+    parts = [header, _intro(knobs, text_config, base_model, source), _finetune_section(finetuned), _usage(knobs),
+             _config_section(knobs, text_config)]
     parts.append(_validation_section(report, plots))
     parts.append(_routing_section(knobs))
     return "\n".join(p.rstrip("\n") + "\n" for p in parts if p)
 
 
-def write_model_card(model_dir: Path | str, *, base_model: str | None) -> Path:
+def write_model_card(model_dir: Path | str, *, base_model: str | None,
+                     finetuned: Mapping[str, Any] | None = None) -> Path:
     """Render the card from ``model_dir/config.json`` (+ ``validation/report.json`` and ``validation/*.png``
     when present) and write ``model_dir/README.md`` atomically. Returns the README path.
 
@@ -82,12 +87,95 @@ def write_model_card(model_dir: Path | str, *, base_model: str | None) -> Path:
         raise UserError(f"{config_path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
     report, plots = load_validation(model_dir)
-    text = render_model_card(config, base_model=base_model, report=report, plots=plots)
+    text = render_model_card(config, base_model=base_model, report=report, plots=plots, finetuned=finetuned)
+    return _write_card(model_dir, text)
+
+
+def _write_card(model_dir: Path, text: str) -> Path:
     target = model_dir / "README.md"
     tmp = model_dir / f".README.md.tmp-{os.getpid()}"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def model_label(model: str | Path) -> str:
+    """How a card or adapter config names a model: its Hub id when it came from the Hub, else its folder's
+    name — never a local absolute path (it means nothing on the Hub and leaks the user's directory layout)."""
+    text = str(model).rstrip("/")
+    if _is_hub_id(text):
+        return text
+    return Path(text).expanduser().resolve().name or text
+
+
+def card_base_model(model_dir: Path | str) -> str | None:
+    """The ``base_model`` (a Hub id) in the front matter of ``model_dir/README.md``, if any: a fine-tune of a
+    converted folder carries its original parent forward."""
+    card = Path(model_dir) / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        return None
+    try:
+        front = yaml.safe_load(text[4:text.index("\n---\n", 4)])
+    except yaml.YAMLError:
+        return None
+    base = front.get("base_model") if isinstance(front, dict) else None
+    return base if isinstance(base, str) and _HUB_ID.match(base) else None
+
+
+def finetune_facts(model: str | Path, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fine-tuned card states: the model it was trained from (``model_label``) and ``finetune.json``'s
+    mode, steps and held-out numbers before -> after."""
+    before, after = summary.get("eval_before") or {}, summary.get("eval_after") or {}
+    return {"from": model_label(model), "mode": summary.get("mode"), "merged": bool(summary.get("merged")),
+            "steps": summary.get("steps"),
+            "perplexity": (before.get("perplexity"), after.get("perplexity")),
+            "mean_cv": (before.get("mean_cv"), after.get("mean_cv"))}
+
+
+def write_adapter_card(adapter_dir: Path | str, *, base_model: str, on_hub: bool, facts: Mapping[str, Any]) -> Path:
+    """The README of a LoRA adapter folder (replacing PEFT's blank template): which base model it needs, how to
+    load it (PeftModel / AutoPeftModelForCausalLM, trust_remote_code for the SPECTRA runtime), merge it and
+    publish it. ``base_model``: the base's ``model_label``; the card's Hub ``base_model`` when ``on_hub`` (the
+    base was loaded from the Hub, not from a local folder)."""
+    hub_base = base_model if on_hub and _HUB_ID.match(base_model) else None
+    front: dict[str, Any] = {}
+    if hub_base:
+        front["base_model"] = hub_base
+    front.update(library_name="peft", pipeline_tag="text-generation",
+                 tags=["mixture-of-experts", "spectra", "lora", "peft"])
+    header = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
+    where = (f"the Hub repository `{hub_base}`" if hub_base else
+             f"the local SPECTRA model folder `{base_model}` (not on the Hub: load it from its folder, or push it "
+             "first and point `base_model_name_or_path` in `adapter_config.json` at its Hub id)")
+    text = "\n".join([
+        header,
+        f"# {base_model} — LoRA adapter (SPECTRA mixture of experts)\n",
+        f"A LoRA adapter, with fully trained SPECTRA routers, for {where}. It was trained with "
+        "`spectra-convert finetune --mode lora` and holds only the adapter and router tensors: the base model "
+        "is needed to use it. Its routing code ships with the base model, so `trust_remote_code=True` is "
+        "required.\n",
+        _finetune_section(facts),
+        "## How to load\n",
+        "```python\n"
+        "from peft import AutoPeftModelForCausalLM, PeftModel\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'base_id = "{base_model}"  # the base model (Hub id or local folder)\n'
+        'adapter_id = "OWNER/NAME"  # this repository, or the local adapter folder\n'
+        "base = AutoModelForCausalLM.from_pretrained(base_id, trust_remote_code=True)\n"
+        "model = PeftModel.from_pretrained(base, adapter_id)\n"
+        "# or in one call (reads base_model_name_or_path from adapter_config.json):\n"
+        "# model = AutoPeftModelForCausalLM.from_pretrained(adapter_id, trust_remote_code=True)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(base_id, trust_remote_code=True)\n"
+        "```\n",
+        "## Merge and publish\n",
+        "`model.merge_and_unload()` gives a plain SPECTRA model; `spectra-convert finetune --mode lora --merge` "
+        "writes one as a full model folder, which `spectra-convert push` publishes with its model card. "
+        "`spectra-convert push` publishes this adapter folder itself when its base model is a Hub repository.\n",
+    ])
+    return _write_card(Path(adapter_dir), text)
 
 
 def load_validation(model_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -145,6 +233,19 @@ def _intro(knobs: dict, text_config: dict, base_model: str | None, source: str) 
     )
 
 
+def _finetune_section(facts: Mapping[str, Any] | None) -> str:
+    if not facts:
+        return ""
+    ppl, cv = facts.get("perplexity") or (None, None), facts.get("mean_cv") or (None, None)
+    what = "the SPECTRA routers only"
+    if facts.get("mode") == "lora":
+        what = "LoRA adapters, merged into the weights, and routers" if facts.get("merged") else "LoRA adapters and routers"
+    return ("## Fine-tuning\n\n"
+            f"Fine-tuned from `{facts.get('from')}` with `spectra-convert finetune --mode {facts.get('mode')}` "
+            f"({what}) for {facts.get('steps')} steps. Held-out, before -> after:\n\n"
+            + _table(("metric", "before", "after"), [("perplexity", *ppl), ("mean load CV", *cv)]))
+
+
 def _usage(knobs: dict) -> str:
     if knobs.get("balance_mode", "dual_bias") == "dual_bias":
         note = (
@@ -162,13 +263,15 @@ def _usage(knobs: dict) -> str:
         "```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'model_id = "OWNER/NAME"  # this repository, or the local folder it was written to\n'
-        "tokenizer = AutoTokenizer.from_pretrained(model_id)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)\n"
         "model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True)\n\n"
         'inputs = tokenizer("The capital of France is", return_tensors="pt")\n'
         "output = model.generate(**inputs, max_new_tokens=32)\n"
         "print(tokenizer.decode(output[0], skip_special_tokens=True))\n"
         "```\n\n"
-        f"{note} Pass `output_router_logits=True` to get each layer's router logits."
+        f"{note} Pass `output_router_logits=True` to get each layer's router logits. The tokenizer needs "
+        "`trust_remote_code=True` too: `AutoTokenizer` reads `config.json` first, and this config's class ships "
+        "as code in the repository (without the flag transformers asks interactively)."
     )
 
 

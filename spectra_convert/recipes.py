@@ -92,6 +92,17 @@ def allowed_stage_keys(stage: str) -> list[str]:
     return params + sorted(_EXTRA_KEYS[stage])
 
 
+def check_stage_values(stage: str, block: dict[str, Any], where: str) -> dict[str, Any]:
+    """``block``'s values checked against the option table (``options.RULES``, the one the CLI uses) and
+    normalised, plus the stage's relations with its function's defaults filled in: everything a real run
+    would refuse, refused at load time (``run --dry-run`` included), one line naming ``where.key``."""
+    from .options import check_values
+
+    defaults = {name: p.default for name, p in inspect.signature(_stage_functions()[stage]).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return check_values(stage, block, lambda key: f"{where}.{key}", defaults=defaults)
+
+
 def check_keys(where: str, given: dict[str, Any], allowed: list[str] | tuple[str, ...]) -> None:
     """One-line UserError naming the first unknown key and every allowed one."""
     for key in given:
@@ -187,14 +198,20 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
         for key in _REQUIRED.get(stage, ()):
             if key not in block:
                 raise UserError(f"{where}: {stage}.{key} is required")
-        block = dict(block)
+        block = check_stage_values(stage, dict(block), f"{where}: {stage}")
+        if stage == "upcycle" and block.get("spectra") is not None:
+            from .surgery.upcycle import check_overrides
+
+            check_overrides(block["spectra"])
         for key in _PATH_KEYS[stage] & set(block):
             if block[key] is None:
                 continue
             if stage == "validate" and key == "parent":
                 block[key] = _resolve_model_ref(str(block[key]), base)
-            else:
-                block[key] = _resolve_path(block[key], base, f"{where}: {stage}.{key}")
+                continue
+            block[key] = _resolve_path(block[key], base, f"{where}: {stage}.{key}")
+            if not Path(block[key]).exists():
+                raise UserError(f"{where}: {stage}.{key}: {block[key]} does not exist")
         stages[stage] = block
     return Recipe(path=path, name=str(data.get("name") or path.stem), model=model, gguf_file=gguf_file, seed=seed,
                   memory=memory, convert_stage=converts[0], stages=stages, description=str(data.get("description", "")))

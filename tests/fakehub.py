@@ -168,6 +168,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/.*)?", path)
             if method == "POST" and path == "/api/repos/create":
                 return self._create_repo(json.loads(body))
+            if method == "GET" and path == "/api/whoami-v2":  # reached only with the right token
+                return self._send(200, {"type": "user", "name": "me", "auth": {"type": "access_token"}})
             if method == "POST" and path == "/api/validate-yaml":
                 return self._validate_yaml(json.loads(body))
             if m:

@@ -167,7 +167,7 @@ def _train_routers(model: SpectraForCausalLM, steps: int = 8) -> SpectraForCausa
     ids = inputs(batch=2, steps=32, seed=3)
     model.train()
     for _ in range(steps):
-        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -76,3 +76,21 @@ def test_help_lists_every_verb_without_importing_torch_or_transformers() -> None
     verbs = help_text.split("Commands:", 1)[1]
     for verb in COMMANDS:
         assert f"  {verb} " in verbs, verb
+
+
+def test_progress_shows_tokens_per_second_for_tasks_with_a_unit() -> None:
+    """validate's bars count tokens (``unit="tok"``) and show the throughput; unit-less bars show none."""
+    from spectra_convert import console
+
+    clock = iter(float(t) for t in range(100))
+    bar = console.progress()
+    bar.get_time = lambda: next(clock)  # a clock ticking 1 s per reading: the rate does not depend on the box
+    tokens = bar.add_task("routing held-out text", total=10_000, unit="tok")
+    steps = bar.add_task("building experts", total=10)
+    for _ in range(3):
+        bar.advance(tokens, 2_000)
+        bar.advance(steps, 1)
+    rate = console.RateColumn()
+    shown = str(rate.render(bar.tasks[tokens]))
+    assert shown.endswith(" tok/s") and float(shown.split()[0].replace(",", "")) > 0
+    assert str(rate.render(bar.tasks[steps])) == ""

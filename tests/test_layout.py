@@ -23,7 +23,8 @@ FLOORS = [
     {"study"},
     {"recipes"},
     {"surgery", "finetune", "validate", "hub"},
-    {"router", "modelio", "textdata", "modelcard"},
+    {"router", "modelio", "textdata", "modelcard", "options"},
+    {"dtypes"},
     {"modeling", "errors", "console"},
 ]
 FLOOR_OF = {part: level for level, parts in enumerate(FLOORS) for part in parts}

@@ -57,7 +57,8 @@ def test_local_base_model_is_not_claimed_as_a_hub_id(upcycled, tmp_path):
     local.mkdir()
     card = render_model_card(upcycled, base_model=str(local), report=None, plots=[])
     assert "base_model" not in front_matter(card)
-    assert str(local) in card  # still named in the prose
+    assert str(local) not in card and str(tmp_path) not in card  # no local absolute path (issue 20)
+    assert "# parent — SPECTRA" in card and "`parent`" in card  # named by its folder's name
     assert "base_model" not in front_matter(render_model_card(upcycled, base_model=None, report=None, plots=[]))
 
 

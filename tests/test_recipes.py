@@ -58,6 +58,8 @@ def _bad(data: dict, tmp_path: Path, match: str) -> None:
 
 
 def test_unknown_keys_name_the_key_and_the_allowed_ones(tmp_path: Path) -> None:
+    for name in ("t.jsonl", "v.jsonl", "t", "v"):  # inputs must exist at load time
+        (tmp_path / name).touch()
     good = {"model": "m", "upcycle": {"experts": 4}, "finetune": {"data": "t.jsonl"}, "validate": {"data": "v.jsonl"}}
     parse_recipe(good, tmp_path / "r.yaml")
     _bad({**good, "finetunes": {}}, tmp_path, r"unknown key 'finetunes'; allowed keys: name, .*finetune, validate")

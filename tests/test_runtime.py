@@ -16,6 +16,7 @@ from spectra_convert.modeling.modeling_spectra import (
     SpectraCache,
     SpectraForCausalLM,
     SpectraRouter,
+    SequenceGRU,
     sinkhorn,
 )
 from tests.conftest import run_without_package, tiny_parent_config
@@ -198,13 +199,85 @@ def test_output_router_logits_shapes() -> None:
 def test_gradients_reach_gru_projector_and_expert_vectors() -> None:
     model = build("llama").train()
     ids = torch.randint(3, 128, (2, 12))
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, output_router_logits=True)
     assert out.aux_loss is not None and out.aux_loss > 0
     out.loss.backward()
     for router in model.routers():
         for name in ("gru.weight_ih_l0", "gru.weight_hh_l0", "projector", "expert_vectors"):
             grad = router.get_parameter(name).grad
             assert grad is not None and grad.abs().sum() > 0, name
+
+
+def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_loss_is_the_lm_loss_unless_router_logits_are_asked_for(training: bool) -> None:
+    """transformers' MoE convention: ``loss`` with labels alone is the LM loss (perplexity, HF Trainer, lm-eval
+    read it); the router aux loss is returned and added times ``router_aux_loss_coef`` only with
+    ``output_router_logits=True``."""
+    model = build("llama", router_aux_loss_coef=0.5).train(training)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(13))
+    labels = ids.clone()
+    labels[0, :4] = -100  # ignored positions stay ignored
+    seen: list[object] = []
+    hooks = [r.register_forward_hook(lambda m, a, o: seen.append(m.context.records)) for r in model.routers()]
+    plain = model(ids, labels=labels)
+    for hook in hooks:
+        hook.remove()
+    assert plain.aux_loss is None and plain.router_logits is None
+    assert seen == [None, None]  # nothing recorded for an aux loss nobody asked for
+    assert torch.allclose(plain.loss, _shifted_cross_entropy(plain.logits, labels), atol=1e-6)
+
+    with_aux = model(ids, labels=labels, output_router_logits=True)
+    lm = _shifted_cross_entropy(with_aux.logits, labels)
+    assert with_aux.aux_loss is not None and with_aux.aux_loss > 0
+    assert torch.allclose(with_aux.loss, lm + 0.5 * with_aux.aux_loss, atol=1e-6)
+    assert len(with_aux.router_logits) == 2
+    defaults = SpectraConfig().spectra  # today's training loss: lm + 1 * (0.1 entropy + 0.01 orthogonality)
+    assert (defaults["router_aux_loss_coef"], defaults["router_entropy_coef"], defaults["ortho_loss_coef"]) == (
+        1.0, 0.1, 0.01)
+
+
+def test_sequence_gru_states_are_nn_grus_and_its_backward_is_autograds() -> None:
+    """The training GRU path: states bit-identical to ``nn.GRU``, gradients equal to autograd's (float64)."""
+    torch.manual_seed(14)
+    gru = torch.nn.GRU(24, 8, batch_first=True).double()
+    x = torch.randn(3, 17, 24, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 17, 8, dtype=torch.float64)
+    expected, _ = gru(x, h0.unsqueeze(0))
+    reference = torch.autograd.grad((expected * upstream).sum(), [x, h0, *gru.parameters()])
+    states = SequenceGRU.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+    assert torch.equal(states, expected)
+    grads = torch.autograd.grad((states * upstream).sum(), [x, h0, *gru.parameters()])
+    for ours, theirs in zip(grads, reference):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_row", [False, True])
+def test_training_forward_routes_and_computes_exactly_like_inference(mask_row: bool) -> None:
+    """Under autograd the router takes the SequenceGRU path; routing and logits must not move by one bit."""
+    model = build("llama", bias_ema=0.0, bias_update_rate=0.0)
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(15))
+    mask = torch.ones_like(ids)
+    if mask_row:
+        mask[0, :5] = 0
+    sel_eval, log_eval = selections(model, input_ids=ids, attention_mask=mask)
+    with torch.no_grad():
+        logits_eval = model(ids, attention_mask=mask, use_cache=False).logits
+    model.train()
+    captured: list[torch.Tensor] = []
+    hooks = [r.register_forward_hook(lambda m, a, out: captured.append(out[2])) for r in model.routers()]
+    logits_train = model(ids, attention_mask=mask, use_cache=False).logits
+    for hook in hooks:
+        hook.remove()
+    assert logits_train.requires_grad
+    assert all(torch.equal(a.reshape(-1, 2), b) for a, b in zip(sel_eval, captured))
+    assert torch.equal(logits_train.detach(), logits_eval)
 
 
 def test_training_updates_dual_bias_from_sinkhorn() -> None:

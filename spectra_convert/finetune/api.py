@@ -18,7 +18,7 @@ import torch
 from ..console import err_console
 from ..errors import UserError
 from ..modelio.config import stored_dtype
-from ..modelio.outdir import atomic_output_dir, check_output
+from ..modelio.outdir import atomic_output_dir, check_free_space, check_output
 from ..modelio.resolve import resolve_model_dir
 from ..router.calibrate import recalibrate_model_bias
 from ..router.loads import RouterMonitor
@@ -213,6 +213,7 @@ class _Run:
     inputs: list[Path]
     merge: bool
     force: bool
+    model: str  # MODEL as the user gave it: a Hub id or a path (the card names it by id or folder name)
 
 
 def _check(model: str | Path, data: str | Path, out: str | Path, eval_data: str | Path | None, *, mode: str,
@@ -229,7 +230,9 @@ def _check(model: str | Path, data: str | Path, out: str | Path, eval_data: str 
     out = Path(out).expanduser().resolve()
     inputs = [model_path, Path(data)] + ([Path(eval_data)] if eval_data is not None else [])
     check_output(out, force=force, inputs=inputs)  # now, not after training; atomic_output_dir re-checks at the end
-    return _Run(mode_impl, model_path, out, inputs, merge, force)
+    if mode != "lora" or merge:  # a full model folder: the size of MODEL's weights (an adapter is small)
+        check_free_space(out, sum(f.stat().st_size for f in model_path.glob("*.safetensors")))
+    return _Run(mode_impl, model_path, out, inputs, merge, force, str(model))
 
 
 def _accelerator(merge: bool) -> Any:
@@ -331,9 +334,28 @@ def _save(accelerator: Any, run: _Run, model_p: Any, tokenizer: Any, summary: di
                                dtype=stored_dtype(run.model_path), state_dict=gathered)
             tokenizer.save_pretrained(tmp)
             (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            _write_card(tmp, run.model, run.model_path, summary)
         if remove_checkpoints:
             shutil.rmtree(ckpt.path, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _write_card(out: Path, model: str | Path, model_path: Path, summary: dict[str, Any]) -> None:
+    """Our model card in ``out``: a full model's (its original parent carried over from MODEL's card), or an
+    adapter's (PEFT's blank template replaced; ``adapter_config.json`` names the base by Hub id or folder
+    name, never by this machine's absolute path)."""
+    from ..modelcard import card_base_model, finetune_facts, model_label, write_adapter_card, write_model_card
+
+    facts = finetune_facts(model, summary)
+    adapter_config = out / "adapter_config.json"
+    if not adapter_config.is_file():
+        write_model_card(out, base_model=card_base_model(model_path), finetuned=facts)
+        return
+    config = json.loads(adapter_config.read_text())
+    config["base_model_name_or_path"] = model_label(model)
+    adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    on_hub = not Path(str(model)).expanduser().exists()  # resolve_model_dir: a path that exists is local
+    write_adapter_card(out, base_model=model_label(model), on_hub=on_hub, facts=facts)
 
 
 __all__ = ["FinetuneResult", "finetune", "resolve_spectra_model"]

@@ -204,6 +204,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     bar = progress() if accelerator.is_main_process else contextlib.nullcontext()
     monitor.reset()
     window_start, window_tokens = time.perf_counter(), 0
+    aux_coef = float(unwrapped.config.spectra.get("router_aux_loss_coef", 1.0))  # loss = lm + coef * aux
     with bar as live:
         task = live.add_task("fine-tuning", total=cfg.steps, completed=state.step) if live is not None else None
         for step in range(state.step, cfg.steps):
@@ -215,7 +216,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 ids = train_blocks[idx].to(device)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    out = model(input_ids=ids, labels=ids, use_cache=False)
+                    out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
                     loss = out.loss / cfg.grad_accum
                     accelerator.backward(loss)
                 total += loss.detach()
@@ -237,7 +238,8 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 loads = accelerator.reduce(monitor.loads.to(device), reduction="sum").cpu()
                 elapsed = time.perf_counter() - window_start
                 record = {
-                    "step": state.step, "loss": step_loss, "lm_loss": step_loss - step_aux, "aux_loss": step_aux,
+                    "step": state.step, "loss": step_loss, "lm_loss": step_loss - aux_coef * step_aux,
+                    "aux_loss": step_aux,
                     "load_cv": monitor.cvs(loads), "gram_orthogonality": monitor.gram_orthogonality(),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }

@@ -38,8 +38,10 @@ SPECTRA_DEFAULTS: dict[str, Any] = {
     "bias_ema": 0.05,  # EMA rate of the Sinkhorn column potentials into the dual bias (training)
     "bias_update_rate": 0.05,  # hard-load correction of the bias each training step (0 = off): the soft
     # Sinkhorn EMA alone drifts towards soft balance and let router fine-tunes lose hard balance (CV 0.09 -> 0.33)
-    "router_entropy_coef": 0.1,  # weight of the mean per-token routing entropy in the training loss
-    "ortho_loss_coef": 0.01,  # weight of ||P P^T - I||_F^2 on the expression projector
+    "router_entropy_coef": 0.1,  # weight of the mean per-token routing entropy in the router aux loss
+    "ortho_loss_coef": 0.01,  # weight of ||P P^T - I||_F^2 on the expression projector in the router aux loss
+    "router_aux_loss_coef": 1.0,  # loss = LM loss + this * aux_loss, only with output_router_logits=True
+    # (transformers' MoE convention: with labels alone ``loss`` is the LM loss)
     "use_gru": True,  # ablation: False makes the router stateless (z from h_t alone)
     "use_projector": True,  # ablation: False scores normalize([h; r]) directly against expert vectors
     "expert_kind": "gated",  # "gated" (SwiGLU-style, llama) | "mlp" (GELU with biases, gpt2); dense parents
@@ -71,6 +73,8 @@ def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
         raise ValueError(f"spectra.top_k ({k}) must not exceed spectra.num_experts ({e})")
     if not isinstance(d, int) or d <= 0:
         raise ValueError(f"spectra.router_dim must be a positive integer, got {d!r}")
+    if not knobs["router_aux_loss_coef"] >= 0:
+        raise ValueError(f"spectra.router_aux_loss_coef must be >= 0, got {knobs['router_aux_loss_coef']!r}")
     if not knobs["temperature"] > 0:
         raise ValueError(f"spectra.temperature must be > 0, got {knobs['temperature']!r}")
     if knobs["sequence_balance"] < 0:

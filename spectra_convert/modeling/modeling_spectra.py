@@ -115,6 +115,67 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+class SequenceGRU(torch.autograd.Function):
+    """One batch-first GRU layer over whole sequences, with a hand-written backward through time.
+
+    Why: on CPU, ATen's GRU is a C++ loop of ~12 small ops per time step, and under autograd every one of them
+    becomes a graph node — a 2 x 128-token router fine-tune step builds ~45k nodes and backward walks them one
+    by one. Here the forward *is* that same fused call run without recording (so states are bit-identical to
+    ``nn.GRU``), and backward recomputes all gates in a few large ops, runs a 4-op loop per step for the only
+    truly sequential part (the gradient flowing from h_t to h_{t-1}), and gets every weight gradient from one
+    GEMM over all steps. Gate order and equations are PyTorch's: r, z, n; h_t = (1 - z) n + z h_{t-1}.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                b_ih: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        out, _ = torch._VF.gru(x, h0.unsqueeze(0), (w_ih, w_hh, b_ih, b_hh), True, 1, 0.0, False, False, True)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, out)
+        ctx.biases = (b_ih, b_hh)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, h0, w_ih, w_hh, out = ctx.saved_tensors
+        b_ih, b_hh = ctx.biases
+        batch, steps, d = out.shape
+        prev = torch.cat([h0.unsqueeze(1).to(out.dtype), out[:, :-1]], dim=1)  # h_{t-1}
+        i_r, i_z, i_n = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)
+        h_r, h_z, h_n = F.linear(prev, w_hh, b_hh).chunk(3, dim=-1)
+        r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        n = torch.tanh(i_n + r * h_n)
+        a = (1 - z) * (1 - n * n)  # dL/d(n pre-activation) = g * a, with g = dL/dh_t
+        b = (prev - n) * z * (1 - z)  # dL/d(z pre-activation) = g * b
+        c = a * h_n * r * (1 - r)  # dL/d(r pre-activation) = g * c
+        hidden_factor = torch.stack([c, b, a * r], dim=2).transpose(0, 1).contiguous()  # [T, B, 3, d]
+        keep = z.transpose(0, 1).contiguous()  # [T, B, d]: h_{t-1} reaches h_t directly with factor z
+        upstream = grad_out.transpose(0, 1).contiguous()
+        g_all = torch.empty_like(upstream)  # g_t = dL/dh_t, written in place step by step
+        g_all[steps - 1] = upstream[steps - 1]
+        for t in range(steps - 1, 0, -1):
+            g = g_all[t]
+            d_hidden_gates = (g.unsqueeze(1) * hidden_factor[t]).view(batch, 3 * d)
+            torch.addmm(torch.addcmul(upstream[t - 1], g, keep[t]), d_hidden_gates, w_hh, out=g_all[t - 1])
+        g_all = g_all.transpose(0, 1)  # [B, T, d]
+        d_hidden = (g_all.unsqueeze(2) * hidden_factor.transpose(0, 1)).reshape(batch, steps, 3 * d)
+        d_input = (g_all.unsqueeze(2) * torch.stack([c, b, a], dim=2)).reshape(batch, steps, 3 * d)
+        flat_hidden, flat_input = d_hidden.reshape(-1, 3 * d), d_input.reshape(-1, 3 * d)
+        grads: list[torch.Tensor | None] = [None] * 6
+        if ctx.needs_input_grad[0]:
+            grads[0] = d_input @ w_ih
+        if ctx.needs_input_grad[1]:
+            grads[1] = (g_all[:, 0] * z[:, 0] + d_hidden[:, 0] @ w_hh).to(h0.dtype)
+        if ctx.needs_input_grad[2]:
+            grads[2] = flat_input.T @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[3]:
+            grads[3] = flat_hidden.T @ prev.reshape(-1, d)
+        if ctx.needs_input_grad[4]:
+            grads[4] = flat_input.sum(0)
+        if ctx.needs_input_grad[5]:
+            grads[5] = flat_hidden.sum(0)
+        return tuple(grads)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3. Router
 # --------------------------------------------------------------------------------------------------------------
@@ -201,7 +262,13 @@ class SpectraRouter(nn.Module):
         """The recurrence is hundreds of tiny sequential steps: on CPU extra threads only add sync overhead
         (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one."""
         with single_cpu_thread(h):
-            out, last = self.gru(h, h0.unsqueeze(0).contiguous())
+            gru = self.gru
+            if torch.is_grad_enabled() and gru.bias and gru.num_layers == 1 and (
+                h.requires_grad or h0.requires_grad or gru.weight_hh_l0.requires_grad
+            ):
+                out = SequenceGRU.apply(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+                return out, out[:, -1]
+            out, last = gru(h, h0.unsqueeze(0).contiguous())
         return out, last[0]
 
     def sequence_bias(
@@ -657,7 +724,11 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
             token_mask = attention_mask[:, -steps:].bool()
             if bool(token_mask.all()):
                 token_mask = None
-        want_records = bool(output_router_logits) or labels is not None
+        # transformers' MoE convention: the router aux loss (and the per-router records it is computed from)
+        # only when asked for; with labels alone ``loss`` is the LM loss.
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        want_records = bool(output_router_logits)
 
         ctx = self.routing_context
         for router in self.routers():  # wrappers such as PEFT modules_to_save deep-copy routers: re-share
@@ -679,9 +750,10 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
             ctx.reset()
 
         loss, aux_loss = out.loss, None
-        if records and labels is not None:
+        if records:
             aux_loss = self.router_aux_loss(records)
-            loss = loss + aux_loss
+            if loss is not None:
+                loss = loss + self.config.spectra["router_aux_loss_coef"] * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -693,7 +765,10 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
         )
 
     def router_aux_loss(self, records: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Router entropy (coef ``router_entropy_coef``) + projector orthogonality (coef ``ortho_loss_coef``)."""
+        """Router entropy (coef ``router_entropy_coef``) + projector orthogonality (coef ``ortho_loss_coef``).
+
+        Returned as ``aux_loss`` with ``output_router_logits=True``; ``loss`` then adds it times
+        ``router_aux_loss_coef`` when labels are given, as in transformers' Mixtral."""
         knobs = self.config.spectra
         entropy = torch.stack([routing_entropy(r["scores"], knobs["temperature"], r["mask"]) for r in records]).mean()
         ortho = torch.stack([router.orthogonality_loss() for router in self.routers()]).mean()

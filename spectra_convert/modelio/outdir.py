@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
+
 def _is_within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -61,6 +62,7 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable
         raise UserError(f"cannot create the output folder next to {out} ({exc.strerror or exc})") from None
     try:
         yield tmp
+        _apply_umask(tmp, umask)
         if durable:
             _fsync_tree(tmp)
         _move_into_place(tmp, target, force=force)
@@ -69,6 +71,40 @@ def atomic_output_dir(out: Path, *, force: bool, inputs: Iterable[Path], durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest existing parent: where a folder about to be written will live."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """One-line ``UserError`` when the filesystem that will hold ``out`` has fewer than ``needed`` bytes free:
+    a conversion that runs out of disk half-way has spent minutes for nothing (and fills the disk for others)."""
+    from ..console import human_bytes
+
+    probe = existing_ancestor(out)
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise UserError(f"not enough free disk space for {out}: the output needs about {human_bytes(needed)} "
+                        f"({needed} bytes), {probe} has {human_bytes(free)} ({free} bytes) free")
+
+
+def _apply_umask(root: Path, umask: int) -> None:
+    """Give every file under ``root`` the mode a plain ``open`` would (0666 minus the umask): safetensors'
+    ``save_file`` (inside ``save_pretrained``) writes through a private temp file and leaves weights 0600,
+    unreadable to the user's group or a serving account. Hard-linked files are left alone: they are the
+    input's own files (reroute links unchanged shards), and a chmod would change the input."""
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if path.lstat().st_nlink == 1 and not path.is_symlink():
+                os.chmod(path, 0o666 & ~umask)
+        for name in dirs:
+            os.chmod(Path(folder) / name, 0o777 & ~umask)
 
 
 def _fsync_path(path: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..modeling.configuration_spectra import SPECTRA_DEFAULTS
-from ..recipes import _read_yaml, allowed_stage_keys, check_keys
+from ..recipes import _read_yaml, allowed_stage_keys, check_keys, check_stage_values
 
 PLAN_KEYS = ("name", "description", "seed", "keep_models", "convert", "finetune", "validate", "variants")
 VARIANT_KEYS = ("name", "description", "spectra", "convert", "finetune", "sweep", "router", "lpr")
@@ -48,7 +48,7 @@ _VALIDATE_WIRED = {"data", "parent", "max_cv", "max_ppl_ratio"}
 #: Knobs that only change how a converted model routes/trains, not its parameters: variants differing only in
 #: these share one conversion (its config edited and its dual bias re-calibrated, see derive.py).
 RUNTIME_KNOBS = ("temperature", "repulsion", "sinkhorn_iters", "balance_mode", "sequence_balance", "bias_ema",
-                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef")
+                 "bias_update_rate", "router_entropy_coef", "ortho_loss_coef", "router_aux_loss_coef")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 
@@ -194,12 +194,15 @@ def parse_plan(data: Any, path: Path) -> Plan:
     base = path.resolve().parent
     convert = _resolve_paths(_mapping(data.get("convert"), f"{where}: convert"), base)
     check_keys(f"{where}: convert", convert, convert_keys())
+    convert = check_stage_values("upcycle", convert, f"{where}: convert")
     plan_spectra = _mapping(convert.pop("spectra", None), f"{where}: convert.spectra")
     _check_knobs(plan_spectra, f"{where}: convert.spectra")
     finetune = _mapping(data.get("finetune"), f"{where}: finetune")
     check_keys(f"{where}: finetune", finetune, finetune_keys())
+    finetune = check_stage_values("finetune", finetune, f"{where}: finetune")
     validate = _mapping(data.get("validate"), f"{where}: validate")
     check_keys(f"{where}: validate", validate, validate_keys())
+    validate = check_stage_values("validate", validate, f"{where}: validate")
     entries = data.get("variants")
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{where}: variants must be a non-empty list (each with at least a name)")
@@ -217,8 +220,10 @@ def parse_plan(data: Any, path: Path) -> Plan:
         _check_knobs(spectra, f"{vwhere}.spectra")
         vconvert = _resolve_paths(_mapping(entry.get("convert"), f"{vwhere}.convert"), base)
         check_keys(f"{vwhere}.convert", vconvert, [k for k in convert_keys() if k != "spectra"])
+        vconvert = check_stage_values("upcycle", vconvert, f"{vwhere}.convert")
         vfinetune = _mapping(entry.get("finetune"), f"{vwhere}.finetune")
         check_keys(f"{vwhere}.finetune", vfinetune, finetune_keys())
+        vfinetune = check_stage_values("finetune", vfinetune, f"{vwhere}.finetune")
         merged_ft = {**finetune, **vfinetune}
         if merged_ft.get("mode", "router") == "lora" and not merged_ft.get("merge"):
             raise UserError(f"{vwhere}: finetune mode lora writes an adapter folder, which validate cannot route; "

@@ -32,7 +32,7 @@ from ..modelcard import write_model_card
 from ..modelio.adapters import MoeAdapter, adapter_for
 from ..modelio.checkpoint import CheckpointReader, ShardWriter
 from ..modelio.config import read_parent_config, read_raw_config
-from ..modelio.outdir import atomic_output_dir
+from ..modelio.outdir import atomic_output_dir, check_free_space, existing_ancestor
 from ..modelio.resolve import resolve_model_dir
 from ..modelio.side_files import copy_side_files, write_runtime_files, write_spectra_config
 
@@ -163,6 +163,7 @@ def reroute(
     _check_options(router_init, calibration_tokens, router_dim)
     out = Path(out)
     plan = _plan(model, calibration)
+    check_free_space(out, _written_bytes(plan.reader, plan.gate_keys, plan.model_dir, out))
     with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp, \
             _CountingWriter(tmp, background=True) as writer:
         # The byte copying runs while the heavy imports and the calibration forward do.
@@ -294,6 +295,14 @@ class _CountingWriter(ShardWriter):
     def rewrite_shard(self, src_path, *, keep, add=None):
         self.rewritten += 1
         return super().rewrite_shard(src_path, keep=keep, add=add)
+
+
+def _written_bytes(reader, gate_keys: set[str], model_dir: Path, out: Path) -> int:
+    """Bytes the output will take on disk: the shards rewritten without their gates, plus every other shard
+    when it cannot be hard-linked (the output is on another filesystem than MODEL)."""
+    linkable = existing_ancestor(out).stat().st_dev == Path(model_dir).stat().st_dev
+    return sum(shard.stat().st_size for shard in reader.shards
+               if not linkable or any(n in gate_keys for n in reader.keys_in(shard)))
 
 
 def _queue_parent_shards(reader, writer: _CountingWriter, gate_keys: set[str]) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..console import human_bytes, progress, summary_table
+from ..dtypes import dtype_name, torch_dtype
 from ..errors import UserError
 from ..modelcard import write_model_card
 from ..modelio.adapters import adapter_for
@@ -35,7 +36,7 @@ from ..modelio.checkpoint import ShardWriter
 from ..modelio.config import read_parent_config
 from ..modelio.dense_ffn import config_from_files, ffn_getter
 from ..modelio.gguf_once import GgufParses
-from ..modelio.outdir import atomic_output_dir
+from ..modelio.outdir import atomic_output_dir, check_free_space
 from ..modelio.parent import load_dense_parent
 from ..modelio.resolve import resolve_model_dir
 from ..modelio.side_files import write_runtime_files, write_spectra_config
@@ -46,8 +47,8 @@ from .noise import NoiseAhead, lower_thread_priority
 #: test sets it tiny to make every tensor its own shard.
 SHARD_BYTES = 256 * 1024**2
 METHODS = ("copy", "drop", "carve")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+#: the router inits (``router.calibrate.INIT_METHODS``) that need no parent gate
+ROUTER_INITS = ("orthogonal", "kmeans")
 
 
 @dataclass
@@ -103,6 +104,13 @@ def noise_sizes(shapes: dict[str, tuple[int, ...]], experts: int, method: str) -
     """Element counts of the noise each noisy expert tensor needs (biases get none): ``copy`` and ``drop`` stack
     E full copies (``carve`` adds no noise and never asks)."""
     return {name: experts * math.prod(shape) for name, shape in shapes.items() if not name.endswith("bias")}
+
+
+def expert_bytes(shapes: dict[str, tuple[int, ...]], layers: int, experts: int, method: str, dtype: torch.dtype) -> int:
+    """Bytes of every layer's expert tensors in the output: the lower bound of its size checked against free
+    disk space before anything is written (E copies of the FFN; a partition of its neurons holds it once)."""
+    copies = experts if method != "carve" else 1
+    return layers * copies * sum(math.prod(shape) for shape in shapes.values()) * torch.empty((), dtype=dtype).element_size()
 
 
 def _copies(tensor: torch.Tensor, experts: int) -> torch.Tensor:
@@ -335,8 +343,10 @@ def upcycle(
     _check_options(method=method, drop_ratio=drop_ratio, experts=experts, top_k=top_k, router_init=router_init,
                    noise=noise, dtype=dtype)
     plan = _plan(model, gguf_file, calibration, experts=experts, method=method, noise=noise,
-                 overrides=_check_overrides(spectra_overrides), out_dtype=DTYPES[dtype] if dtype else torch.float32)
+                 overrides=check_overrides(spectra_overrides), out_dtype=torch_dtype(dtype) if dtype else torch.float32)
     out = Path(out)
+    check_free_space(out, expert_bytes(plan.adapter.ffn_shapes(plan.shape_config), plan.num_layers, experts, method,
+                                       plan.out_dtype))
     if method == "carve":  # experts need the calibration activations: no early builder, no noise
         from .carve_upcycle import SHARED_FRACTION, CarveOptions, carve_upcycle
 
@@ -381,12 +391,12 @@ def _check_options(*, method: str, drop_ratio: float, experts: int, top_k: int, 
         raise UserError(f"--experts must be at least 2, got {experts}")
     if not 1 <= top_k <= experts:
         raise UserError(f"--top-k ({top_k}) must be between 1 and --experts ({experts})")
-    if router_init not in ("orthogonal", "kmeans"):
-        raise UserError(f"--router-init must be 'orthogonal' or 'kmeans' for upcycle, got {router_init!r}")
+    if router_init not in ROUTER_INITS:
+        raise UserError(f"--router-init must be one of {', '.join(ROUTER_INITS)} for upcycle, got {router_init!r}")
     if noise < 0:
         raise UserError(f"--noise must be >= 0, got {noise}")
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype is not None:
+        dtype_name(dtype)  # one-line UserError for an unknown spelling
 
 
 @dataclass
@@ -557,7 +567,7 @@ _OWN_KNOBS = {"num_experts": "experts", "top_k": "top_k", "router_dim": "router_
               "source": None}
 
 
-def _check_overrides(overrides: dict | None) -> dict:
+def check_overrides(overrides: dict | None) -> dict:
     """Unknown or argument-owned knobs fail before the (slow) model load, with one line naming the field."""
     if overrides is None:  # before the import: it pulls in transformers, which the expert builder need not wait for
         return {}
@@ -572,6 +582,12 @@ def _check_overrides(overrides: dict | None) -> dict:
             arg = _OWN_KNOBS[name]
             hint = f"use the {arg!r} argument" if arg else "it is set from the parent architecture"
             raise UserError(f"spectra.{name} cannot be overridden in upcycle ({hint})")
+    from ..modeling.configuration_spectra import _validate_spectra
+
+    try:  # the values too, before any work (a recipe's dry run calls this)
+        _validate_spectra({**SPECTRA_DEFAULTS, **overrides}, None)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"spectra overrides: {exc}") from None
     return dict(overrides)
 
 

@@ -4,8 +4,8 @@ Routers are found by class name (``router.find``; docs/ARCHITECTURE.md, "The rou
 folder loads its own copy of ``modeling_spectra.py`` through ``trust_remote_code``. A ``RouterTap`` reads each
 router's ``selected_experts`` from ``output[2]``, the raw cosine scores from ``context.records`` (filled
 because we pass ``output_router_logits=True``) and, for the baselines, the router's input hidden states.
-Pad tokens are dropped with the attention mask; NLL is computed from the logits here (the model's own
-``loss`` would add the router auxiliary loss).
+Pad tokens are dropped with the attention mask; NLL is computed from the logits here (per real-token pair,
+which a batch-mean ``loss`` cannot give).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import dtype_name, torch_dtype
 from ..errors import UserError
 from ..modelio import resolve
 from ..router.find import find_routers, parent_gates
@@ -50,11 +51,9 @@ def _dtype(dtype: str | None, device: torch.device) -> Any:
     """float32 on CPU (exact comparisons, and CPU bf16 matmuls are slow); the checkpoint's dtype on GPU."""
     if dtype is None:
         return torch.float32 if device.type == "cpu" else "auto"
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
-    if dtype not in table:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(table)}")
-    return table[dtype]
+    if dtype_name(dtype, extra=("auto",)) == "auto":
+        return "auto"
+    return torch_dtype(dtype)
 
 
 def _not_spectra(path: Path, detail: str) -> UserError:

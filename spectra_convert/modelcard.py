@@ -203,7 +203,18 @@ def _intro(knobs: dict, text_config: dict, base_model: str | None, source: str) 
     layers = text_config.get("num_hidden_layers", text_config.get("n_layer", "?"))
     base = f"`{base_model}`" if base_model else f"a `{parent}` model"
     title = f"# {base_model.rstrip('/').split('/')[-1] if base_model else 'SPECTRA'} — SPECTRA mixture of experts"
-    if source == "upcycled":
+    if knobs.get("expert_combine") == "sum":
+        shared, width = knobs.get("shared_intermediate_size") or 0, knobs.get("intermediate_size") or 0
+        total = shared + (experts * width if isinstance(experts, int) else 0)
+        active = f" ({(shared + top_k * width) / total:.0%} of them per token)" if total and isinstance(top_k, int) else ""
+        what = (
+            f"This model is {base} **carved** into a mixture of experts: the feed-forward neurons of each of its "
+            f"{layers} layers were split into an always-on shared expert of {shared} neurons and {experts} routed "
+            f"experts of {width} neurons each; a SPECTRA router fitted to predict which slices would fire sends "
+            f"every token to {top_k} of them, and their outputs are summed{active}. All experts on reproduce the "
+            "parent exactly; fewer run less of it — the validation section states the perplexity next to the parent's."
+        )
+    elif source == "upcycled":
         what = (
             f"This model is {base} **upcycled** into a mixture of experts: the feed-forward block of each of its "
             f"{layers} layers was turned into {experts} experts, and every token is sent to {top_k} of them by a "

@@ -54,7 +54,7 @@ def test_layers_are_taken_in_order_and_lookahead_is_bounded() -> None:
 def test_noise_sizes_cover_non_bias_tensors_only() -> None:
     shapes = {"up": (6, 4), "up_bias": (6,), "down": (4, 6), "down_bias": (4,)}
     assert noise_sizes(shapes, experts=3, method="copy") == {"up": 72, "down": 72}
-    assert noise_sizes(shapes, experts=3, method="split") == {"up": 24, "down": 24}
+    assert noise_sizes(shapes, experts=3, method="drop") == {"up": 72, "down": 72}
 
 
 @pytest.mark.parametrize("cores, expected", [(1, 2), (2, 2), (8, 6), (16, 12)])

@@ -183,12 +183,14 @@ def test_choices_come_from_the_library_tuples_and_match_any_case() -> None:
     from spectra_convert.surgery import reroute, upcycle
 
     assert resolve_choices(RULES["upcycle"]["method"].choices) == upcycle.METHODS
-    assert resolve_choices(RULES["upcycle"]["split_mode"].choices) == upcycle.SPLIT_MODES
+    from spectra_convert.surgery import carve
+
+    assert resolve_choices(RULES["upcycle"]["carve_grouping"].choices) == carve.GROUPINGS
     assert resolve_choices(RULES["reroute"]["router_init"].choices) == reroute.INIT_METHODS
     assert resolve_choices(RULES["finetune"]["mode"].choices) == tuple(MODES)
     params = parse("finetune", ["M", "--data", "D", "-o", "O", "--mode", "LORA"])
     assert params["mode"] == "lora"
-    assert parse("upcycle", ["M", "-o", "O", "--method", "Copy", "--split-mode", "BALANCED"])["split_mode"] == "balanced"
+    assert parse("upcycle", ["M", "-o", "O", "--method", "Carve", "--carve-grouping", "RANDOM"])["carve_grouping"] == "random"
 
 
 @pytest.mark.parametrize("verb", ["upcycle", "reroute", "finetune", "run", "study"])

@@ -79,25 +79,6 @@ def test_upcycled_model_is_balanced_and_generates(upcycled_smollm2) -> None:
     assert any(float(r.dual_bias.abs().sum()) > 0 for r in model.routers()), "bias was not calibrated"
 
 
-@pytest.mark.slow
-def test_split_method_partitions_neurons(smollm2_gguf, tmp_path) -> None:
-    out = tmp_path / "split"
-    upcycle(str(smollm2_gguf.parent), out, experts=4, top_k=2, method="split", split_mode="balanced",
-            gguf_file=smollm2_gguf.name, calibration_tokens=512)
-    moe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    experts = moe.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.shape == (4, 2 * 1536 // 4, 576)
-    dense = load_dense(smollm2_gguf)
-    # Every dense neuron appears in exactly one expert (rows of gate_proj are a partition).
-    dense_gate = dense.model.layers[0].mlp.gate_proj.weight
-    split_gate = experts.gate_up_proj[:, : 1536 // 4].reshape(-1, 576)
-    matches = (split_gate @ dense_gate.T).argmax(0)
-    assert torch.allclose(split_gate[matches], dense_gate, atol=1e-2)
-    ids = torch.randint(0, 49152, (1, 16))
-    with torch.no_grad():
-        assert torch.isfinite(moe(ids).logits).all()
-
-
 def test_tiny_gpt2_copy_noise_zero_matches_dense(tiny_gpt2_dir, tmp_path) -> None:
     out = tmp_path / "gpt2-moe"
     corpus = Path(__file__).parent / "fixtures" / "corpus" / "train.jsonl"

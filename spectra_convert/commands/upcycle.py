@@ -13,11 +13,20 @@ from . import checked, output_option
 @click.option("--experts", default=8, show_default=True, type=checked("upcycle", "experts"), help="Experts per MoE layer.")
 @click.option("--top-k", default=2, show_default=True, type=checked("upcycle", "top_k"), help="Experts used per token.")
 @click.option("--method", type=checked("upcycle", "method"), default="copy", show_default=True,
-              help="copy: each expert = dense FFN + noise (perplexity unchanged); split: neurons partitioned "
-                   "into experts (LLaMA-MoE style: needs continued pre-training — on SmolLM2-135M 8x top-2 "
-                   "held-out perplexity goes from 10.8 to ~10^7 before training).")
-@click.option("--split-mode", type=checked("upcycle", "split_mode"), default="random", show_default=True,
-              help="How --method split partitions neurons.")
+              help="copy: each expert = dense FFN + noise (perplexity unchanged, E x the FFN memory); drop: copies "
+                   "with --drop-ratio of each expert's neurons re-initialised (Drop-Upcycling, for continued "
+                   "pre-training); carve: a shared expert + E disjoint slices of the parent's neurons, routed by a "
+                   "SPECTRA router fitted to predict them (a cheaper model, no training).")
+@click.option("--drop-ratio", default=0.5, show_default=True, type=checked("upcycle", "drop_ratio"),
+              help="--method drop: share of neurons re-initialised.")
+@click.option("--shared-fraction", default=None, type=checked("upcycle", "shared_fraction"),
+              help="--method carve: share of the FFN neurons in the always-on shared expert [default: 0.125].")
+@click.option("--carve-grouping", type=checked("upcycle", "carve_grouping"), default="coactivation",
+              show_default=True, help="--method carve: balanced k-means on co-activation, or random slices.")
+@click.option("--carve-refit", type=checked("upcycle", "carve_refit"), default="none", show_default=True,
+              help="--method carve: least-squares refit of each expert's output scale on calibration tokens.")
+@click.option("--router-steps", default=60, show_default=True, type=checked("upcycle", "router_steps"),
+              help="--method carve: gradient steps fitting each router to the oracle after its ridge start.")
 @click.option("--noise", default=0.01, show_default=True, type=checked("upcycle", "noise"), help="Relative std of the noise added to expert copies.")
 @click.option("--router-dim", default=128, show_default=True, type=checked("upcycle", "router_dim"), help="Router GRU/expression dimension.")
 @click.option("--router-init", type=checked("upcycle", "router_init"), default="orthogonal", show_default=True,

@@ -49,11 +49,14 @@ SPECTRA_DEFAULTS: dict[str, Any] = {
     "hidden_act": None,  # expert activation; None = the parent's
     "shared_expert": False,  # add an always-on dense expert next to the routed ones
     "shared_intermediate_size": None,  # its hidden size; None = the parent's
+    "expert_combine": "softmax",  # "softmax": weighted mean of the selected experts (copies of one FFN);
+    # "sum": shared + sum of expert_scale[e] * expert_e (carved experts: disjoint neuron slices whose sum is the FFN)
     "source": "upcycled",  # "upcycled" (dense parent) | "rerouted" (MoE parent, experts kept)
 }
 
 _BALANCE_MODES = ("dual_bias", "in_batch")
 _EXPERT_KINDS = ("gated", "mlp")
+_COMBINES = ("softmax", "sum")
 
 
 def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
@@ -84,6 +87,11 @@ def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
         raise ValueError(f"spectra.balance_mode must be one of {_BALANCE_MODES}, got {knobs['balance_mode']!r}")
     if knobs["expert_kind"] not in _EXPERT_KINDS:
         raise ValueError(f"spectra.expert_kind must be one of {_EXPERT_KINDS}, got {knobs['expert_kind']!r}")
+    if knobs["expert_combine"] not in _COMBINES:
+        raise ValueError(f"spectra.expert_combine must be one of {_COMBINES}, got {knobs['expert_combine']!r}")
+    if knobs["expert_combine"] == "sum" and parent_type in MOE_PARENTS:
+        raise ValueError("spectra.expert_combine 'sum' is for carved dense parents, not the MoE parent "
+                         f"{parent_type!r}")
     if knobs["source"] not in ("upcycled", "rerouted"):
         raise ValueError(f"spectra.source must be 'upcycled' or 'rerouted', got {knobs['source']!r}")
     if parent_type in MOE_PARENTS and knobs["source"] != "rerouted":

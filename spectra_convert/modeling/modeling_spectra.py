@@ -524,7 +524,14 @@ def ffn_shape(text_config: Any, knobs: dict[str, Any]) -> tuple[int, int, str, s
 
 
 class SpectraMoeBlock(nn.Module):
-    """SPECTRA-routed experts in place of a dense FFN: ``[B, T, H] -> [B, T, H]``."""
+    """SPECTRA-routed experts in place of a dense FFN: ``[B, T, H] -> [B, T, H]``.
+
+    Two combine rules (``expert_combine``). ``softmax``: the selected experts' outputs are mixed with weights
+    that sum to 1 — right for experts that are copies of one FFN. ``sum``: carved experts are disjoint slices of
+    the parent's neurons, so the parent FFN is the shared expert PLUS every routed expert; the block computes
+    ``shared(x) + sum_{e selected} expert_scale[e] * expert_e(x)`` (scale 1 everywhere and top-k = E give the
+    parent's FFN exactly). A softmax mean of slices would shrink the output k-fold.
+    """
 
     def __init__(self, text_config: Any, knobs: dict[str, Any], layer_idx: int, context: RoutingContext):
         super().__init__()
@@ -535,13 +542,29 @@ class SpectraMoeBlock(nn.Module):
         if knobs["shared_expert"]:
             shared_inter = int(knobs["shared_intermediate_size"] or ffn_shape(text_config, {**knobs, "intermediate_size": None})[1])
             self.shared_expert = SpectraExperts(1, hidden, shared_inter, kind, act)
+        self.expert_scale = None
+        if knobs.get("expert_combine", "softmax") == "sum":
+            self.expert_scale = nn.Parameter(torch.ones(knobs["num_experts"]))
         self.dropout = nn.Dropout(getattr(text_config, "resid_pdrop", 0.0) or 0.0)
+
+    def combine_weights(self, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """Per-slot output weights: the router's softmax weights, or for ``sum`` the selected experts' scales.
+
+        For ``sum`` the router weights still carry a straight-through term ``w - w.detach()`` (value 0), so the
+        LM loss reaches the router when it is fine-tuned while the forward value stays ``expert_scale[e]``.
+        """
+        if self.expert_scale is None:
+            return weights
+        scale = self.expert_scale[selected].to(weights.dtype)
+        if weights.requires_grad:
+            scale = scale * (1.0 + weights - weights.detach())
+        return scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, selected = self.gate(hidden_states)
-        out = self.experts(flat, selected, weights)
+        out = self.experts(flat, selected, self.combine_weights(weights, selected))
         if self.shared_expert is not None:
             ones = torch.ones(flat.shape[0], 1, dtype=weights.dtype, device=flat.device)
             out = out + self.shared_expert(flat, torch.zeros_like(ones, dtype=torch.long), ones)
@@ -610,6 +633,10 @@ class SpectraPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (SpectraRouter, SpectraExperts)):
             module.reset_parameters()
+        elif isinstance(module, SpectraMoeBlock):
+            if module.expert_scale is not None:
+                with torch.no_grad():
+                    module.expert_scale.fill_(1.0)
         else:
             super()._init_weights(module)
 

@@ -4,7 +4,7 @@ Flow (docs/ARCHITECTURE.md, "Conversions"):
 1. read the layer count and FFN shapes from ``config.json`` or the GGUF metadata (``dense_ffn``, no
    transformers yet); when the FFN weights can be read straight from the files too, a background thread
    (``ExpertBuilder``) starts building every layer's experts (``copy`` + noise drawn ahead by ``NoiseAhead``, or
-   ``split`` neurons) and queueing them on the shard writer (``O_DIRECT``, ``direct_io``), one layer at a time;
+   ``drop``) and queueing them on the shard writer (``O_DIRECT``, ``direct_io``), one layer at a time;
 2. meanwhile the main thread imports transformers, loads the dense parent (GGUF is dequantised by
    transformers) and its tokenizer (and starts the builder from the loaded model if step 1 could not), and
    hands the parent's non-FFN tensors to the builder to write after the experts;
@@ -46,8 +46,7 @@ from .noise import NoiseAhead, lower_thread_priority
 #: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
 #: test sets it tiny to make every tensor its own shard.
 SHARD_BYTES = 256 * 1024**2
-METHODS = ("copy", "split")
-SPLIT_MODES = ("random", "balanced")
+METHODS = ("copy", "drop", "carve")
 #: the router inits (``router.calibrate.INIT_METHODS``) that need no parent gate
 ROUTER_INITS = ("orthogonal", "kmeans")
 
@@ -62,6 +61,8 @@ class UpcycleResult:
     params_active: int
     output_bytes: int
     layer_cv: list[float] = field(default_factory=list)
+    active_ffn_fraction: float | None = None  # carve: share of the parent's FFN neurons a token runs
+    calibration_recall: float | None = None  # carve: mean oracle top-k recall of the routers on calibration text
 
 
 @torch.no_grad()
@@ -100,16 +101,15 @@ def _noisy(stacked: torch.Tensor, noise: float, drawn: torch.Tensor | None, refe
 
 
 def noise_sizes(shapes: dict[str, tuple[int, ...]], experts: int, method: str) -> dict[str, int]:
-    """Element counts of the noise each noisy expert tensor needs (biases get none): ``copy`` stacks E full
-    copies, ``split`` stacks E groups that together hold the dense tensor once."""
-    copies = experts if method == "copy" else 1
-    return {name: copies * math.prod(shape) for name, shape in shapes.items() if not name.endswith("bias")}
+    """Element counts of the noise each noisy expert tensor needs (biases get none): ``copy`` and ``drop`` stack
+    E full copies (``carve`` adds no noise and never asks)."""
+    return {name: experts * math.prod(shape) for name, shape in shapes.items() if not name.endswith("bias")}
 
 
 def expert_bytes(shapes: dict[str, tuple[int, ...]], layers: int, experts: int, method: str, dtype: torch.dtype) -> int:
     """Bytes of every layer's expert tensors in the output: the lower bound of its size checked against free
     disk space before anything is written (E copies of the FFN; a partition of its neurons holds it once)."""
-    copies = experts if method not in ("split", "carve") else 1
+    copies = experts if method != "carve" else 1
     return layers * copies * sum(math.prod(shape) for shape in shapes.values()) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -118,61 +118,46 @@ def _copies(tensor: torch.Tensor, experts: int) -> torch.Tensor:
     return tensor.unsqueeze(0).expand(experts, *tensor.shape)
 
 
-def neuron_groups(dense: dict[str, torch.Tensor], experts: int, mode: str, generator: torch.Generator) -> list[torch.Tensor]:
-    """Partition the intermediate neurons into ``experts`` equal groups (LLaMA-MoE style).
-
-    ``random``: a seeded permutation. ``balanced``: cosine k-means on the neurons' input weight rows, then a
-    capacity-constrained assignment so every expert gets the same number of neurons of similar function.
-    """
-    rows = dense["gate_up"][: dense["gate_up"].shape[0] // 2] if "gate_up" in dense else dense["up"]
-    inter = rows.shape[0]
-    if inter % experts:
-        raise UserError(f"--method split needs the intermediate size ({inter}) to be divisible by --experts ({experts})")
-    size = inter // experts
-    if mode == "random":
-        return list(torch.randperm(inter, generator=generator).view(experts, size))
-    from ..router.prototypes import spherical_kmeans
-
-    points = F.normalize(rows.float(), dim=-1)
-    centroids = spherical_kmeans(points, experts, seed=int(torch.randint(1 << 30, (1,), generator=generator)))
-    sims = points @ centroids.T
-    capacity = [size] * experts
-    assigned = [False] * inter
-    groups: list[list[int]] = [[] for _ in range(experts)]
-    for flat in torch.argsort(sims.flatten(), descending=True).tolist():
-        neuron, expert = divmod(flat, experts)
-        if capacity[expert] and not assigned[neuron]:
-            groups[expert].append(neuron)
-            assigned[neuron] = True
-            capacity[expert] -= 1
-    return [torch.tensor(sorted(g)) for g in groups]
+def drop_neurons(stacked: dict[str, torch.Tensor], ratio: float, generator: torch.Generator) -> None:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025), in place on ``[E, ...]`` copies: each expert re-initialises a
+    different random ``ratio`` of its intermediate neurons -- gate/up rows and down columns together -- from a
+    normal with the mean and std of the weights being replaced, so copies start diverse instead of identical."""
+    first = stacked["gate_up"] if "gate_up" in stacked else stacked["up"]
+    experts = first.shape[0]
+    inter = first.shape[1] // 2 if "gate_up" in stacked else first.shape[1]
+    count = round(inter * ratio)
+    if count == 0:
+        return
+    for e in range(experts):
+        neurons = torch.randperm(inter, generator=generator)[:count]
+        if "gate_up" in stacked:
+            rows = {"gate_up": torch.cat([neurons, neurons + inter])}
+        else:
+            rows = {"up": neurons, "up_bias": neurons}
+        for name, index in rows.items():
+            old = stacked[name][e]
+            fresh = torch.randn((index.numel(), *old.shape[1:]), generator=generator, dtype=torch.float32)
+            old[index] = (fresh * old.float().std() + old.float().mean()).to(old.dtype)
+        down = stacked["down"][e]
+        fresh = torch.randn((down.shape[0], count), generator=generator, dtype=torch.float32)
+        down[:, neurons] = (fresh * down.float().std() + down.float().mean()).to(down.dtype)
 
 
-def build_experts(dense: dict[str, torch.Tensor], experts: int, method: str, noise: float, split_mode: str,
+def build_experts(dense: dict[str, torch.Tensor], experts: int, method: str, noise: float, drop_ratio: float,
                   generator: torch.Generator, drawn: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Fused expert tensors (SpectraExperts layout) from one dense FFN. ``drawn``: standard normals per noisy
-    tensor (``noise_sizes``), required when ``noise > 0``; ``generator`` drives the ``split`` partition."""
+    """Fused expert tensors (SpectraExperts layout) from one dense FFN: ``copy`` (+ noise) or ``drop`` (copies with
+    a different random ``drop_ratio`` of each expert's neurons re-initialised). ``drawn``: standard normals per
+    noisy tensor (``noise_sizes``), required when ``noise > 0``; ``generator`` draws the dropped neurons."""
     drawn = drawn or {}
     if noise and set(drawn) != set(noise_sizes({n: t.shape for n, t in dense.items()}, experts, method)):
         raise ValueError(f"noise was drawn for {sorted(drawn)}, the experts need it for the non-bias tensors")
-    if method == "copy":
-        return {name: _noisy(_copies(tensor, experts), noise, drawn.get(name), reference=tensor)
-                for name, tensor in dense.items()}
-    groups = neuron_groups(dense, experts, split_mode, generator)
-    # Top-k over E equal groups sees k/E of the neurons; scaling each expert's output by E keeps the expected
-    # FFN output equal to the dense one (mixing weights sum to 1). Output biases are not scaled.
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in dense}
-    for group in groups:
-        if "gate_up" in dense:
-            inter = dense["gate_up"].shape[0] // 2
-            out["gate_up"].append(torch.cat([dense["gate_up"][group], dense["gate_up"][group + inter]]))
-        else:
-            out["up"].append(dense["up"][group])
-            out["up_bias"].append(dense["up_bias"][group])
-            out["down_bias"].append(dense["down_bias"].clone())
-        out["down"].append(dense["down"][:, group] * experts)
-    stacked = {name: torch.stack(parts) for name, parts in out.items()}
-    return {name: _noisy(tensor, noise, drawn.get(name), reference=tensor) for name, tensor in stacked.items()}
+    if method not in ("copy", "drop"):
+        raise ValueError(f"build_experts builds copy or drop experts, not {method!r} (carve: surgery.carve)")
+    built = {name: _noisy(_copies(tensor, experts), noise, drawn.get(name), reference=tensor)
+             for name, tensor in dense.items()}
+    if method == "drop":
+        drop_neurons(built, drop_ratio, generator)
+    return built
 
 
 _EXPERT_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_bias": "up_bias",
@@ -228,12 +213,12 @@ class ExpertBuilder:
     block early (an exception) stops the thread after its current tensor and waits for it."""
 
     def __init__(self, writer: Any, drawn: NoiseAhead, noise_names: list[str], adapter: Any, ffn_prefixes: list[str],
-                 *, experts: int, method: str, noise: float, split_mode: str, seed: int, out_dtype: torch.dtype,
+                 *, experts: int, method: str, noise: float, drop_ratio: float, seed: int, out_dtype: torch.dtype,
                  bar: Any) -> None:
         self.writer, self.drawn, self.noise_names = writer, drawn, noise_names
         self.adapter, self.ffn_prefixes = adapter, ffn_prefixes
-        self.experts, self.method, self.noise, self.split_mode = experts, method, noise, split_mode
-        self.generator = torch.Generator().manual_seed(seed)  # drives the split partition (the noise is drawn)
+        self.experts, self.method, self.noise, self.drop_ratio = experts, method, noise, drop_ratio
+        self.generator = torch.Generator().manual_seed(seed)  # draws the dropped neurons (the noise is drawn ahead)
         self.out_dtype, self.bar = out_dtype, bar
         self._stop = threading.Event()
         self._tail: queue.Queue[dict[str, torch.Tensor] | None] = queue.Queue()
@@ -253,7 +238,7 @@ class ExpertBuilder:
                     return
                 drawn = dict(zip(self.noise_names, self.drawn.take(i)))
                 built = build_experts(self.adapter.ffn_tensors(get, i), self.experts, self.method, self.noise,
-                                      self.split_mode, self.generator, drawn)
+                                      self.drop_ratio, self.generator, drawn)
                 for name, tensor in built.items():
                     if self._stop.is_set():
                         return
@@ -326,7 +311,11 @@ def upcycle(
     top_k: int = 2,
     method: str = "copy",
     noise: float = 0.01,
-    split_mode: str = "random",
+    drop_ratio: float = 0.5,
+    shared_fraction: float | None = None,
+    carve_grouping: str = "coactivation",
+    carve_refit: str = "none",
+    router_steps: int = 60,
     router_dim: int = 128,
     router_init: str = "orthogonal",
     calibration: str | Path | None = None,
@@ -339,6 +328,10 @@ def upcycle(
 ) -> UpcycleResult:
     """Convert the dense causal LM ``model`` (folder or Hub id) into a calibrated SPECTRA MoE folder ``out``.
 
+    ``method``: ``copy`` (E copies + ``noise``), ``drop`` (copies with ``drop_ratio`` of each expert's neurons
+    re-initialised, for continued pre-training) or ``carve`` (a cheaper MoE of the parent's own neurons:
+    ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps``; see ``carve_upcycle``).
+
     ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
     False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
     conversion time, and the bias is calibrated with the knobs the model will route with.
@@ -347,13 +340,22 @@ def upcycle(
     from the start), load (the dense parent), calibrate (routers on the parent's FFN inputs), write (routers,
     index, config, runtime, tokenizer, model card) — all into a temp folder renamed into place at the end.
     """
-    _check_options(method=method, split_mode=split_mode, experts=experts, top_k=top_k, router_init=router_init,
+    _check_options(method=method, drop_ratio=drop_ratio, experts=experts, top_k=top_k, router_init=router_init,
                    noise=noise, dtype=dtype)
     plan = _plan(model, gguf_file, calibration, experts=experts, method=method, noise=noise,
                  overrides=check_overrides(spectra_overrides), out_dtype=torch_dtype(dtype) if dtype else torch.float32)
     out = Path(out)
     check_free_space(out, expert_bytes(plan.adapter.ffn_shapes(plan.shape_config), plan.num_layers, experts, method,
                                        plan.out_dtype))
+    if method == "carve":  # experts need the calibration activations: no early builder, no noise
+        from .carve_upcycle import SHARED_FRACTION, CarveOptions, carve_upcycle
+
+        options = CarveOptions(shared_fraction=SHARED_FRACTION if shared_fraction is None else shared_fraction,
+                               grouping=carve_grouping, refit=carve_refit, router_steps=router_steps)
+        return carve_upcycle(model, out, model_dir=plan.model_dir, adapter=plan.adapter, texts=plan.texts,
+                             experts=experts, top_k=top_k, router_dim=router_dim, options=options,
+                             calibration_tokens=calibration_tokens, out_dtype=plan.out_dtype, gguf_file=gguf_file,
+                             seed=seed, force=force, overrides=plan.overrides)
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).
     with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp:
@@ -363,7 +365,7 @@ def upcycle(
                             streamed=True) as writer, \
                 progress() as bar, \
                 ExpertBuilder(writer, drawn_noise, list(plan.noise_sizes), plan.adapter, plan.ffn_prefixes,
-                              experts=experts, method=method, noise=noise, split_mode=split_mode, seed=seed,
+                              experts=experts, method=method, noise=noise, drop_ratio=drop_ratio, seed=seed,
                               out_dtype=plan.out_dtype, bar=bar) as builder:
             parent = _load_parent(plan, builder, seed, experts=experts, top_k=top_k, router_dim=router_dim,
                                   method=method)
@@ -378,13 +380,13 @@ def upcycle(
     return result
 
 
-def _check_options(*, method: str, split_mode: str, experts: int, top_k: int, router_init: str, noise: float,
+def _check_options(*, method: str, drop_ratio: float, experts: int, top_k: int, router_init: str, noise: float,
                    dtype: str | None) -> None:
     """Argument checks: one line naming the option, before anything is read."""
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if split_mode not in SPLIT_MODES:
-        raise UserError(f"--split-mode must be one of {', '.join(SPLIT_MODES)}, got {split_mode!r}")
+    if not 0.0 <= drop_ratio <= 1.0:
+        raise UserError(f"--drop-ratio must be in [0, 1], got {drop_ratio}")
     if experts < 2:
         raise UserError(f"--experts must be at least 2, got {experts}")
     if not 1 <= top_k <= experts:
@@ -522,8 +524,6 @@ def _write_files(tmp: Path, parent: _Parent, model: str) -> None:
 def _param_counts(plan: _Plan, parent: _Parent, *, experts: int, top_k: int, method: str) -> tuple[int, int]:
     """(total, active per token) parameters of the output: only top-k of E experts run for a token."""
     expert_params = sum(math.prod(shape) for shape in plan.adapter.ffn_shapes(plan.parent_config).values())
-    if method == "split":
-        expert_params //= experts
     non_ffn_params = sum(t.numel() for t in parent.non_ffn.values())
     router_params = _router_param_count(parent.spectra_config)
     total = non_ffn_params + plan.num_layers * (experts * expert_params + router_params)
@@ -554,9 +554,7 @@ def _spectra_config(text_config: Any, adapter: Any, overrides: dict, *, experts:
             text_config=text_config.to_dict(),
             spectra={**overrides, "num_experts": experts, "top_k": top_k, "router_dim": router_dim,
                      "expert_kind": adapter.expert_kind, "source": "upcycled",
-                     # split experts hold 1/E of the dense neurons each
-                     "intermediate_size": (adapter.intermediate_size(text_config) // experts
-                                           if method == "split" else overrides.get("intermediate_size"))},
+                     "intermediate_size": overrides.get("intermediate_size")},
         )
     except ValueError as exc:
         raise UserError(str(exc)) from exc

@@ -82,6 +82,7 @@ def validate(
     collection = collect_routing(spectra, texts, pad_id, batch_tokens=batch_tokens, capture_inputs=baselines,
                                  on_batch=_tick(progress, "routing held-out text", n_tokens))
     report = base_report(collection, model=model, data=data, n_texts=len(texts.ids))
+    carve_report(report, spectra.config.spectra, collection)
     report["batch_invariance"] = batch_invariance(spectra, texts.ids[:INVARIANCE_TEXTS], pad_id)
 
     if baselines:
@@ -97,6 +98,9 @@ def validate(
     if parent is not None:
         report["parent"] = compare_parent(spectra, collection, texts, pad_id, parent, device=device, dtype=dtype,
                                           batch_tokens=batch_tokens, progress=progress, n_tokens=n_tokens)
+        if report.get("carve"):  # a carved model is judged by its perplexity next to the parent's: in the card
+            report["summary"]["parent_perplexity"] = report["parent"]["perplexity"]
+            report["summary"]["ppl_ratio"] = report["parent"]["ppl_ratio"]
     del spectra
 
     failures, checked = thresholds(report, max_cv=max_cv, max_ppl_ratio=max_ppl_ratio)
@@ -199,6 +203,27 @@ def base_report(collection: Collection, *, model: str | Path, data: str | Path, 
         "domain_expert": domain_expert(collection, rows),
     }
     return report
+
+
+def active_ffn_fraction(knobs: dict[str, Any]) -> float:
+    """Share of the parent's FFN neurons a token runs in a carved model: (shared + k * expert width) / total."""
+    shared = int(knobs.get("shared_intermediate_size") or 0) if knobs.get("shared_expert") else 0
+    width = int(knobs["intermediate_size"])
+    return (shared + knobs["top_k"] * width) / (shared + knobs["num_experts"] * width)
+
+
+def carve_report(report: dict[str, Any], knobs: dict[str, Any], collection: Collection) -> None:
+    """For carved models (``expert_combine: sum``): the active FFN fraction and the routers' oracle top-k recall
+    (per layer and mean) go into the summary, so the model card states them."""
+    if knobs.get("expert_combine") != "sum" or collection.oracle_recall is None:
+        return
+    fraction = active_ffn_fraction(knobs)
+    recall = collection.oracle_recall
+    report["carve"] = {"active_ffn_fraction": fraction, "oracle_recall": float(np.mean(recall))}
+    report["summary"]["active_ffn_fraction"] = fraction
+    report["summary"]["oracle_recall"] = float(np.mean(recall))
+    for row, value in zip(report["layers"], recall):
+        row["oracle_recall"] = value
 
 
 def domain_expert(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ which a batch-mean ``loss`` cannot give).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -240,6 +241,7 @@ class Collection:
     nll_sum: float = 0.0
     nll_count: int = 0
     expert_vectors: list[np.ndarray] = field(default_factory=list)  # per layer, [E, d]
+    oracle_recall: list[float] | None = None  # carved models: per layer, share of the oracle's top-k selected
 
     @property
     def num_tokens(self) -> int:
@@ -297,10 +299,15 @@ def collect_routing(
     nll_sum, nll_count = 0.0, 0
     batches = plan_batches(texts.ids, pad_id, batch_tokens=batch_tokens)
     seq_offset = 0
-    with RouterTap(routers, inputs=capture_inputs) as tap:
+    from ..router.oracle_fit import OracleTap, carved_blocks
+
+    oracle = OracleTap(model) if carved_blocks(model) else None
+    with RouterTap(routers, inputs=capture_inputs) as tap, oracle or contextlib.nullcontext():
         for batch in batches:
             out = _forward(model, batch, router_records=True)
             captured = tap.take(batch.attention_mask)
+            if oracle is not None:
+                oracle.take(batch.attention_mask)
             for index, entry in enumerate(captured):
                 selected_parts[index].append(entry["selected"].cpu().numpy().astype(np.int64))
                 log_p = torch.log_softmax(entry["scores"].float(), dim=-1)
@@ -327,7 +334,7 @@ def collect_routing(
         domains = np.asarray(texts.domains, dtype=object)[seq]
     vectors = [r.unit_expert_vectors().detach().float().cpu().numpy() for r in routers]
     return Collection(num_experts, top_k, np.concatenate(token_ids), seq, domains, layers, nll_sum, nll_count,
-                      vectors)
+                      vectors, oracle.recall() if oracle is not None else None)
 
 
 @torch.inference_mode()

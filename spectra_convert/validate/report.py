@@ -189,6 +189,10 @@ def check_lines(report: dict[str, Any]) -> list[str]:
         if parent.get("topk_agreement") is not None:
             lines.append(f"top-k agreement with the original gate {fmt(parent['topk_agreement'])}, same expert set "
                          f"{fmt(parent.get('routing_consistency'))}")
+    carve = report.get("carve")
+    if carve:
+        lines.append(f"carved experts: {carve['active_ffn_fraction']:.1%} of the parent's FFN neurons active per token, "
+                     f"oracle top-k recall {fmt(carve['oracle_recall'])}")
     inv = report.get("batch_invariance")
     if inv:
         verdict = "agree" if inv.get("agree") else "DISAGREE"

@@ -1,0 +1,344 @@
+"""Carving benchmark, one run: SmolLM2-135M carved into a shared expert + 8 routed slices (``upcycle --method
+carve``), held-out perplexity ratio to the parent at several active-FFN fractions for four ways of picking the
+slices -- the oracle (upper bound), the SPECTRA router fitted by the converter, a ridge-fitted linear gate on the
+same data, random -- then after a short ``finetune --mode lora`` (+ routers), the balance study (per-sequence
+correction on / off / dual bias alone), and whole-model time per token against the parent, interleaved.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/carve-bench [--device cuda]
+        [--calibration-tokens 8192] [--eval-tokens 4096] [--top-k 1,4,6] [--finetune-steps 40]
+
+Held-out text is from domains the calibration never saw: ``tests/fixtures/corpus/unseen.jsonl`` (changelogs) for
+perplexity and recall, ``mixed_eval.jsonl`` (4 domains) for per-domain balance and domain NMI. The calibration
+corpus is ``spectra_convert/data/calibration.jsonl`` (code, docs, legal). Carving (the neuron plan) does not
+depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.conftest locates the SmolLM2 GGUF
+CORPUS = REPO / "tests" / "fixtures" / "corpus"
+
+
+class FixedSelection(nn.Module):
+    """Stands in for a block's router: selects with ``choose(hidden [N, H]) -> [N, k]`` (weights unused: the
+    carved block multiplies by its expert scales)."""
+
+    def __init__(self, choose, experts: int):
+        super().__init__()
+        self.choose, self.experts = choose, experts
+
+    def forward(self, hidden: torch.Tensor):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        selected = self.choose(flat)
+        return flat.new_zeros(flat.shape[0], self.experts), flat.new_ones(selected.shape), selected
+
+
+def blocks_of(tokenizer, path: Path, tokens: int, seq_len: int = 256) -> torch.Tensor:
+    from spectra_convert.router.calibrate import calibration_batches
+    from spectra_convert.textdata import load_texts
+
+    return calibration_batches(tokenizer, [r.text for r in load_texts(path)], max_tokens=tokens, seq_len=seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, device: str, batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch):
+        ids = blocks[start:start + batch].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                       ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def routed_eval(model, blocks: torch.Tensor, device: str) -> tuple[float, float]:
+    """(perplexity, mean oracle recall) of the model as currently routed."""
+    from spectra_convert.router.oracle_fit import OracleTap
+
+    with OracleTap(model) as tap:
+        nll, count = 0.0, 0
+        for start in range(0, blocks.shape[0], 4):
+            ids = blocks[start:start + 4].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            tap.take()
+            nll += float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                           ids[:, 1:].reshape(-1), reduction="sum"))
+            count += ids[:, 1:].numel()
+    recall = tap.recall()
+    return math.exp(nll / count), sum(recall) / len(recall)
+
+
+@torch.no_grad()
+def capture_block_inputs(model, blocks: torch.Tensor, device: str) -> list[torch.Tensor]:
+    """Every carved block's input ``[B, T, H]`` on ``blocks`` (run with all experts on: the parent's FFN inputs)."""
+    from spectra_convert.router.oracle_fit import carved_blocks
+
+    layers = carved_blocks(model)
+    parts: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: parts[i].append(a[0].float().cpu())) for i, b in enumerate(layers)]
+    saved = [b.gate.top_k for b in layers]
+    for b in layers:
+        b.gate.top_k = b.gate.num_experts
+    try:
+        for start in range(0, blocks.shape[0], 4):
+            model(input_ids=blocks[start:start + 4].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for b, k in zip(layers, saved):
+            b.gate.top_k = k
+    return [torch.cat(p) for p in parts]
+
+
+def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str):
+    """Refit every SPECTRA router for top-``k`` (the converter's functions) and a ridge linear gate per layer."""
+    from spectra_convert.router.oracle_fit import LinearGate, block_oracle_mass, carved_blocks, fit_spectra_router
+    from spectra_convert.router.calibrate import calibrate_bias
+
+    gates = []
+    for index, (block, x) in enumerate(zip(carved_blocks(model), inputs)):
+        router = block.gate
+        router.top_k, router.sequence_balance = k, sequence_balance
+        router.cpu().float()
+        mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
+        router.reset_parameters()
+        fit_spectra_router(router, x, mass, steps=steps, seed=index)
+        calibrate_bias(router, x)
+        gates.append(LinearGate(x, mass))
+        block.to(device)
+    return gates
+
+
+def with_routing(model, how: str, k: int, gates, seed: int = 0):
+    """Swap every block's router for ``how`` (oracle | linear | random); returns the saved routers."""
+    from spectra_convert.router.oracle_fit import block_oracle_mass, carved_blocks, oracle_topk
+
+    generator = torch.Generator().manual_seed(seed)
+    saved = []
+    for block, gate in zip(carved_blocks(model), gates):
+        experts = block.gate.num_experts
+        saved.append(block.gate)
+        if how == "oracle":
+            choose = lambda h, b=block: oracle_topk(block_oracle_mass(b.experts, h), k)  # noqa: E731
+        elif how == "linear":
+            choose = lambda h, g=gate: g.select(h.cpu(), k).to(h.device)  # noqa: E731
+        else:
+            choose = lambda h, e=experts: torch.rand(h.shape[0], e, generator=generator).topk(k, -1).indices.to(h.device)  # noqa: E731
+        block.gate = FixedSelection(choose, experts)
+    return saved
+
+
+def restore(model, saved) -> None:
+    from spectra_convert.router.oracle_fit import carved_blocks
+
+    for block, router in zip(carved_blocks(model), saved):
+        block.gate = router
+
+
+@torch.no_grad()
+def balance_study(model, tokenizer, device: str) -> dict:
+    """Load CV (overall, per domain) and domain NMI of the model's routers on mixed_eval.jsonl."""
+    from spectra_convert.textdata import load_texts
+    from spectra_convert.validate import metrics as M
+
+    records = load_texts(CORPUS / "mixed_eval.jsonl")
+    per_layer: dict[int, list] = {}
+    domains: list[str] = []
+    routers = model.routers()
+    hooks = [r.register_forward_hook(lambda m, a, o, i=i: per_layer.setdefault(i, []).append(o[2].cpu()))
+             for i, r in enumerate(routers)]
+    try:
+        for record in records:
+            ids = tokenizer(record.text, return_tensors="pt", truncation=True, max_length=256)["input_ids"].to(device)
+            model(input_ids=ids, use_cache=False)
+            domains += [record.domain] * ids.shape[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    import numpy as np
+
+    domains_arr = np.asarray(domains, dtype=object)
+    cv, nmi, per_domain = [], [], {d: [] for d in sorted(set(domains))}
+    for i in range(len(routers)):
+        selected = torch.cat(per_layer[i]).numpy()
+        cv.append(M.load_cv(M.expert_loads(selected, routers[i].num_experts)))
+        nmi.append(M.domain_nmi(selected[:, 0], domains_arr))
+        for d in per_domain:
+            per_domain[d].append(M.load_cv(M.expert_loads(selected[domains_arr == d], routers[i].num_experts)))
+    return {"cv_mean": float(np.mean(cv)), "cv_worst": float(np.max(cv)), "domain_nmi": float(np.mean(nmi)),
+            "cv_per_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}}
+
+
+def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
+    """Item-8 variants: ``seq+bias`` (sequence correction on, bias recalibrated with it), ``bias`` (dual bias
+    alone, the carved default), ``none`` (neither: the fitted scores alone)."""
+    from spectra_convert.router.calibrate import calibrate_bias
+
+    for router, x in zip(model.routers(), inputs):
+        router.sequence_balance = 1.0 if mode == "seq+bias" else 0.0
+        device = router.dual_bias.device
+        router.cpu()
+        if mode == "none":
+            router.dual_bias.zero_()
+        else:
+            calibrate_bias(router, x)
+        router.to(device)
+
+
+@torch.no_grad()
+def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[float, float]:
+    """(seconds per token of one forward over ``ids``, seconds per generated token of greedy decoding)."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    sync()
+    forward = (time.perf_counter() - start) / ids.shape[1]
+    prompt = ids[:, :32]
+    start = time.perf_counter()
+    model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+    sync()
+    return forward, (time.perf_counter() - start) / decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/spectra-carve-bench"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--top-k", default="1,4,6", help="routed experts per token to measure (of 8)")
+    parser.add_argument("--router-steps", type=int, default=60)
+    parser.add_argument("--shared-fraction", type=float, default=None)
+    parser.add_argument("--carve-refit", default="none")
+    parser.add_argument("--finetune-steps", type=int, default=40, help="0 skips the LoRA fine-tune")
+    parser.add_argument("--finetune-k", type=int, default=4)
+    parser.add_argument("--timing-repeats", type=int, default=3, help="0 skips timing")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--skip-balance", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from spectra_convert.surgery.upcycle import load_dense_parent, upcycle
+    from tests.conftest import smollm2_gguf_path
+
+    device = args.device
+    args.work.mkdir(parents=True, exist_ok=True)
+    gguf = smollm2_gguf_path()
+    ks = [int(k) for k in args.top_k.split(",")]
+    carved_dir = args.work / "carved"
+    started = time.perf_counter()
+    result = upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve",
+                     gguf_file=gguf.name, calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
+                     shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
+    carve_seconds = time.perf_counter() - started
+    parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
+    parent.to(device)
+    unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
+    calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)
+    parent_ppl = perplexity(parent, unseen, device)
+    model = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(device)
+    knobs = model.config.spectra
+    shared, width = knobs["shared_intermediate_size"], knobs["intermediate_size"]
+    inputs = capture_block_inputs(model, calibration, device)
+    rows, report = [], {"parent_ppl": parent_ppl, "carve_seconds": carve_seconds, "settings": vars(args) | {"work": str(args.work)}}
+
+    native = routed_eval(model, unseen, device)  # the converter's own routers, as written (top-k = finetune_k)
+    report["converter_routers"] = {"k": args.finetune_k, "ppl_ratio": native[0] / parent_ppl, "recall": native[1],
+                                   "calibration_recall": result.calibration_recall}
+    for k in ks:
+        active = (shared + k * width) / (shared + 8 * width)
+        gates = fit_routers(model, inputs, k, args.router_steps, 0.0, device)
+        row = {"k": k, "active": active}
+        ppl, recall = routed_eval(model, unseen, device)
+        row["spectra"], row["spectra_recall"] = ppl / parent_ppl, recall
+        for how in ("oracle", "linear", "random"):
+            saved = with_routing(model, how, k, gates)
+            ppl, recall = routed_eval(model, unseen, device)
+            restore(model, saved)
+            row[how], row[f"{how}_recall"] = ppl / parent_ppl, recall
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report["rows"] = rows
+
+    if not args.skip_balance:  # item 8, on the converter's k, routers refitted as written
+        gates = fit_routers(model, inputs, args.finetune_k, args.router_steps, 0.0, device)
+        study = {}
+        for mode in ("seq+bias", "bias", "none"):
+            set_bias_mode(model, mode, inputs)
+            ppl, recall = routed_eval(model, unseen, device)
+            study[mode] = {"ppl_ratio": ppl / parent_ppl, "recall": recall, **balance_study(model, tokenizer, device)}
+            print(mode, json.dumps(study[mode]), flush=True)
+        report["balance"] = study
+
+    if args.finetune_steps > 0:
+        from spectra_convert.finetune import finetune
+
+        tuned_dir = args.work / "carved-lora"
+        ft = finetune(carved_dir, REPO / "spectra_convert" / "data" / "calibration.jsonl", tuned_dir, mode="lora",
+                      steps=args.finetune_steps, seq_len=256, batch_size=4, lr=2e-4, lr_router=1e-3, merge=True,
+                      save_every=0, log_every=max(1, args.finetune_steps // 8), force=True)
+        tuned = AutoModelForCausalLM.from_pretrained(tuned_dir, trust_remote_code=True).eval().to(device)
+        ppl, recall = routed_eval(tuned, unseen, device)
+        report["finetuned"] = {"k": args.finetune_k, "steps": args.finetune_steps, "ppl_ratio": ppl / parent_ppl,
+                               "recall": recall, "losses": ft.losses if hasattr(ft, "losses") else None}
+        print("finetuned", json.dumps(report["finetuned"]), flush=True)
+
+    if args.timing_repeats > 0:
+        config = AutoConfig.from_pretrained(carved_dir, trust_remote_code=True)
+        timed = AutoModelForCausalLM.from_pretrained(carved_dir, config=config, trust_remote_code=True).eval().to(device)
+        ids = unseen[:1, :256].repeat(1, 2).to(device)  # 512 tokens
+        samples: dict[str, list] = {"parent": [], "carved": []}
+        for _ in range(args.timing_repeats):  # interleaved: both see the same machine state
+            for name, m in (("parent", parent), ("carved", timed)):
+                samples[name].append(time_per_token(m, ids, args.decode_tokens, device))
+        med = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for n, v in samples.items()}
+        report["timing"] = {"k": args.finetune_k, "parent_forward_s_per_token": med["parent"][0],
+                            "carved_forward_s_per_token": med["carved"][0], "parent_decode_s_per_token": med["parent"][1],
+                            "carved_decode_s_per_token": med["carved"][1],
+                            "forward_ratio": med["carved"][0] / med["parent"][0],
+                            "decode_ratio": med["carved"][1] / med["parent"][1]}
+
+    (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; carve took {carve_seconds:.0f} s")
+    print("| active FFN | k | oracle | SPECTRA router | linear gate | random | recall SPECTRA / linear / random |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['active']:.0%} | {r['k']} | {r['oracle']:.2f}x | {r['spectra']:.2f}x | {r['linear']:.2f}x | "
+              f"{r['random']:.2f}x | {r['spectra_recall']:.3f} / {r['linear_recall']:.3f} / {r['random_recall']:.3f} |")
+    if "finetuned" in report:
+        f = report["finetuned"]
+        print(f"after finetune --mode lora ({f['steps']} steps, k={f['k']}): {f['ppl_ratio']:.2f}x, recall {f['recall']:.3f}")
+    if "balance" in report:
+        print("| variant | ppl ratio | recall | CV mean | CV worst | CV per domain | domain NMI |")
+        print("|---|---|---|---|---|---|---|")
+        for mode, s in report["balance"].items():
+            per = ", ".join(f"{d} {v:.3f}" for d, v in s["cv_per_domain"].items())
+            print(f"| {mode} | {s['ppl_ratio']:.3f}x | {s['recall']:.3f} | {s['cv_mean']:.3f} | {s['cv_worst']:.3f} | "
+                  f"{per} | {s['domain_nmi']:.3f} |")
+    if "timing" in report:
+        t = report["timing"]
+        print(f"time per token (k={t['k']}, {device}): forward {t['forward_ratio']:.2f}x of the parent, "
+              f"greedy decode {t['decode_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""``upcycle --method carve``: a dense parent -> a cheaper SPECTRA MoE made of its own neurons.
+
+Flow (docs/ARCHITECTURE.md, carving): load the parent, capture every layer's FFN input on the calibration text
+(the forward stops at the last FFN input, as for ``copy``), then layer by layer -- so at most one layer's
+activations are held -- carve the FFN (``surgery.carve``), fit the layer's SPECTRA router to the oracle and
+calibrate its dual bias (``router.oracle_fit``), and stream the layer's tensors into the shard writer; the
+parent's other tensors follow. The output folder is atomic like every upcycle's. Blocks combine with
+``expert_combine: "sum"`` and carry a shared expert; ``expert_scale`` starts at 1 (all experts on = parent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..console import human_bytes, progress, summary_table
+from ..errors import UserError
+from ..modelcard import write_model_card
+from ..modelio.checkpoint import ShardWriter
+from ..modelio.config import read_parent_config
+from ..modelio.outdir import atomic_output_dir
+from ..modelio.parent import load_dense_parent
+from ..modelio.side_files import write_runtime_files, write_spectra_config
+from .carve import (GROUPINGS, carve_tensors, contributions, expert_outputs, intermediate_activations, plan_carve,
+                    refit_scales, shared_size)
+
+#: Default share of the parent's FFN neurons kept in the always-on shared expert (measured on SmolLM2-135M, see
+#: README "Carving"): 12.5% of the neurons ~ one routed expert's width at E = 8.
+SHARED_FRACTION = 0.125
+REFITS = ("none", "scale")
+
+
+@dataclass
+class CarveOptions:
+    """Knobs of a carve (every one has a measured default; see README "Carving")."""
+
+    shared_fraction: float = SHARED_FRACTION
+    grouping: str = "coactivation"
+    refit: str = "none"
+    router_steps: int = 60
+    active_fraction: float = 0.25
+
+    def check(self) -> None:
+        if not 0.0 < self.shared_fraction < 1.0:
+            raise UserError(f"--shared-fraction must be in (0, 1), got {self.shared_fraction}")
+        if self.grouping not in GROUPINGS:
+            raise UserError(f"--carve-grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
+        if self.refit not in REFITS:
+            raise UserError(f"--carve-refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
+        if self.router_steps < 0:
+            raise UserError(f"--router-steps must be >= 0, got {self.router_steps}")
+
+
+@dataclass
+class CarvedLayer:
+    """One layer's output tensors (names relative to the layer's ``mlp.`` prefix) and its fit statistics."""
+
+    tensors: dict[str, torch.Tensor]
+    calibration_cv: float
+    calibration_recall: float
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+_PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_bias": "up_bias",
+          "down_bias": "down_bias"}
+
+
+def carve_knobs(intermediate: int, experts: int, shared_fraction: float) -> dict[str, Any]:
+    """The ``spectra`` config knobs a carve sets: widths of the routed and shared experts, the sum combine rule,
+    and the per-sequence balance off (it would run neurons that should stay off; README "Carving" measures it)."""
+    shared = shared_size(intermediate, experts, shared_fraction)
+    return {"intermediate_size": (intermediate - shared) // experts, "shared_expert": True,
+            "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": 0.0}
+
+
+@torch.no_grad()
+def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tensor, act_fn: Any, options: CarveOptions,
+                *, seed: int) -> CarvedLayer:
+    """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
+    ``SpectraRouter`` to the oracle, optionally refit the expert scales; returns the block's tensors."""
+    from ..router.oracle_fit import fit_spectra_router, oracle_topk, router_selection, topk_recall
+    from ..router.calibrate import calibrate_bias
+
+    experts, top_k = router.num_experts, router.top_k
+    flat = inputs.reshape(-1, inputs.shape[-1]).float()
+    acts = intermediate_activations(dense, flat, act_fn)
+    plan = plan_carve(contributions(acts, dense["down"]), experts, options.shared_fraction, grouping=options.grouping,
+                      active_fraction=options.active_fraction, seed=seed)
+    routed, shared = carve_tensors(dense, plan)
+    outputs = expert_outputs(acts, dense["down"], plan)
+    del acts
+    mass = outputs.norm(dim=-1)
+    fit_spectra_router(router, inputs, mass, steps=options.router_steps, seed=seed)
+    cv = calibrate_bias(router, inputs)
+    selected = router_selection(router, inputs)
+    oracle = oracle_topk(mass, top_k)
+    recall = topk_recall(selected, oracle)
+    scale = torch.ones(experts)
+    if options.refit == "scale":
+        scale = refit_scales(outputs, selected)
+    tensors = {f"experts.{_PARAM[n]}": t for n, t in routed.items()}
+    tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})
+    tensors["expert_scale"] = scale
+    tensors.update({f"gate.{n}": t.detach().clone() for n, t in router.state_dict().items()})
+    return CarvedLayer(tensors, cv, recall)
+
+
+def carve_into(writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, ffn_inputs: dict[int, torch.Tensor],
+               options: CarveOptions, *, seed: int, out_dtype: torch.dtype, bar: Any) -> list[CarvedLayer]:
+    """Carve every layer (consuming ``ffn_inputs`` as it goes) and add its tensors to ``writer``."""
+    from transformers.activations import ACT2FN
+
+    from ..modeling.modeling_spectra import RoutingContext, SpectraRouter
+
+    act_fn = ACT2FN[adapter.activation(spectra_config.text_config)]
+    context = RoutingContext()
+    done: list[CarvedLayer] = []
+    task = bar.add_task("carving experts + fitting routers", total=len(ffn_inputs))
+    for i in sorted(ffn_inputs):
+        router = SpectraRouter(spectra_config.text_config.hidden_size, spectra_config.spectra, i, context)
+        layer = carve_layer(router, adapter.ffn_tensors(get_dense, i), ffn_inputs.pop(i), act_fn, options, seed=seed + i)
+        prefix = adapter.mlp_prefix(i)
+        for name, tensor in layer.tensors.items():
+            writer.add(prefix + name, tensor.to(out_dtype).contiguous())
+        layer.tensors = {}
+        done.append(layer)
+        bar.advance(task)
+    return done
+
+
+def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts: list[str], experts: int, top_k: int,
+                  router_dim: int, options: CarveOptions, calibration_tokens: int, out_dtype: torch.dtype,
+                  gguf_file: str | None, seed: int, force: bool, overrides: dict) -> Any:
+    """The carve branch of ``upcycle`` (arguments already checked there). Returns an ``UpcycleResult``."""
+    from ..modeling.modeling_spectra import decoder_layers
+    from ..router.calibrate import calibration_batches
+    from .upcycle import (SHARD_BYTES, UpcycleResult, _router_param_count, _spectra_config, _write_generation_config,
+                          capture_ffn_inputs)
+
+    options.check()
+    with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
+        parent_config = read_parent_config(model_dir, gguf_file=gguf_file)
+        inter = adapter.intermediate_size(parent_config)
+        try:
+            knobs = carve_knobs(inter, experts, options.shared_fraction)
+        except ValueError as exc:
+            raise UserError(f"--shared-fraction: {exc}") from exc
+        torch.manual_seed(seed)
+        dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
+        spectra_config = _spectra_config(dense.config, adapter, {**knobs, **overrides}, experts=experts, top_k=top_k,
+                                         router_dim=router_dim, method="carve", out_dtype=out_dtype)
+        try:
+            blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        ffn_inputs = capture_ffn_inputs(dense, decoder_layers(dense), blocks)
+        dense_state = dense.state_dict()
+        num_layers = adapter.num_layers(parent_config)
+        ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
+        tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
+        non_ffn = {name: t for name, t in dense_state.items()
+                   if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied}
+        with ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
+                                    streamed=True) as writer, progress() as bar:
+            layers = carve_into(writer, spectra_config, adapter, dense_state.__getitem__, ffn_inputs, options,
+                                seed=seed, out_dtype=out_dtype, bar=bar)
+            for name, tensor in non_ffn.items():
+                writer.add(name, tensor.to(out_dtype))
+            write_task = bar.add_task("writing shards", total=None)
+            writer.close(on_progress=lambda done, total: bar.update(write_task, completed=done, total=total))
+        write_spectra_config(tmp, spectra_config)
+        write_runtime_files(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_generation_config(dense, tmp)
+        write_model_card(tmp, base_model=str(model))
+        width, shared = knobs["intermediate_size"], knobs["shared_intermediate_size"]
+        per_neuron = sum(math.prod(s) for s in adapter.ffn_shapes(parent_config).values() if len(s) == 2) // inter
+        non_ffn_params = sum(t.numel() for t in non_ffn.values())
+        router_params = _router_param_count(spectra_config) + experts
+        total = non_ffn_params + num_layers * (per_neuron * inter + router_params)
+        active = non_ffn_params + num_layers * (per_neuron * (shared + top_k * width) + router_params)
+        output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    layer_cv = [layer.calibration_cv for layer in layers]
+    recall = [layer.calibration_recall for layer in layers]
+    result = UpcycleResult(out, experts, top_k, num_layers, total, active, output_bytes, layer_cv)
+    result.active_ffn_fraction = (shared + top_k * width) / inter
+    result.calibration_recall = sum(recall) / len(recall)
+    summary_table(
+        f"carved {model} -> {out}",
+        ["", "value"],
+        [["experts / top-k", f"{experts} / {top_k} (+ shared {shared} neurons, {width} per expert)"],
+         ["active FFN neurons", f"{result.active_ffn_fraction:.1%}"], ["MoE layers", num_layers],
+         ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
+         ["output size", human_bytes(output_bytes)],
+         ["oracle top-k recall (calibration) mean", f"{result.calibration_recall:.3f}"],
+         ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
+    )
+    return result

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -206,16 +208,38 @@ def test_background_writer_writes_the_same_bytes(tmp_path: Path, mixtral_dir: Pa
         assert (sync_dir / name).read_bytes() == (background_dir / name).read_bytes(), name
 
 
-def test_background_writer_reports_errors_and_cancels(tmp_path: Path, mixtral_dir: Path) -> None:
+@contextmanager
+def _copies_held(monkeypatch) -> Iterator[None]:
+    """Hold the writer thread's byte copies until the block exits, so a test can damage a source file
+    before the thread reads it: without this the thread may copy it first and the failure under test
+    never happens (on an idle box it always did, so the tests failed there)."""
+    import threading
+
+    release = threading.Event()
+    real_copy = safetensors_files._copy_range
+
+    def held_copy(*args, **kwargs):
+        release.wait(30)
+        return real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors_files, "_copy_range", held_copy)
+    try:
+        yield
+    finally:
+        release.set()
+
+
+def test_background_writer_reports_errors_and_cancels(tmp_path: Path, mixtral_dir: Path, monkeypatch) -> None:
     shards = sorted(mixtral_dir.glob("model-*.safetensors"))
     victim = tmp_path / "victim.safetensors"
     victim.write_bytes(shards[1].read_bytes())
     out = tmp_path / "out"
     out.mkdir()
     writer = ShardWriter(out, background=True)
-    writer.rewrite_shard(victim, keep=list(_reference(victim)))
-    victim.unlink()  # the source vanishes before (or while) the thread copies it
-    with pytest.raises(OSError):
+    with _copies_held(monkeypatch):
+        writer.rewrite_shard(victim, keep=list(_reference(victim)))
+        os.truncate(victim, 8)  # the source is damaged before the thread copies it
+    with pytest.raises((OSError, UserError), match="truncated|progress|No such file"):
         writer.close()
     # an error on the main thread cancels queued copies, and atomic_output_dir then removes the temp folder
     target = tmp_path / "result"
@@ -228,7 +252,7 @@ def test_background_writer_reports_errors_and_cancels(tmp_path: Path, mixtral_di
     assert not target.exists() and not list(tmp_path.glob(".result.tmp-*"))
 
 
-def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, mixtral_dir: Path) -> None:
+def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, mixtral_dir: Path, monkeypatch) -> None:
     """In-memory shards wait for a queue slot; jobs skipped after a failure must still free theirs."""
     import threading
 
@@ -237,8 +261,9 @@ def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, m
     out = tmp_path / "out"
     out.mkdir()
     writer = ShardWriter(out, max_shard_bytes=1, background=True, max_queued_shards=1)
-    writer.rewrite_shard(victim, keep=list(_reference(victim)))
-    victim.unlink()
+    with _copies_held(monkeypatch):
+        writer.rewrite_shard(victim, keep=list(_reference(victim)))
+        os.truncate(victim, 8)  # damaged before the thread copies it: the job fails for sure
     outcome: dict[str, BaseException] = {}
 
     def feed() -> None:
@@ -253,7 +278,7 @@ def test_background_writer_failure_does_not_block_later_shards(tmp_path: Path, m
     thread.start()
     thread.join(60)
     assert not thread.is_alive(), "writer deadlocked after a failed background job"
-    assert isinstance(outcome.get("error"), OSError)
+    assert isinstance(outcome.get("error"), (OSError, UserError)), outcome
 
 
 def test_rewrite_copies_adjacent_tensors_in_one_run(mixtral_dir: Path) -> None:

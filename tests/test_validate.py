@@ -452,7 +452,7 @@ def test_smollm2_upcycled_8x_top2(upcycled_smollm2, smollm2_gguf, tmp_path):
     # balanced than a linear switch gate over the same experts.
     assert summary["cv_worst"] < 0.25, summary
     assert summary["cv"] < 0.5 * report["baselines"]["switch-top2"]["cv"], (summary, report["baselines"])
-    assert set(report["baselines"]) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias"}
+    assert set(report["baselines"]) == {"switch-top1", "switch-top2", "expert-choice", "hash", "loss-free-bias", "lpr"}
     assert report["baselines"]["expert-choice"]["cv"] == pytest.approx(0.0)
     assert report["domain_expert"]["domains"] == ["changelog", "code", "docs", "legal"]
     print(json.dumps({"summary": summary, "parent": {k: parent[k] for k in ("perplexity", "ppl_ratio")},

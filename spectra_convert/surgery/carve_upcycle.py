@@ -138,8 +138,8 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
     """The carve branch of ``upcycle`` (arguments already checked there). Returns an ``UpcycleResult``."""
     from ..modeling.modeling_spectra import decoder_layers
     from ..router.calibrate import calibration_batches
-    from .upcycle import (SHARD_BYTES, UpcycleResult, _router_param_count, _spectra_config, _write_generation_config,
-                          capture_ffn_inputs)
+    from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, capture_ffn_inputs, router_param_count,
+                             write_generation_config)
 
     options.check()
     with atomic_output_dir(out, force=force, inputs=[model_dir], durable=True) as tmp:
@@ -151,7 +151,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
             raise UserError(f"--shared-fraction: {exc}") from exc
         torch.manual_seed(seed)
         dense, tokenizer = load_dense_parent(model_dir, gguf_file, torch.float32, config=parent_config)
-        spectra_config = _spectra_config(dense.config, adapter, {**knobs, **overrides}, experts=experts, top_k=top_k,
+        spectra_config = build_spectra_config(dense.config, adapter, {**knobs, **overrides}, experts=experts, top_k=top_k,
                                          router_dim=router_dim, method="carve", out_dtype=out_dtype)
         try:
             blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
@@ -175,12 +175,12 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         write_spectra_config(tmp, spectra_config)
         write_runtime_files(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_generation_config(dense, tmp)
+        write_generation_config(dense, tmp)
         write_model_card(tmp, base_model=str(model))
         width, shared = knobs["intermediate_size"], knobs["shared_intermediate_size"]
         per_neuron = sum(math.prod(s) for s in adapter.ffn_shapes(parent_config).values() if len(s) == 2) // inter
         non_ffn_params = sum(t.numel() for t in non_ffn.values())
-        router_params = _router_param_count(spectra_config) + experts
+        router_params = router_param_count(spectra_config) + experts
         total = non_ffn_params + num_layers * (per_neuron * inter + router_params)
         active = non_ffn_params + num_layers * (per_neuron * (shared + top_k * width) + router_params)
         output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())

@@ -20,12 +20,11 @@ import math
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..console import human_bytes, progress, summary_table
 from ..dtypes import dtype_name, torch_dtype
@@ -40,47 +39,13 @@ from ..modelio.outdir import atomic_output_dir, check_free_space
 from ..modelio.parent import load_dense_parent
 from ..modelio.resolve import resolve_model_dir
 from ..modelio.side_files import write_runtime_files, write_spectra_config
-from ..router.tap import capture_inputs
+from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, capture_ffn_inputs,
+                         router_param_count, write_generation_config)
 from .noise import NoiseAhead, lower_thread_priority
 
-#: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
-#: test sets it tiny to make every tensor its own shard.
-SHARD_BYTES = 256 * 1024**2
 METHODS = ("copy", "drop", "carve")
 #: the router inits (``router.calibrate.INIT_METHODS``) that need no parent gate
 ROUTER_INITS = ("orthogonal", "kmeans")
-
-
-@dataclass
-class UpcycleResult:
-    output: Path
-    experts: int
-    top_k: int
-    layers: int
-    params_total: int
-    params_active: int
-    output_bytes: int
-    layer_cv: list[float] = field(default_factory=list)
-    active_ffn_fraction: float | None = None  # carve: share of the parent's FFN neurons a token runs
-    calibration_recall: float | None = None  # carve: mean oracle top-k recall of the routers on calibration text
-
-
-@torch.no_grad()
-def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch.
-    Runs the decoder without its LM head (``base_model``): the vocabulary projection is a fifth of SmolLM2's
-    forward and its logits are not needed; the forward stops at the last layer's FFN input, as reroute's does."""
-    body = getattr(model, "base_model", model)
-    with progress() as bar:
-        task = bar.add_task("capturing router inputs", total=batches.shape[0])
-
-        def forwards():
-            for start in range(0, batches.shape[0], batch_size):
-                chunk = batches[start : start + batch_size]
-                yield lambda: body(input_ids=chunk, use_cache=False)
-                bar.advance(task, chunk.shape[0])
-
-        return dict(enumerate(capture_inputs([layer.mlp for layer in layers], forwards())))
 
 
 # -- building experts ----------------------------------------------------------------------------------------
@@ -480,7 +445,7 @@ def _load_parent(plan: _Plan, builder: ExpertBuilder, seed: int, *, experts: int
     loaded.update(dense_state)
     if early is None:
         builder.start(dense_state.__getitem__)
-    spectra_config = _spectra_config(dense.config, plan.adapter, plan.overrides, experts=experts, top_k=top_k,
+    spectra_config = build_spectra_config(dense.config, plan.adapter, plan.overrides, experts=experts, top_k=top_k,
                                      router_dim=router_dim, method=method, out_dtype=plan.out_dtype)
     tied = set(getattr(dense, "_tied_weights_keys", None) or {}) if spectra_config.tie_word_embeddings else set()
     non_ffn = {name: tensor for name, tensor in dense_state.items()
@@ -517,7 +482,7 @@ def _write_files(tmp: Path, parent: _Parent, model: str) -> None:
     write_spectra_config(tmp, parent.spectra_config)
     write_runtime_files(tmp)
     parent.tokenizer.save_pretrained(tmp)
-    _write_generation_config(parent.model, tmp)
+    write_generation_config(parent.model, tmp)
     write_model_card(tmp, base_model=str(model))
 
 
@@ -525,7 +490,7 @@ def _param_counts(plan: _Plan, parent: _Parent, *, experts: int, top_k: int, met
     """(total, active per token) parameters of the output: only top-k of E experts run for a token."""
     expert_params = sum(math.prod(shape) for shape in plan.adapter.ffn_shapes(plan.parent_config).values())
     non_ffn_params = sum(t.numel() for t in parent.non_ffn.values())
-    router_params = _router_param_count(parent.spectra_config)
+    router_params = router_param_count(parent.spectra_config)
     total = non_ffn_params + plan.num_layers * (experts * expert_params + router_params)
     active = non_ffn_params + plan.num_layers * (top_k * expert_params + router_params)
     return total, active
@@ -542,24 +507,6 @@ def _print_summary(model: str, out: Path, method: str, result: UpcycleResult) ->
          ["output size", human_bytes(result.output_bytes)],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
-
-
-def _spectra_config(text_config: Any, adapter: Any, overrides: dict, *, experts: int, top_k: int, router_dim: int,
-                    method: str, out_dtype: torch.dtype) -> Any:
-    """The output's SpectraConfig: the parent's text config plus the routing knobs (one-line error if invalid)."""
-    from ..modeling.configuration_spectra import SpectraConfig
-
-    try:
-        spectra_config = SpectraConfig(
-            text_config=text_config.to_dict(),
-            spectra={**overrides, "num_experts": experts, "top_k": top_k, "router_dim": router_dim,
-                     "expert_kind": adapter.expert_kind, "source": "upcycled",
-                     "intermediate_size": overrides.get("intermediate_size")},
-        )
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    spectra_config.dtype = str(out_dtype).removeprefix("torch.")
-    return spectra_config
 
 
 #: Knobs that upcycle sets from its own arguments or the parent; an override of them would be ambiguous.
@@ -589,15 +536,3 @@ def check_overrides(overrides: dict | None) -> dict:
     except (ValueError, TypeError) as exc:
         raise UserError(f"spectra overrides: {exc}") from None
     return dict(overrides)
-
-
-def _router_param_count(config: Any) -> int:
-    from ..modeling.modeling_spectra import SpectraRouter
-
-    return sum(p.numel() for p in SpectraRouter(config.text_config.hidden_size, config.spectra, 0).parameters())
-
-
-def _write_generation_config(dense, out_dir: Path) -> None:
-    generation_config = getattr(dense, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(out_dir)

@@ -53,3 +53,13 @@ def build_tiny_model(path: Path, *, seed: int = 0, experts: int = 4, top_k: int 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def folder_weights(folder: Path):
+    """Every tensor of a model folder's safetensors shards, by name (to compare folders before/after)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

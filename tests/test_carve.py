@@ -18,7 +18,7 @@ from spectra_convert.errors import UserError
 from spectra_convert.surgery.carve import (balanced_kmeans, carve_tensors, contributions, expert_outputs,
                                            intermediate_activations, plan_carve, refit_scales, shared_size)
 from spectra_convert.surgery.upcycle import upcycle
-from tests.finetune_helpers import build_tokenizer
+from tests.finetune_helpers import build_tokenizer, folder_weights
 
 CORPUS = Path(__file__).parent / "fixtures" / "corpus"
 
@@ -239,15 +239,6 @@ def tiny_carved(tiny_parents, tmp_path_factory) -> Path:
     return out
 
 
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 @pytest.mark.parametrize("mode", ["router", "lora"])
 def test_finetune_trains_a_carved_model(tiny_carved, tmp_path, mode: str) -> None:
     from spectra_convert.finetune import finetune
@@ -256,7 +247,7 @@ def test_finetune_trains_a_carved_model(tiny_carved, tmp_path, mode: str) -> Non
     finetune(tiny_carved, CORPUS / "train.jsonl", out, mode=mode, steps=3, seq_len=64, batch_size=2, save_every=0,
              max_records=12, recalibration_tokens=1024,
              log_every=1, lr=1e-2, lr_router=1e-2, **({"lora_r": 4, "lora_alpha": 8, "merge": True} if mode == "lora" else {}))
-    before, after = _weights(tiny_carved), _weights(out)
+    before, after = folder_weights(tiny_carved), folder_weights(out)
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach a carved block's router"

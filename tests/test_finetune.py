@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.finetune_helpers import STDLIB, build_tiny_model, write_corpus
+from tests.finetune_helpers import STDLIB, build_tiny_model, folder_weights, write_corpus
 from spectra_convert.finetune import finetune
 from spectra_convert.finetune.data import block_indices, pack, split_validation
 from spectra_convert.router.loads import gram_orthogonality, load_cv
@@ -34,13 +34,6 @@ def work(tmp_path_factory) -> Path:
     build_tiny_model(root / "model")
     write_corpus(root / "train.jsonl")
     return root
-
-
-def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -107,7 +100,7 @@ def test_router_mode_changes_only_router_tensors(work):
     out = work / "router-out"
     log = work / "router-log.jsonl"
     result = finetune(work / "model", work / "train.jsonl", out, mode="router", log_file=log, lr_router=1e-2, **FAST)
-    before, after = _weights(work / "model"), _weights(out)
+    before, after = folder_weights(work / "model"), folder_weights(out)
     assert set(before) == set(after)
     router_keys = [k for k in before if ".mlp.gate." in k]
     assert router_keys
@@ -188,7 +181,7 @@ def test_lora_adapter_reloads_and_merged_folder_loads_with_remote_code(work):
         input_ids=ids, use_cache=False).logits.detach()
     assert (merged_logits - base_logits).abs().max() > 1e-4  # training changed something
 
-    before, after = _weights(work / "model"), _weights(merged)
+    before, after = folder_weights(work / "model"), folder_weights(merged)
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(before["model.layers.0.mlp.experts.down_proj"], after["model.layers.0.mlp.experts.down_proj"])
@@ -233,7 +226,7 @@ def test_sigkilled_run_resumes_to_the_same_final_loss(work):
     assert b["resumed_from_step"] is not None and b["resumed_from_step"] >= 4
     assert abs(a["final_loss"] - b["final_loss"]) <= 1e-6
     assert a["losses"] == pytest.approx(b["losses"], abs=1e-6)
-    wa, wb = _weights(straight), _weights(killed)
+    wa, wb = folder_weights(straight), folder_weights(killed)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
 

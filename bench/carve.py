@@ -106,8 +106,8 @@ def capture_block_inputs(model, blocks: torch.Tensor, device: str) -> list[torch
 
 def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str):
     """Refit every SPECTRA router for top-``k`` (the converter's functions) and a ridge linear gate per layer."""
-    from spectra_convert.router.oracle_fit import LinearGate, block_oracle_mass, carved_blocks, fit_spectra_router
-    from spectra_convert.router.calibrate import calibrate_bias
+    from spectra_convert.router.oracle_fit import (LinearGate, block_oracle_mass, calibrate_carved_bias, carved_blocks,
+                                                   fit_spectra_router)
 
     gates = []
     for index, (block, x) in enumerate(zip(carved_blocks(model), inputs)):
@@ -117,7 +117,7 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_
         mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
         router.reset_parameters()
         fit_spectra_router(router, x, mass, steps=steps, seed=index)
-        calibrate_bias(router, x)
+        calibrate_carved_bias(router, x, mass)
         gates.append(LinearGate(x, mass))
         block.to(device)
     return gates
@@ -183,17 +183,27 @@ def balance_study(model, tokenizer, device: str) -> dict:
             "cv_per_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}}
 
 
-def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
-    """Item-8 variants: ``seq+bias`` (sequence correction on, bias recalibrated with it), ``bias`` (dual bias
-    alone, the carved default), ``none`` (neither: the fitted scores alone)."""
-    from spectra_convert.router.calibrate import calibrate_bias
+BIAS_MODES = ("seq+bias", "seq", "bias", "chosen", "none")
 
-    for router, x in zip(model.routers(), inputs):
-        router.sequence_balance = 1.0 if mode == "seq+bias" else 0.0
+
+def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
+    """Item-8 variants: ``seq+bias`` (sequence correction on, full balancing bias recalibrated with it), ``seq``
+    (sequence correction alone), ``bias`` (full balancing dual bias alone), ``chosen`` (the converter's default:
+    no sequence correction, balancing bias at the strength held-out recall allows), ``none`` (fitted scores alone)."""
+    from spectra_convert.router.calibrate import calibrate_bias
+    from spectra_convert.router.oracle_fit import block_oracle_mass, calibrate_carved_bias, carved_blocks
+
+    for block, x in zip(carved_blocks(model), inputs):
+        router = block.gate
+        router.sequence_balance = 1.0 if mode.startswith("seq") else 0.0
         device = router.dual_bias.device
         router.cpu()
-        if mode == "none":
+        if mode in ("none", "seq"):
             router.dual_bias.zero_()
+        elif mode == "chosen":
+            experts = block.experts.cpu()
+            calibrate_carved_bias(router, x, block_oracle_mass(experts, x.reshape(-1, x.shape[-1])))
+            experts.to(device)
         else:
             calibrate_bias(router, x)
         router.to(device)
@@ -282,7 +292,7 @@ def main() -> None:
     if not args.skip_balance:  # item 8, on the converter's k, routers refitted as written
         gates = fit_routers(model, inputs, args.finetune_k, args.router_steps, 0.0, device)
         study = {}
-        for mode in ("seq+bias", "bias", "none"):
+        for mode in BIAS_MODES:
             set_bias_mode(model, mode, inputs)
             ppl, recall = routed_eval(model, unseen, device)
             study[mode] = {"ppl_ratio": ppl / parent_ppl, "recall": recall, **balance_study(model, tokenizer, device)}

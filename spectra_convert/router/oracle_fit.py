@@ -36,6 +36,12 @@ def topk_recall(selected: torch.Tensor, oracle: torch.Tensor) -> float:
     return float(hits.mean())
 
 
+def load_cv(selected: torch.Tensor, experts: int) -> float:
+    """Coefficient of variation of the hard expert loads of a selection ``[N, k]`` (0 = perfectly balanced)."""
+    loads = torch.bincount(selected.reshape(-1), minlength=experts).float()
+    return float(loads.std(unbiased=False) / loads.mean().clamp(min=1e-12))
+
+
 def standardised(mass: torch.Tensor) -> torch.Tensor:
     """Per-token mass relative to the token's mean over experts (removes the token's overall FFN magnitude,
     which says nothing about which experts to pick)."""
@@ -85,12 +91,43 @@ def _scores(router: SpectraRouter, features: torch.Tensor) -> torch.Tensor:
     return -router.osr_cost(z @ router.unit_expert_vectors().T) / router.temperature
 
 
+#: Pre-activation that saturates a GRU gate: sigmoid(-20) ~ 2e-9 and tanh(20) == 1.0 in float32 and bfloat16.
+_SATURATE = 20.0
+
+
+@torch.no_grad()
+def constant_state_unit(router: SpectraRouter) -> int | None:
+    """Make the GRU's last state unit the constant 1 and return its index (``None`` without a GRU).
+
+    The projector has no bias, and the ridge gate's intercept decides a lot: measured on SmolLM2 carved 8 + shared
+    (unseen text, layers 2/10/18/26) dropping it cost 0.05-0.18 top-1 recall and 0.05-0.12 top-4 recall. With the
+    update gate shut (``z = sigmoid(-20)``) and the candidate saturated (``n = tanh(20)``, no input or recurrent
+    weights) the unit is 1 from the first token on, so the projector column that reads it is the intercept, with
+    no change to the runtime. Saturated gates pass no gradient, so fine-tuning keeps it constant; the other
+    units see it as one more constant input.
+    """
+    if not router.use_gru:
+        return None
+    gru, d = router.gru, router.router_dim
+    unit = d - 1
+    rows = [unit, d + unit, 2 * d + unit]  # reset, update, candidate rows of the stacked GRU weights
+    for weight in (gru.weight_ih_l0, gru.weight_hh_l0):
+        weight[rows] = 0.0
+    gru.bias_ih_l0[rows] = torch.tensor([0.0, -_SATURATE, _SATURATE], dtype=gru.bias_ih_l0.dtype)
+    gru.bias_hh_l0[rows] = 0.0
+    return unit
+
+
 @torch.no_grad()
 def _closed_form(router: SpectraRouter, features: torch.Tensor, target: torch.Tensor, ridge: float) -> None:
-    """Ridge gate written into the projector's first E rows; expert vectors = the matching unit vectors."""
+    """Ridge gate written into the projector's first E rows, its intercept into the constant GRU unit's column
+    (``constant_state_unit``); expert vectors = the matching unit vectors, dual bias zero."""
     if not router.use_projector or router.num_experts > router.router_dim:
         return  # no projector to write into: the gradient steps start from the current vectors
-    weight, _ = ridge_fit(features, target, ridge)
+    weight, intercept = ridge_fit(features, target, ridge)
+    unit = _constant_column(router, features)
+    if unit is not None:
+        weight[:, unit] += intercept
     projector = router.projector.float().clone()
     norm = weight.norm(dim=1, keepdim=True).mean().clamp(min=1e-12)
     rows = weight / norm  # unit scale on average: the other rows keep their orthogonal init scale
@@ -105,28 +142,117 @@ def _closed_form(router: SpectraRouter, features: torch.Tensor, target: torch.Te
     router.dual_bias.zero_()
 
 
+def _constant_column(router: SpectraRouter, features: torch.Tensor) -> int | None:
+    """Column of ``features`` that is the constant GRU unit, if the router has one (see ``constant_state_unit``)."""
+    if not router.use_gru:
+        return None
+    column = router.hidden_size + router.router_dim - 1
+    return column if bool(((features[:, column] - 1.0).abs() < 1e-6).all()) else None
+
+
+def holdout_split(sequences: int, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fit, held_out)`` sequence indices: the last ``fraction`` of the (already shuffled) calibration blocks,
+    at least one, or none when there are fewer than two blocks (then everything is fitted and nothing chosen)."""
+    held = min(sequences - 1, max(1, round(sequences * fraction))) if sequences >= 2 and fraction > 0 else 0
+    order = torch.arange(sequences)
+    return order[: sequences - held], order[sequences - held:]
+
+
+def _rows(split: torch.Tensor, steps: int) -> torch.Tensor:
+    """Flat token rows of the sequences ``split`` in a ``[B * steps, ...]`` tensor."""
+    return (split.unsqueeze(1) * steps + torch.arange(steps)).reshape(-1)
+
+
+@torch.no_grad()
+def _score_recall(router: SpectraRouter, features: torch.Tensor, oracle: torch.Tensor) -> float:
+    return topk_recall(_scores(router, features).topk(router.top_k, dim=-1).indices, oracle)
+
+
 def fit_spectra_router(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, steps: int = 60,
-                       lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = 1e-2, seed: int = 0) -> None:
+                       lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = 1e-1, seed: int = 0,
+                       holdout: float = 0.125, eval_every: int = 10) -> dict[str, float]:
     """Fit ``router`` so its top-k (before the dual bias) matches the oracle top-k of ``mass [N, E]`` on the
-    calibration FFN inputs ``inputs [B, T, H]``. The dual bias is left at zero: calibrate it afterwards."""
+    calibration FFN inputs ``inputs [B, T, H]``. The dual bias is left at zero: calibrate it afterwards
+    (``calibrate_carved_bias``).
+
+    The last ``holdout`` of the sequences is held out: the gradient steps start from the ridge gate and the
+    parameters kept are those of the step (the ridge gate included) with the best held-out recall, so the
+    steps can only help on text the fit did not see. Returns the held-out recall of the ridge start and of the
+    kept parameters (``nan`` without a held-out split).
+    """
+    if router.use_projector and router.num_experts <= router.router_dim:
+        constant_state_unit(router)
     features = router_features(router, inputs)
-    target = standardised(mass)
-    _closed_form(router, features, target, ridge)
-    if steps <= 0:
-        return
-    oracle = torch.zeros_like(target).scatter_(1, oracle_topk(mass, router.top_k), 1.0 / router.top_k)
-    params = [router.expert_vectors] + ([router.projector] if router.use_projector else [])
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(steps):
-            rows = torch.randperm(features.shape[0], generator=generator)[:batch_tokens]
-            logits = _scores(router, features[rows])
-            loss = -(oracle[rows] * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    router.zero_grad(set_to_none=True)
+    fit, held = holdout_split(inputs.shape[0], holdout)
+    fit_rows, held_rows = _rows(fit, inputs.shape[1]), _rows(held, inputs.shape[1])
+    oracle_idx = oracle_topk(mass, router.top_k)
+    _closed_form(router, features[fit_rows], standardised(mass)[fit_rows], ridge)
+    score = (lambda: _score_recall(router, features[held_rows], oracle_idx[held_rows])) if held.numel() else None
+    start = best = score() if score else float("nan")
+    if steps > 0:
+        params = [router.expert_vectors] + ([router.projector] if router.use_projector else [])
+        kept = [p.detach().clone() for p in params]
+        oracle = torch.zeros(mass.shape).scatter_(1, oracle_idx, 1.0 / router.top_k)[fit_rows]
+        train = features[fit_rows]
+        optimizer = torch.optim.Adam(params, lr=lr)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.enable_grad():
+            for step in range(1, steps + 1):
+                rows = torch.randperm(train.shape[0], generator=generator)[:batch_tokens]
+                logits = _scores(router, train[rows])
+                loss = -(oracle[rows] * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                if score and (step % eval_every == 0 or step == steps):
+                    recall = score()
+                    if recall > best:
+                        best, kept = recall, [p.detach().clone() for p in params]
+        router.zero_grad(set_to_none=True)
+        if score:
+            with torch.no_grad():
+                for param, value in zip(params, kept):
+                    param.copy_(value)
+    return {"heldout_recall_ridge": start, "heldout_recall_fitted": best}
+
+
+#: Bias strengths tried by ``calibrate_carved_bias`` (share of the balancing bias applied).
+BIAS_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@torch.no_grad()
+def calibrate_carved_bias(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, holdout: float = 0.125,
+                          tolerance: float = 0.002) -> dict:
+    """Dual bias of a carved router: the hard-load balancing bias (``calibrate_bias``) scaled by the strongest
+    share whose held-out oracle recall (last ``holdout`` of the sequences) is within ``tolerance`` of the best.
+
+    Why not full balance: the oracle itself is unbalanced on carved experts (measured on SmolLM2 8 + shared,
+    unseen changelog text, layers 2/10/18/26: oracle load CV 0.34-1.0 at top-1, 0.21-0.38 at top-4), so equal
+    hard loads run experts the token does not need: the full bias cost 0.02-0.13 top-1 and 0.01-0.05 top-4
+    recall on unseen text, below the ridge gate. The bias is as strong as held-out recall allows. Returns the
+    chosen strength, its held-out recall and load CV, the calibration CV of the full balancing bias, and the
+    curve ``[(strength, recall, cv)]``.
+    """
+    from .calibrate import calibrate_bias_on_scores
+
+    logits = router.selection_scores(inputs)
+    fit, held = holdout_split(inputs.shape[0], holdout)
+    balanced_cv = calibrate_bias_on_scores(router, logits)
+    balancing = router.dual_bias.float().clone()
+    if held.numel() == 0:
+        return {"bias_strength": 1.0, "heldout_recall": float("nan"), "heldout_cv": float("nan"),
+                "calibration_cv": balanced_cv}
+    held_rows = _rows(held, inputs.shape[1])
+    oracle = oracle_topk(mass[held_rows], router.top_k)
+    curve = []
+    for strength in BIAS_STRENGTHS:
+        selected = (logits[held_rows] + strength * balancing).topk(router.top_k, dim=-1).indices
+        curve.append((strength, topk_recall(selected, oracle), load_cv(selected, router.num_experts)))
+    best = max(recall for _, recall, _ in curve)
+    strength, recall, cv = max((c for c in curve if c[1] >= best - tolerance), key=lambda c: c[0])
+    router.dual_bias.copy_((strength * balancing).to(router.dual_bias.dtype))
+    return {"bias_strength": strength, "heldout_recall": recall, "heldout_cv": cv, "calibration_cv": balanced_cv,
+            "curve": curve}
 
 
 @torch.no_grad()

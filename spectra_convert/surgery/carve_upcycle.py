@@ -82,8 +82,8 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
                 *, seed: int) -> CarvedLayer:
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales; returns the block's tensors."""
-    from ..router.oracle_fit import fit_spectra_router, oracle_topk, router_selection, topk_recall
-    from ..router.calibrate import calibrate_bias
+    from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, load_cv, oracle_topk, router_selection,
+                                     topk_recall)
 
     experts, top_k = router.num_experts, router.top_k
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -94,11 +94,13 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     outputs = expert_outputs(acts, dense["down"], plan)
     del acts
     mass = outputs.norm(dim=-1)
-    fit_spectra_router(router, inputs, mass, steps=options.router_steps, seed=seed)
-    cv = calibrate_bias(router, inputs)
+    fit = fit_spectra_router(router, inputs, mass, steps=options.router_steps, seed=seed)
+    bias = calibrate_carved_bias(router, inputs, mass)
     selected = router_selection(router, inputs)
-    oracle = oracle_topk(mass, top_k)
-    recall = topk_recall(selected, oracle)
+    recall = topk_recall(selected, oracle_topk(mass, top_k))
+    cv = load_cv(selected, experts)
+    stats = {**fit, "bias_strength": bias["bias_strength"], "heldout_recall": bias["heldout_recall"],
+             "balanced_cv": bias["calibration_cv"]}
     scale = torch.ones(experts)
     if options.refit == "scale":
         scale = refit_scales(outputs, selected)
@@ -106,7 +108,7 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})
     tensors["expert_scale"] = scale
     tensors.update({f"gate.{n}": t.detach().clone() for n, t in router.state_dict().items()})
-    return CarvedLayer(tensors, cv, recall)
+    return CarvedLayer(tensors, cv, recall, stats)
 
 
 def carve_into(writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, ffn_inputs: dict[int, torch.Tensor],
@@ -130,6 +132,11 @@ def carve_into(writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, f
         done.append(layer)
         bar.advance(task)
     return done
+
+
+def _mean(layers: list[CarvedLayer], stat: str) -> float:
+    values = [layer.stats[stat] for layer in layers if not math.isnan(layer.stats.get(stat, math.nan))]
+    return sum(values) / len(values) if values else math.nan
 
 
 def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts: list[str], experts: int, top_k: int,
@@ -197,6 +204,9 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
          ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
          ["output size", human_bytes(output_bytes)],
          ["oracle top-k recall (calibration) mean", f"{result.calibration_recall:.3f}"],
+         ["  held-out calibration split: ridge start / fitted", f"{_mean(layers, 'heldout_recall_ridge'):.3f} / "
+                                                             f"{_mean(layers, 'heldout_recall'):.3f}"],
+         ["dual-bias strength mean (chosen on held-out recall)", f"{_mean(layers, 'bias_strength'):.2f}"],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
     return result

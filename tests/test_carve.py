@@ -287,3 +287,67 @@ def test_push_dry_run_publishes_a_carved_folder(tiny_carved, tmp_path) -> None:
         "print(m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape)\n", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([1, 7])" in result.stdout
+
+
+def test_closed_form_router_keeps_the_ridge_gates_top_k_with_its_intercept() -> None:
+    """Cosine scoring divides a token's scores by one positive number, and the intercept rides on a GRU unit
+    made constant: with no gradient steps the router ranks experts exactly as the ridge gate (intercept included)
+    does. Features with a large common offset make the intercept decide (the old fit without it failed here)."""
+    from spectra_convert.modeling.configuration_spectra import SPECTRA_DEFAULTS
+    from spectra_convert.modeling.modeling_spectra import SpectraRouter
+    from spectra_convert.router.oracle_fit import fit_spectra_router, ridge_fit, router_features, standardised
+
+    g = torch.Generator().manual_seed(4)
+    inputs = torch.randn(6, 32, 24, generator=g) + 3.0 * torch.randn(24, generator=g)
+    mass = torch.rand(6 * 32, 4, generator=g) + torch.tensor([0.0, 0.3, 0.6, 0.9])
+    mass = mass * (1 + inputs.reshape(-1, 24)[:, :4].abs())
+    knobs = {**SPECTRA_DEFAULTS, "num_experts": 4, "top_k": 2, "router_dim": 8, "sequence_balance": 0.0}
+    router = SpectraRouter(24, knobs, 0)
+    fit_spectra_router(router, inputs, mass, steps=0, holdout=0.0)
+    features = router_features(router, inputs)
+    assert torch.equal(features[:, -1], torch.ones(6 * 32)), "the GRU's last unit is the constant 1"
+    weight, intercept = ridge_fit(features, standardised(mass), 1e-1)
+    expected = (features @ weight.T + intercept).argsort(dim=-1)
+    got = router.selection_scores(inputs).argsort(dim=-1)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(carved_smollm2) -> None:
+    """Issue 18's bar for the router fit: on changelog text (a domain calibration never saw), every layer's
+    SPECTRA router as written by the converter (dual bias included) recalls the oracle's experts at least as
+    well as a ridge linear gate fitted on the same calibration tokens. Compared on the parent's FFN inputs
+    (all experts on), so both routers see the same hidden states."""
+    from transformers import AutoTokenizer
+
+    from spectra_convert.router.calibrate import calibration_batches
+    from spectra_convert.router.oracle_fit import (LinearGate, block_oracle_mass, carved_blocks, oracle_topk,
+                                                   router_selection, topk_recall)
+    from spectra_convert.textdata import load_texts
+
+    model = load_with_top_k(carved_smollm2, 8)
+    tokenizer = AutoTokenizer.from_pretrained(carved_smollm2)
+    calibration = calibration_batches(tokenizer, [r.text for r in load_texts(
+        Path(__file__).parents[1] / "spectra_convert" / "data" / "calibration.jsonl")], max_tokens=2048, seed=0)
+    unseen = unseen_blocks(tokenizer)
+    blocks = carved_blocks(model)
+    seen: dict[str, list] = {"fit": [[] for _ in blocks], "unseen": [[] for _ in blocks]}
+    for split, ids in (("fit", calibration), ("unseen", unseen)):
+        hooks = [b.register_forward_pre_hook(lambda m, a, i=i, s=split: seen[s][i].append(a[0].detach()))
+                 for i, b in enumerate(blocks)]
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for hook in hooks:
+            hook.remove()
+    spectra, ridge = [], []
+    for block, fit, held in zip(blocks, seen["fit"], seen["unseen"]):
+        fit, held = fit[0].float(), held[0].float()
+        router = block.gate
+        router.top_k = 4
+        mass = block_oracle_mass(block.experts, fit.reshape(-1, fit.shape[-1]))
+        oracle = oracle_topk(block_oracle_mass(block.experts, held.reshape(-1, held.shape[-1])), 4)
+        spectra.append(topk_recall(router_selection(router, held), oracle))
+        ridge.append(topk_recall(LinearGate(fit, mass).select(held, 4), oracle))
+    mean_spectra, mean_ridge = sum(spectra) / len(spectra), sum(ridge) / len(ridge)
+    assert mean_spectra >= mean_ridge - 0.005, (mean_spectra, mean_ridge)
+    assert sum(s >= r - 0.03 for s, r in zip(spectra, ridge)) == len(spectra), list(zip(spectra, ridge))

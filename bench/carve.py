@@ -153,7 +153,7 @@ def restore(model, saved) -> None:
 def balance_study(model, tokenizer, device: str) -> dict:
     """Load CV (overall, per domain) and domain NMI of the model's routers on mixed_eval.jsonl."""
     from spectra_convert.textdata import load_texts
-    from spectra_convert.validate import metrics as M
+    from spectra_convert.router import metrics as M
 
     records = load_texts(CORPUS / "mixed_eval.jsonl")
     per_layer: dict[int, list] = {}

@@ -5,16 +5,19 @@ there is a right answer -- the k slices that carry most of the token's FFN outpu
 activation mass). Routing quality is recall of that answer on text the fit never saw; balance is a constraint
 on it, set afterwards by the dual bias.
 
-``fit_spectra_router`` fits the runtime's router in two steps:
+A carved layer's router is fitted in three steps:
 
-1. closed form: a ridge regression from the router's features ``[h ; r]`` (FFN input and GRU state) to the
-   per-token standardised oracle mass, written into the first E rows of the projector with the expert vectors
-   set to the matching unit vectors. Cosine scoring divides all of a token's scores by the same ``||P [h;r]||``,
-   so its top-k is exactly the ridge gate's;
+1. closed form (``fit_spectra_router``): a ridge regression from the router's features ``[h ; r]`` (FFN input
+   and GRU state) to the per-token standardised oracle mass, written into the first E rows of the projector with
+   the expert vectors set to the matching unit vectors, its intercept on a GRU unit made constant
+   (``constant_state_unit``). Cosine scoring divides all of a token's scores by the same ``||P [h;r]||``, so its
+   top-k is exactly the ridge gate's;
 2. gradient steps on projector and expert vectors (GRU frozen: its states are computed once) with a listwise
-   loss -- softmax cross-entropy against the oracle's top-k set -- which optimises the ranking, not the masses.
+   loss -- softmax cross-entropy against the oracle's top-k set -- which optimises the ranking, not the masses;
+   as many as improve oracle recall on a held-out part of the calibration sequences;
+3. ``calibrate_carved_bias``: the balancing dual bias at the strongest share held-out recall allows.
 
-Imports only torch and the runtime (``spectra_convert.modeling``).
+Imports torch, the runtime (``spectra_convert.modeling``) and ``router.loads``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling.modeling_spectra import SpectraRouter, single_cpu_thread
+from .loads import load_cv
 
 
 def oracle_topk(mass: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,10 +40,9 @@ def topk_recall(selected: torch.Tensor, oracle: torch.Tensor) -> float:
     return float(hits.mean())
 
 
-def load_cv(selected: torch.Tensor, experts: int) -> float:
-    """Coefficient of variation of the hard expert loads of a selection ``[N, k]`` (0 = perfectly balanced)."""
-    loads = torch.bincount(selected.reshape(-1), minlength=experts).float()
-    return float(loads.std(unbiased=False) / loads.mean().clamp(min=1e-12))
+def selection_cv(selected: torch.Tensor, experts: int) -> float:
+    """Load CV (``loads.load_cv``) of the hard expert loads of a selection ``[N, k]`` (0 = perfectly balanced)."""
+    return load_cv(torch.bincount(selected.reshape(-1), minlength=experts))
 
 
 def standardised(mass: torch.Tensor) -> torch.Tensor:
@@ -168,52 +171,75 @@ def _score_recall(router: SpectraRouter, features: torch.Tensor, oracle: torch.T
     return topk_recall(_scores(router, features).topk(router.top_k, dim=-1).indices, oracle)
 
 
+def _listwise_steps(router: SpectraRouter, features: torch.Tensor, oracle: torch.Tensor, steps: int, *, lr: float,
+                    batch_tokens: int, seed: int, every: int = 0, score=None) -> tuple[int, float]:
+    """Adam steps on projector and expert vectors (GRU frozen: ``features`` precomputed) with a listwise loss --
+    softmax cross-entropy against the oracle's top-k set ``oracle [N, E]``, which optimises the ranking, not
+    the masses. With ``score``, every ``every`` steps the held-out recall is taken and the best parameters (the
+    start included) are restored at the end; returns ``(best step, its recall)``."""
+    params = [router.expert_vectors] + ([router.projector] if router.use_projector else [])
+    best_step, best = 0, score() if score else float("nan")
+    kept = [p.detach().clone() for p in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            rows = torch.randperm(features.shape[0], generator=generator)[:batch_tokens]
+            logits = _scores(router, features[rows])
+            loss = -(oracle[rows] * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if score and (step % every == 0 or step == steps):
+                recall = score()
+                if recall > best:
+                    best_step, best, kept = step, recall, [p.detach().clone() for p in params]
+    router.zero_grad(set_to_none=True)
+    if score:
+        with torch.no_grad():
+            for param, value in zip(params, kept):
+                param.copy_(value)
+    return best_step, best
+
+
 def fit_spectra_router(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, steps: int = 60,
                        lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = 1e-1, seed: int = 0,
                        holdout: float = 0.125, eval_every: int = 10) -> dict[str, float]:
     """Fit ``router`` so its top-k (before the dual bias) matches the oracle top-k of ``mass [N, E]`` on the
-    calibration FFN inputs ``inputs [B, T, H]``. The dual bias is left at zero: calibrate it afterwards
-    (``calibrate_carved_bias``).
+    calibration FFN inputs ``inputs [B, T, H]``: the ridge gate (``_closed_form``), then listwise gradient steps.
+    The dual bias is left at zero: calibrate it afterwards (``calibrate_carved_bias``).
 
-    The last ``holdout`` of the sequences is held out: the gradient steps start from the ridge gate and the
-    parameters kept are those of the step (the ridge gate included) with the best held-out recall, so the
-    steps can only help on text the fit did not see. Returns the held-out recall of the ridge start and of the
-    kept parameters (``nan`` without a held-out split).
+    How many steps to run is chosen on the last ``holdout`` of the sequences: fitted on the rest, the step
+    count (0, the ridge gate alone, included) with the best held-out recall wins, and the router is then refitted
+    on every sequence with that many steps, so the steps can only help on text the fit did not see. Returns the
+    held-out recall of the ridge start and of the chosen step count, and that count (``nan`` recalls and all
+    ``steps`` without a held-out split).
     """
     if router.use_projector and router.num_experts <= router.router_dim:
         constant_state_unit(router)
     features = router_features(router, inputs)
-    fit, held = holdout_split(inputs.shape[0], holdout)
-    fit_rows, held_rows = _rows(fit, inputs.shape[1]), _rows(held, inputs.shape[1])
+    target = standardised(mass)
     oracle_idx = oracle_topk(mass, router.top_k)
-    _closed_form(router, features[fit_rows], standardised(mass)[fit_rows], ridge)
-    score = (lambda: _score_recall(router, features[held_rows], oracle_idx[held_rows])) if held.numel() else None
-    start = best = score() if score else float("nan")
-    if steps > 0:
-        params = [router.expert_vectors] + ([router.projector] if router.use_projector else [])
-        kept = [p.detach().clone() for p in params]
-        oracle = torch.zeros(mass.shape).scatter_(1, oracle_idx, 1.0 / router.top_k)[fit_rows]
-        train = features[fit_rows]
-        optimizer = torch.optim.Adam(params, lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.enable_grad():
-            for step in range(1, steps + 1):
-                rows = torch.randperm(train.shape[0], generator=generator)[:batch_tokens]
-                logits = _scores(router, train[rows])
-                loss = -(oracle[rows] * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                if score and (step % eval_every == 0 or step == steps):
-                    recall = score()
-                    if recall > best:
-                        best, kept = recall, [p.detach().clone() for p in params]
-        router.zero_grad(set_to_none=True)
-        if score:
-            with torch.no_grad():
-                for param, value in zip(params, kept):
-                    param.copy_(value)
-    return {"heldout_recall_ridge": start, "heldout_recall_fitted": best}
+    oracle = torch.zeros(mass.shape).scatter_(1, oracle_idx, 1.0 / router.top_k)
+    fit, held = holdout_split(inputs.shape[0], holdout)
+    options = {"lr": lr, "batch_tokens": batch_tokens, "seed": seed}
+    start = best = float("nan")
+    chosen = steps
+    initial = router.projector.detach().clone() if router.use_projector else None
+    if held.numel():
+        fit_rows, held_rows = _rows(fit, inputs.shape[1]), _rows(held, inputs.shape[1])
+        _closed_form(router, features[fit_rows], target[fit_rows], ridge)
+        score = lambda: _score_recall(router, features[held_rows], oracle_idx[held_rows])  # noqa: E731
+        start = score()
+        chosen, best = _listwise_steps(router, features[fit_rows], oracle[fit_rows], steps, every=eval_every,
+                                       score=score, **options) if steps > 0 else (0, start)
+    if initial is not None:
+        with torch.no_grad():
+            router.projector.copy_(initial)  # the refit starts where the held-out fit started
+    _closed_form(router, features, target, ridge)
+    if chosen > 0:
+        _listwise_steps(router, features, oracle, chosen, **options)
+    return {"heldout_recall_ridge": start, "heldout_recall_fitted": best, "router_steps": float(chosen)}
 
 
 #: Bias strengths tried by ``calibrate_carved_bias`` (share of the balancing bias applied).
@@ -247,7 +273,7 @@ def calibrate_carved_bias(router: SpectraRouter, inputs: torch.Tensor, mass: tor
     curve = []
     for strength in BIAS_STRENGTHS:
         selected = (logits[held_rows] + strength * balancing).topk(router.top_k, dim=-1).indices
-        curve.append((strength, topk_recall(selected, oracle), load_cv(selected, router.num_experts)))
+        curve.append((strength, topk_recall(selected, oracle), selection_cv(selected, router.num_experts)))
     best = max(recall for _, recall, _ in curve)
     strength, recall, cv = max((c for c in curve if c[1] >= best - tolerance), key=lambda c: c[0])
     router.dual_bias.copy_((strength * balancing).to(router.dual_bias.dtype))

@@ -82,8 +82,8 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
                 *, seed: int) -> CarvedLayer:
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales; returns the block's tensors."""
-    from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, load_cv, oracle_topk, router_selection,
-                                     topk_recall)
+    from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, oracle_topk, router_selection,
+                                     selection_cv, topk_recall)
 
     experts, top_k = router.num_experts, router.top_k
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -98,7 +98,7 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     bias = calibrate_carved_bias(router, inputs, mass)
     selected = router_selection(router, inputs)
     recall = topk_recall(selected, oracle_topk(mass, top_k))
-    cv = load_cv(selected, experts)
+    cv = selection_cv(selected, experts)
     stats = {**fit, "bias_strength": bias["bias_strength"], "heldout_recall": bias["heldout_recall"],
              "balanced_cv": bias["calibration_cv"]}
     scale = torch.ones(experts)
@@ -205,8 +205,9 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
          ["output size", human_bytes(output_bytes)],
          ["oracle top-k recall (calibration) mean", f"{result.calibration_recall:.3f}"],
          ["  held-out calibration split: ridge start / fitted", f"{_mean(layers, 'heldout_recall_ridge'):.3f} / "
-                                                             f"{_mean(layers, 'heldout_recall'):.3f}"],
-         ["dual-bias strength mean (chosen on held-out recall)", f"{_mean(layers, 'bias_strength'):.2f}"],
+                                                             f"{_mean(layers, 'heldout_recall_fitted'):.3f}"],
+         ["router steps / dual-bias strength mean (chosen on held-out recall)",
+          f"{_mean(layers, 'router_steps'):.0f} / {_mean(layers, 'bias_strength'):.2f}"],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )
     return result

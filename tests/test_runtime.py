@@ -365,3 +365,62 @@ def test_sequence_balance_state_is_per_sequence_and_causal() -> None:
     sel_a, _ = selections(model, input_ids=a)
     sel_ab, _ = selections(model, input_ids=torch.cat([a, b]))
     assert all(torch.equal(x[0], y[0]) for x, y in zip(sel_a, sel_ab))
+
+
+# -- PEFT LoRA on the fused expert tensors (issue 22) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_unmerged_expert_lora_applies_its_factors_per_expert_and_equals_the_merged_model(model_type: str) -> None:
+    """PEFT's ``target_parameters`` LoRA folds ``s * B @ A`` into the whole [E, out, in] stack every forward;
+    the experts apply the factors to their own rows instead. Same function: unmerged logits == merged logits,
+    gradients reach the factors, and the stack's full delta is never built (the parametrized tensor is not read)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.nn.utils import parametrize
+
+    from spectra_convert.finetune.modes import lora_candidates
+
+    model = build(model_type)
+    _, expert_params = lora_candidates(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_parameters=expert_params))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # B starts at zero: make the adapter change the function
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    # Count reads of a folded full tensor made while the experts compute (PEFT itself folds once when it
+    # registers its parametrization: torch's consistency check; that one is PEFT's, not the runtime's).
+    inside: list[bool] = [False]
+    reads: list[str] = []
+    original_get = parametrize.ParametrizationList.forward
+
+    def counting_forward(self, *args, **kwargs):
+        if inside[0]:
+            reads.append("full")
+        return original_get(self, *args, **kwargs)
+
+    experts = [m for m in peft_model.modules() if type(m).__name__ == "SpectraExperts"]
+    hooks = [m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)) for m in experts]
+    hooks += [m.register_forward_hook(lambda *a: inside.__setitem__(0, False)) for m in experts]
+    parametrize.ParametrizationList.forward = counting_forward
+    try:
+        peft_model.train()
+        out = peft_model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    finally:
+        parametrize.ParametrizationList.forward = original_get
+        for hook in hooks:
+            hook.remove()
+    assert reads == [], "the experts read the folded [E, out, in] tensor instead of applying the factors"
+    grads = [p.grad for n, p in peft_model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+    peft_model.eval()
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(input_ids=ids).logits
+    assert not torch.allclose(unmerged, plain, atol=1e-3), "the adapter must change the logits in this test"
+    torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)

@@ -484,13 +484,47 @@ class SpectraExperts(nn.Module):
             else:
                 param.normal_(0.0, std)
 
-    def expert(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's FFN on the rows ``x`` routed to it."""
+    def fused_weight(self, name: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+        """A fused expert tensor as ``(base [E, out, in], low-rank terms)`` with ``W_e = base_e + sum s * lhs_e @ rhs_e``.
+
+        Why: PEFT LoRA on ``target_parameters`` registers a parametrization that folds its factors into the whole
+        ``[E, out, in]`` stack on every forward (``r`` times the stack's size in multiply-adds, per layer, per
+        decoding step — about 10x a merged model's decode time). When every parametrization of the tensor is such
+        a low-rank fold (it exposes ``lhs``, ``rhs`` and ``scaling``) the experts apply the factors to their own
+        rows instead: ``x @ W_e.T + s * (x @ rhs_e.T) @ lhs_e.T``, the same function for a few rows' cost. Any
+        other parametrization is read as the full tensor it produces.
+        """
+        parametrizations = getattr(self, "parametrizations", None)
+        if parametrizations is not None and name in parametrizations:
+            chain = parametrizations[name]
+            if all(hasattr(p, "lhs") and hasattr(p, "rhs") and hasattr(p, "scaling") for p in chain):
+                return chain.original, [(p.lhs, p.rhs, float(p.scaling)) for p in chain]
+        return getattr(self, name), []
+
+    @staticmethod
+    def _expert_linear(
+        x: torch.Tensor, weight: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]], index: int,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        base, low_rank = weight
+        out = F.linear(x, base[index], bias)
+        for lhs, rhs, scale in low_rank:
+            out = out + scale * F.linear(F.linear(x, rhs[index].to(x.dtype)), lhs[index].to(x.dtype))
+        return out
+
+    def expert(self, index: int, x: torch.Tensor, weights: dict[str, Any] | None = None) -> torch.Tensor:
+        """One expert's FFN on the rows ``x`` routed to it (``weights``: ``fused_weight`` of each tensor, read
+        once per forward by the caller)."""
+        weights = weights or self.expert_weights()
         if self.kind == "gated":
-            gate, up = F.linear(x, self.gate_up_proj[index]).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate) * up, self.down_proj[index])
-        hidden = self.act_fn(F.linear(x, self.up_proj[index], self.up_bias[index]))
-        return F.linear(hidden, self.down_proj[index], self.down_bias[index])
+            gate, up = self._expert_linear(x, weights["gate_up_proj"], index).chunk(2, dim=-1)
+            return self._expert_linear(self.act_fn(gate) * up, weights["down_proj"], index)
+        hidden = self.act_fn(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
+        return self._expert_linear(hidden, weights["down_proj"], index, self.down_bias[index])
+
+    def expert_weights(self) -> dict[str, Any]:
+        names = ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
+        return {name: self.fused_weight(name) for name in names}
 
     def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         top_k = selected.shape[-1]
@@ -499,7 +533,8 @@ class SpectraExperts(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         token_of_slot = order // top_k
         grouped = hidden_states[token_of_slot]
-        outputs = [self.expert(e, chunk) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
+        tensors = self.expert_weights()
+        outputs = [self.expert(e, chunk, tensors) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
         mixed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, mixed.to(hidden_states.dtype))
 

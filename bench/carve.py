@@ -216,16 +216,42 @@ def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    sync()
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    sync()
-    forward = (time.perf_counter() - start) / ids.shape[1]
-    prompt = ids[:, :32]
-    start = time.perf_counter()
-    model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
-    sync()
+    with torch.inference_mode():
+        sync()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        sync()
+        forward = (time.perf_counter() - start) / ids.shape[1]
+        prompt = ids[:, :32]
+        start = time.perf_counter()
+        model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+        sync()
     return forward, (time.perf_counter() - start) / decode
+
+
+def timing(parent, carved_dir: Path, unseen: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
+    """Whole-model time per token, carved (its converter's top-k) vs the parent, interleaved, medians."""
+    from transformers import AutoModelForCausalLM
+
+    timed = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(args.device)
+    ids = unseen[:1, :256].repeat(1, 2).to(args.device)  # 512 tokens
+    for model in (parent, timed):  # warm-up, not timed
+        time_per_token(model, ids[:, :64], 2, args.device)
+    samples: dict[str, list] = {"parent": [], "carved": []}
+    for _ in range(args.timing_repeats):  # interleaved: both see the same machine state
+        for name, model in (("parent", parent), ("carved", timed)):
+            samples[name].append(time_per_token(model, ids, args.decode_tokens, args.device))
+    med = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for n, v in samples.items()}
+    return {"k": timed.config.spectra["top_k"], "threads": torch.get_num_threads(),
+            "parent_forward_s_per_token": med["parent"][0], "carved_forward_s_per_token": med["carved"][0],
+            "parent_decode_s_per_token": med["parent"][1], "carved_decode_s_per_token": med["carved"][1],
+            "forward_ratio": med["carved"][0] / med["parent"][0], "decode_ratio": med["carved"][1] / med["parent"][1]}
+
+
+def print_timing(t: dict[str, float], device: str) -> None:
+    print(f"time per token (k={t['k']}, {device}, {t['threads']} threads): forward {t['carved_forward_s_per_token'] * 1e3:.2f} "
+          f"vs {t['parent_forward_s_per_token'] * 1e3:.2f} ms = {t['forward_ratio']:.2f}x of the parent, greedy decode "
+          f"{t['carved_decode_s_per_token'] * 1e3:.1f} vs {t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x")
 
 
 def main() -> None:
@@ -243,9 +269,13 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3, help="0 skips timing")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--skip-balance", action="store_true")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the time-per-token section (for a quiet machine; pair with --carved)")
+    parser.add_argument("--carved", type=Path, default=None,
+                        help="time this carved folder (e.g. WORK/carved of an earlier run) instead of carving again")
     args = parser.parse_args()
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from spectra_convert.surgery.upcycle import load_dense_parent, upcycle
     from tests.conftest import smollm2_gguf_path
@@ -254,6 +284,20 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     gguf = smollm2_gguf_path()
     ks = [int(k) for k in args.top_k.split(",")]
+    if args.timing_only:
+        parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
+        carved_dir = args.carved
+        if carved_dir is None:
+            carved_dir = args.work / "carved"
+            upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve", gguf_file=gguf.name,
+                    calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
+                    shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
+        t = timing(parent.to(device), carved_dir, blocks_of(tokenizer, CORPUS / "unseen.jsonl", 512), args)
+        (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
+        print_timing(t, device)
+        return
+    if args.carved is not None:
+        sys.exit("--carved is for --timing-only (the full run carves its own folder under --work)")
     carved_dir = args.work / "carved"
     started = time.perf_counter()
     result = upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve",
@@ -313,19 +357,7 @@ def main() -> None:
         print("finetuned", json.dumps(report["finetuned"]), flush=True)
 
     if args.timing_repeats > 0:
-        config = AutoConfig.from_pretrained(carved_dir, trust_remote_code=True)
-        timed = AutoModelForCausalLM.from_pretrained(carved_dir, config=config, trust_remote_code=True).eval().to(device)
-        ids = unseen[:1, :256].repeat(1, 2).to(device)  # 512 tokens
-        samples: dict[str, list] = {"parent": [], "carved": []}
-        for _ in range(args.timing_repeats):  # interleaved: both see the same machine state
-            for name, m in (("parent", parent), ("carved", timed)):
-                samples[name].append(time_per_token(m, ids, args.decode_tokens, device))
-        med = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for n, v in samples.items()}
-        report["timing"] = {"k": args.finetune_k, "parent_forward_s_per_token": med["parent"][0],
-                            "carved_forward_s_per_token": med["carved"][0], "parent_decode_s_per_token": med["parent"][1],
-                            "carved_decode_s_per_token": med["carved"][1],
-                            "forward_ratio": med["carved"][0] / med["parent"][0],
-                            "decode_ratio": med["carved"][1] / med["parent"][1]}
+        report["timing"] = timing(parent, carved_dir, unseen, args)
 
     (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2))
     print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; carve took {carve_seconds:.0f} s")
@@ -345,9 +377,7 @@ def main() -> None:
             print(f"| {mode} | {s['ppl_ratio']:.3f}x | {s['recall']:.3f} | {s['cv_mean']:.3f} | {s['cv_worst']:.3f} | "
                   f"{per} | {s['domain_nmi']:.3f} |")
     if "timing" in report:
-        t = report["timing"]
-        print(f"time per token (k={t['k']}, {device}): forward {t['forward_ratio']:.2f}x of the parent, "
-              f"greedy decode {t['decode_ratio']:.2f}x")
+        print_timing(report["timing"], device)
 
 
 if __name__ == "__main__":

@@ -600,9 +600,8 @@ class SpectraMoeBlock(nn.Module):
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, selected = self.gate(hidden_states)
         out = self.experts(flat, selected, self.combine_weights(weights, selected))
-        if self.shared_expert is not None:
-            ones = torch.ones(flat.shape[0], 1, dtype=weights.dtype, device=flat.device)
-            out = out + self.shared_expert(flat, torch.zeros_like(ones, dtype=torch.long), ones)
+        if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
+            out = out + self.shared_expert.expert(0, flat).to(out.dtype)
         return self.dropout(out.reshape(shape))
 
 

@@ -254,6 +254,15 @@ def print_timing(t: dict[str, float], device: str) -> None:
           f"{t['carved_decode_s_per_token'] * 1e3:.1f} vs {t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x")
 
 
+def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):
+    """SmolLM2 carved into 8 routed experts + shared at the bench's settings (``upcycle --method carve``)."""
+    from spectra_convert.surgery.upcycle import upcycle
+
+    return upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve", gguf_file=gguf.name,
+                   calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
+                   shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spectra-carve-bench"))
@@ -277,7 +286,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from spectra_convert.surgery.upcycle import load_dense_parent, upcycle
+    from spectra_convert.surgery.upcycle import load_dense_parent
     from tests.conftest import smollm2_gguf_path
 
     device = args.device
@@ -289,9 +298,7 @@ def main() -> None:
         carved_dir = args.carved
         if carved_dir is None:
             carved_dir = args.work / "carved"
-            upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve", gguf_file=gguf.name,
-                    calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
-                    shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
+            carve_parent(gguf, carved_dir, args)
         t = timing(parent.to(device), carved_dir, blocks_of(tokenizer, CORPUS / "unseen.jsonl", 512), args)
         (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
         print_timing(t, device)
@@ -300,9 +307,7 @@ def main() -> None:
         sys.exit("--carved is for --timing-only (the full run carves its own folder under --work)")
     carved_dir = args.work / "carved"
     started = time.perf_counter()
-    result = upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve",
-                     gguf_file=gguf.name, calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
-                     shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
+    result = carve_parent(gguf, carved_dir, args)
     carve_seconds = time.perf_counter() - started
     parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
     parent.to(device)

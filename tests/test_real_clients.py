@@ -5,7 +5,9 @@ sampling, a bf16 load, ``save_pretrained`` + reload in a ``python -I`` without s
 lm-eval's ``HFLM`` (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``).
 
 Every check compares a client's answer with the same quantity computed from the model's own logits, so a
-runtime that routes, caches or reorders wrongly under that client fails here. Prompts are real text from the
+runtime that caches, pads or reorders the KV cache wrongly under that client fails here. The experts of a copy
+upcycle differ only by 1% noise, so a wrong *router* state changes these logits too little to see: the router
+state's own reordering is checked on random-weight models in tests/test_runtime.py. Prompts are real text from the
 test corpus (tests/fixtures/corpus, built by scripts/build_corpus.py), lengths kept short so the whole file
 stays well under two minutes on two cores.
 """
@@ -106,7 +108,8 @@ def test_left_padded_batch_generates_each_row_as_alone(client, prompts: list[str
 
 def test_beam_search_returns_ranked_beams_scored_by_the_model(client, prompts: list[str]) -> None:
     """Beams are reordered every step (KV cache and router states together): each returned beam's score must
-    equal its log-probability recomputed in one no-cache forward."""
+    equal its log-probability recomputed in one no-cache forward (sensitive to the KV cache's reordering; see
+    the module docstring for the router state's)."""
     model, tokenizer = client
     ids = tokenizer(prompts[2], return_tensors="pt")
     steps = 4

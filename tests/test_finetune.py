@@ -231,6 +231,24 @@ def test_sigkilled_run_resumes_to_the_same_final_loss(work):
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
 
 
+def test_kept_checkpoint_dir_extends_a_finished_run_exactly(work):
+    """A finished run with --checkpoint-dir, resumed with more steps, equals one longer run (bench/carve.py's LoRA
+    curve evaluates one run this way); OUT.partial is still removed when no folder is given."""
+    kw = dict(mode="router", seq_len=64, batch_size=4, log_every=2, lr_router=1e-2, seed=3, save_every=3, force=True)
+    data = work / "train.jsonl"
+    straight = finetune(work / "model", data, work / "ext-straight", steps=6, **kw)
+    assert not (work / "ext-straight.partial").exists()
+    ckpt = work / "ext-ckpt"
+    first = finetune(work / "model", data, work / "ext-a", steps=4, checkpoint_dir=ckpt, **kw)
+    assert first.resumed_from_step is None and (ckpt / "step-00000004").is_dir()
+    longer = finetune(work / "model", data, work / "ext-b", steps=6, checkpoint_dir=ckpt, resume=True, **kw)
+    assert longer.resumed_from_step == 4 and (ckpt / "step-00000006").is_dir()
+    assert longer.losses == pytest.approx(straight.losses, abs=1e-6)
+    wa, wb = folder_weights(work / "ext-straight"), folder_weights(work / "ext-b")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
+
+
 # -- bad input: one line on stderr, non-zero exit --------------------------------------------------------------
 
 
@@ -279,7 +297,7 @@ def test_bad_inputs_are_one_line_errors(work, capsys, tmp_path):
 
     main([*base, "-o", str(tmp_path / "o5"), "--mode", "router", "--steps", "2", "--save-every", "1",
           "--checkpoint-dir", str(ckpt)])
-    assert (ckpt / "step-00000001").is_dir()
+    assert (ckpt / "step-00000002").is_dir() and not (ckpt / "step-00000001").exists()  # a kept folder ends at the last step
     capsys.readouterr()
     msg = _one_line_error(capsys, ["finetune", str(work / "model"), "--data", str(work / "train.jsonl"),
                                    "--seq-len", "32", "--steps", "4", "-o", str(tmp_path / "o6"), "--mode", "router",

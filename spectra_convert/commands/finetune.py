@@ -32,7 +32,8 @@ from . import checked, output_option
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None,
               help="Held-out text; default: a few blocks held out of --data.")
 @click.option("--save-every", default=50, type=checked("finetune", "save_every"), help="Checkpoint every N steps (0: never).")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="Default: OUT.partial")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), default=None, help="Default: OUT.partial (removed once OUT is written); a given folder is kept with the final step, so "
+              "--resume with a larger --steps extends the run.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint (same config required).")
 @click.option("--seed", default=0, type=checked("finetune", "seed"))
 @click.option("--log-every", default=10, type=checked("finetune", "log_every"), help="Log loss, load CV, Gram orthogonality, tokens/s every N steps.")

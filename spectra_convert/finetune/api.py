@@ -142,7 +142,9 @@ def finetune(
     Writes a complete model folder to ``out`` atomically (for LoRA without ``merge``: a PEFT adapter folder
     whose ``base_model_name_or_path`` is ``model``), plus ``finetune.json`` with losses and held-out
     perplexity / load CV before and after. Checkpoints go to ``checkpoint_dir`` (default ``OUT.partial``);
-    ``resume=True`` continues from the newest one if its config matches. Works single-process or under
+    ``resume=True`` continues from the newest one if its config matches. A given ``checkpoint_dir`` is kept and
+    also holds the final step, so ``resume=True`` with more ``steps`` extends a finished run exactly (one run
+    evaluated along the way: bench/carve.py --lora-minutes). Works single-process or under
     ``accelerate launch`` / ``torchrun`` (the data order and dual biases are rank-consistent).
 
     Steps: check (every user error, before any training time), load (data, model, resume state), train (then
@@ -178,7 +180,7 @@ def finetune(
 
     loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
                       log_every=log_every, max_grad_norm=max_grad_norm,
-                      log_file=Path(log_file) if log_file else None)
+                      log_file=Path(log_file) if log_file else None, checkpoint_last=checkpoint_dir is not None)
     start_step = state.step
     state, eval_after = _train(accelerator, model_p, optimizer, train_blocks, val_blocks, loop, ckpt, state,
                                eval_batch=max(1, batch_size), recalibration_tokens=recalibration_tokens)

@@ -8,7 +8,9 @@ Layout of the checkpoint folder (``OUT.partial/`` unless ``--checkpoint-dir``)::
         trainer_state.json     so a checkpoint of a router-only run is kilobytes, not a model copy.
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a SIGKILL mid-save leaves the last
-complete checkpoint as the newest one. Only the newest checkpoint is kept.
+complete checkpoint as the newest one. Only the newest checkpoint is kept. ``OUT.partial/`` is removed once
+OUT is written; a ``--checkpoint-dir`` is kept and also holds the final step, so ``--resume`` with a larger
+``--steps`` continues a finished run as if it had never stopped (constant learning rates, data order by step).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class LoopConfig:
     log_every: int
     max_grad_norm: float
     log_file: Path | None = None
+    checkpoint_last: bool = False  # also checkpoint the final step (kept checkpoint folders: a later, longer run resumes)
 
 
 @dataclass
@@ -194,7 +195,8 @@ def evaluate(accelerator: Accelerator, model: nn.Module, blocks: torch.Tensor, b
 def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                train_blocks: torch.Tensor, cfg: LoopConfig, ckpt: CheckpointDir, state: TrainerState,
                monitor: RouterMonitor) -> TrainerState:
-    """Run steps ``state.step .. cfg.steps - 1``; checkpoint every ``cfg.save_every`` steps."""
+    """Run steps ``state.step .. cfg.steps - 1``; checkpoint every ``cfg.save_every`` steps (the final step only with
+    ``cfg.checkpoint_last``: a checkpoint that is deleted once OUT is written would be wasted time)."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -247,7 +249,8 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 _log(accelerator, record, cfg.log_file)
                 monitor.reset()
                 window_start, window_tokens = time.perf_counter(), 0
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < cfg.steps:
+            last = state.step == cfg.steps
+            if cfg.save_every and ((state.step % cfg.save_every == 0 and not last) or (last and cfg.checkpoint_last)):
                 save_checkpoint(accelerator, ckpt, state)
     return state
 

@@ -6,6 +6,24 @@ correction on / off / dual bias alone), and whole-model time per token against t
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/carve-bench [--device cuda]
         [--calibration-tokens 8192] [--eval-tokens 4096] [--top-k 1,4,6] [--finetune-steps 40]
+        [--recalibration-tokens 8192]
+
+LoRA curve (``--lora-minutes M``, replaces the rest of the bench): ONE ``finetune --mode lora`` (+ routers) run of
+the carved model (``--carved DIR`` of an earlier run, else carved here at ``--finetune-k``) on the calibration
+corpus for about M minutes of training, evaluated at step 0 and ``--lora-evals`` points along the way. The run is
+cut into segments: each segment is a ``finetune(..., steps=S_i, checkpoint_dir=WORK/lora-checkpoints,
+resume=True, merge=True)`` call, and a kept checkpoint folder holds the final step, so the next call with a
+larger S continues the same run (same data order, optimizer and RNG state: identical to one run of S steps;
+the learning rates are constant). Each segment's output is what a run stopped at S_i writes: LoRA merged, dual
+biases re-corrected on ``--recalibration-tokens`` training tokens (default 8192, not the library's 65536, which
+takes over 20 minutes on 2 busy cores; the corrected biases never flow back into training). The first segment is
+``--lora-first-steps`` long; the later targets are spread evenly over the time left at the measured speed.
+Training minutes are the trainer's own step timings (its log file), without loading, evaluation, bias
+correction and saving, which each segment's wall time includes. Prints a markdown table (steps | minutes |
+tokens seen | ppl ratio | recall) and writes WORK/lora_curve.json after every point:
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/lora-curve --carved /tmp/carve/carved \
+        --lora-minutes 30 --lora-evals 6
 
 Held-out text is from domains the calibration never saw: ``tests/fixtures/corpus/unseen.jsonl`` (changelogs) for
 perplexity and recall, ``mixed_eval.jsonl`` (4 domains) for per-domain balance and domain NMI. The calibration
@@ -263,6 +281,87 @@ def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):
                    shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
 
 
+LORA = dict(mode="lora", seq_len=256, batch_size=4, lr=2e-4, lr_router=1e-3, merge=True)  # every LoRA run here
+
+
+def training_seconds(log_file: Path, tokens_per_step: int) -> float:
+    """Seconds spent in training steps, from the trainer's JSONL log: each record covers the steps since the
+    previous one at its ``tokens_per_s`` (a segment's last step is always logged, so windows never span two)."""
+    seconds, previous = 0.0, 0
+    for line in log_file.read_text().splitlines():
+        record = json.loads(line)
+        seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
+        previous = record["step"]
+    return seconds
+
+
+def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: argparse.Namespace) -> dict:
+    """One LoRA (+ routers) run in segments that resume each other, evaluated after each (see the docstring)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from spectra_convert.finetune import finetune
+
+    data = REPO / "spectra_convert" / "data" / "calibration.jsonl"
+    ckpt, log, out = args.work / "lora-checkpoints", args.work / "lora-log.jsonl", args.work / "lora-out"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    log.unlink(missing_ok=True)
+    tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
+    report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
+              "lora": LORA, "tokens_per_step": tokens_per_step, "points": []}
+
+    def point(model, steps: int, minutes: float, wall: float, extra: dict) -> None:
+        started = time.perf_counter()
+        ppl, recall = routed_eval(model, unseen, args.device)
+        row = {"steps": steps, "train_minutes": minutes, "tokens_seen": steps * tokens_per_step,
+               "ppl": ppl, "ppl_ratio": ppl / parent_ppl, "recall": recall, "segment_wall_s": wall,
+               "eval_s": time.perf_counter() - started, **extra}
+        report["points"].append(row)
+        (args.work / "lora_curve.json").write_text(json.dumps(report, indent=2, default=str))
+        print("lora-curve", json.dumps(row), flush=True)
+
+    model = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(args.device)
+    report["k"] = model.config.spectra["top_k"]
+    point(model, 0, 0.0, 0.0, {})
+    del model
+    budget, target, trained = args.lora_minutes * 60, args.lora_first_steps, 0.0
+    while True:
+        started = time.perf_counter()
+        result = finetune(carved_dir, data, out, steps=target, save_every=50, checkpoint_dir=ckpt, resume=target > args.lora_first_steps,
+                          log_every=10, log_file=log, recalibration_tokens=args.recalibration_tokens, force=True, **LORA)
+        wall = time.perf_counter() - started
+        trained = training_seconds(log, tokens_per_step)
+        summary = json.loads((out / "finetune.json").read_text())
+        tuned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval().to(args.device)
+        point(tuned, target, trained / 60, wall,
+              {"epochs": target * LORA["batch_size"] / summary["train_blocks"],
+               "train_loss_last10": sum(result.losses[-10:]) / len(result.losses[-10:]),
+               "validation_ppl": result.eval_after["perplexity"], "validation_cv": result.eval_after["mean_cv"],
+               "resumed_from_step": result.resumed_from_step})
+        del tuned
+        left = args.lora_evals - (len(report["points"]) - 1)
+        remaining = int((budget - trained) * target / trained)  # steps that fit in the time left at this speed
+        if left <= 0 or remaining < 1:
+            break
+        target += max(1, remaining // left)
+    return report
+
+
+def print_curve(report: dict) -> None:
+    points = report["points"]
+    last = points[-1]
+    print(f"\nLoRA (+ routers) curve, k={report['k']}, carved {report['carved']}: parent perplexity "
+          f"{report['parent_ppl']:.3f}; {last['steps']} steps in {last['train_minutes']:.1f} training minutes "
+          f"({last['steps'] / max(last['train_minutes'], 1e-9):.1f} steps/min), {sum(p['segment_wall_s'] for p in points) / 60:.1f} "
+          f"minutes of finetune calls in all; bias re-corrected on {report['settings']['recalibration_tokens']} tokens")
+    print("| steps | minutes | tokens seen | ppl ratio | recall | segment wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['steps']} | {p['train_minutes']:.1f} | {p['tokens_seen']:,} | {p['ppl_ratio']:.3f}x | "
+              f"{p['recall']:.3f} | {p['segment_wall_s']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spectra-carve-bench"))
@@ -281,7 +380,14 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time-per-token section (for a quiet machine; pair with --carved)")
     parser.add_argument("--carved", type=Path, default=None,
-                        help="time this carved folder (e.g. WORK/carved of an earlier run) instead of carving again")
+                        help="time / fine-tune this carved folder (e.g. WORK/carved of an earlier run) instead of "
+                             "carving again (--timing-only, --lora-minutes)")
+    parser.add_argument("--recalibration-tokens", type=int, default=8192,
+                        help="training tokens finetune re-corrects the dual biases on after training")
+    parser.add_argument("--lora-minutes", type=float, default=0.0,
+                        help="only the LoRA curve: about this many minutes of training, one run in segments")
+    parser.add_argument("--lora-evals", type=int, default=6, help="curve points after step 0")
+    parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -303,8 +409,19 @@ def main() -> None:
         (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
         print_timing(t, device)
         return
+    if args.lora_minutes > 0:
+        carved_dir = args.carved
+        if carved_dir is None:
+            carved_dir = args.work / "carved"
+            carve_parent(gguf, carved_dir, args)
+        parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
+        unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
+        parent_ppl = perplexity(parent.to(device), unseen, device)
+        del parent
+        print_curve(lora_curve(carved_dir, unseen, parent_ppl, args))
+        return
     if args.carved is not None:
-        sys.exit("--carved is for --timing-only (the full run carves its own folder under --work)")
+        sys.exit("--carved is for --timing-only and --lora-minutes (the full run carves its own folder under --work)")
     carved_dir = args.work / "carved"
     started = time.perf_counter()
     result = carve_parent(gguf, carved_dir, args)
@@ -352,9 +469,9 @@ def main() -> None:
         from spectra_convert.finetune import finetune
 
         tuned_dir = args.work / "carved-lora"
-        ft = finetune(carved_dir, REPO / "spectra_convert" / "data" / "calibration.jsonl", tuned_dir, mode="lora",
-                      steps=args.finetune_steps, seq_len=256, batch_size=4, lr=2e-4, lr_router=1e-3, merge=True,
-                      save_every=0, log_every=max(1, args.finetune_steps // 8), force=True)
+        ft = finetune(carved_dir, REPO / "spectra_convert" / "data" / "calibration.jsonl", tuned_dir,
+                      steps=args.finetune_steps, save_every=0, log_every=max(1, args.finetune_steps // 8),
+                      recalibration_tokens=args.recalibration_tokens, force=True, **LORA)
         tuned = AutoModelForCausalLM.from_pretrained(tuned_dir, trust_remote_code=True).eval().to(device)
         ppl, recall = routed_eval(tuned, unseen, device)
         report["finetuned"] = {"k": args.finetune_k, "steps": args.finetune_steps, "ppl_ratio": ppl / parent_ppl,

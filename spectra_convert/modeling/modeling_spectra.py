@@ -260,15 +260,22 @@ class SpectraRouter(nn.Module):
 
     def _run_gru(self, h: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrence is hundreds of tiny sequential steps: on CPU extra threads only add sync overhead
-        (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one."""
+        (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one.
+
+        Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every
+        call, ~25 us) and a one-token step (decoding) runs ATen's GRU cell: the same ops, in the same order, as
+        one step of the sequence kernel, so states are bit-identical (tests/test_runtime.py) at 60 instead of
+        95 us — most of which is reading the input weights, 0.9 MB per layer."""
+        gru = self.gru
+        weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
         with single_cpu_thread(h):
-            gru = self.gru
-            if torch.is_grad_enabled() and gru.bias and gru.num_layers == 1 and (
-                h.requires_grad or h0.requires_grad or gru.weight_hh_l0.requires_grad
-            ):
-                out = SequenceGRU.apply(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+            if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
+                out = SequenceGRU.apply(h, h0, *weights)
                 return out, out[:, -1]
-            out, last = gru(h, h0.unsqueeze(0).contiguous())
+            if h.shape[1] == 1:
+                last = torch._VF.gru_cell(h[:, 0].contiguous(), h0.contiguous(), *weights)
+                return last.unsqueeze(1), last
+            out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
 
     def sequence_bias(
@@ -286,11 +293,18 @@ class SpectraRouter(nn.Module):
         """
         batch, steps, experts = logits.shape
         probs = torch.softmax(logits.detach().float(), dim=-1)
-        weights = mask.unsqueeze(-1).float() if mask is not None else probs.new_ones(batch, steps, 1)
-        probs = probs * weights
+        if mask is not None:
+            weights = mask.unsqueeze(-1).float()
+            probs = probs * weights
+        else:
+            weights = probs.new_ones(batch, steps, 1)
+        mass = torch.cat([probs, weights], dim=-1)  # per token: its routing distribution and 1 if it is real
         totals0 = state0.float() if state0 is not None else probs.new_zeros(batch, experts + 1)
-        running = torch.cumsum(torch.cat([probs, weights], dim=-1), dim=1)
-        before = running - torch.cat([probs, weights], dim=-1) + totals0.unsqueeze(1)  # exclusive: tokens < t
+        if steps == 1:  # decoding: the exclusive prefix sum is the cache's totals (the general form, exactly)
+            running, before = mass, totals0.unsqueeze(1)
+        else:
+            running = torch.cumsum(mass, dim=1)
+            before = running - mass + totals0.unsqueeze(1)  # exclusive: tokens < t
         count = before[..., -1:]
         mean = torch.where(count > 0, before[..., :-1] / count.clamp(min=1), torch.full_like(probs, 1.0 / experts))
         bias = -self.sequence_balance * experts * (mean - 1.0 / experts)
@@ -309,16 +323,39 @@ class SpectraRouter(nn.Module):
         return F.normalize(x, dim=-1)
 
     def unit_expert_vectors(self) -> torch.Tensor:
-        return F.normalize(self.expert_vectors, dim=-1)
+        return self.expert_geometry()[0]
+
+    def expert_geometry(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unit expert vectors ``mu [E, d]`` and the OSR repulsion weights ``(G ⊙ (1 - I))² [E, E]`` (None when
+        repulsion is off), with ``G = mu mu^T``.
+
+        Both depend on the parameters alone, so without autograd they are computed once per parameter version
+        and reused: recomputing them cost 8 small ops per router call, a fifth of a decoding step's router time.
+        """
+        vectors = self.expert_vectors
+        cache_key = None
+        if not torch.is_grad_enabled():
+            cache_key = (vectors._version, vectors.data_ptr(), vectors.dtype, vectors.device,
+                         self.repulsion, torch.is_inference_mode_enabled())
+            cached = self.__dict__.get("_geometry")
+            if cached is not None and cached[0] == cache_key:
+                return cached[1]
+        mu = F.normalize(vectors, dim=-1)
+        repulsion = None
+        if self.repulsion != 0.0:
+            gram = mu @ mu.T
+            off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
+            repulsion = off_diagonal.pow(2)
+        if cache_key is not None:
+            self.__dict__["_geometry"] = (cache_key, (mu, repulsion))
+        return mu, repulsion
 
     def osr_cost(self, scores: torch.Tensor) -> torch.Tensor:
         """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more."""
-        if self.repulsion == 0.0:
+        repulsion = self.expert_geometry()[1]
+        if repulsion is None:
             return -scores
-        mu = self.unit_expert_vectors()
-        gram = mu @ mu.T
-        off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
-        return -scores + self.repulsion * scores.abs() @ off_diagonal.pow(2)
+        return -scores + self.repulsion * scores.abs() @ repulsion
 
     def project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expression vectors ``z [N, d]`` of a ``[B, T, H]`` batch (used for k-means prototype init)."""

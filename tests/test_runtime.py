@@ -275,6 +275,24 @@ def test_one_token_gru_step_is_bit_identical_to_nn_gru_on_strided_inputs() -> No
         assert torch.equal(states, expected) and torch.equal(last, expected_last[0])
 
 
+def test_a_few_tokens_run_the_whole_moe_block_on_one_thread_and_the_count_is_restored() -> None:
+    """Decoding steps run router AND experts on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"); long
+    inputs keep the caller's threads, and the caller's setting is back after every call."""
+    model = build("llama")
+    seen: list[int] = []
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 1)))
+            model(torch.randint(3, 128, (2, 40)))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+
+
 def test_cached_expert_geometry_follows_parameter_updates() -> None:
     """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; an in-place
     update of the expert vectors (an optimizer step, ``load_state_dict``) must reach the very next call."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,21 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
     finally:
         if switch:
             torch.set_num_threads(threads)
+
+
+FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): an MoE block runs on one CPU thread
+
+
+def few_tokens_on_one_thread(hidden_states: torch.Tensor) -> AbstractContextManager[None]:
+    """One CPU thread for an MoE block or router call on a few tokens.
+
+    Such a call is ~100 small ops (router steps, per-expert GEMVs, dispatch). On a quiet 2-core box one thread
+    is as fast as two (SmolLM2 carved block, one decoded token: 854 vs 864 us). When another process keeps a
+    core busy, every multi-threaded op waits at its barrier for a descheduled thread: the same block took
+    5.0 ms on two threads and 0.84 ms on one (docs/ARCHITECTURE.md, "Runtime speed").
+    """
+    tokens = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    return single_cpu_thread(hidden_states) if tokens <= FEW_TOKENS else nullcontext()
 
 
 class SequenceGRU(torch.autograd.Function):
@@ -394,10 +409,8 @@ class SpectraRouter(nn.Module):
         return 1, n_tokens  # used standalone: one sequence
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if hidden_states.numel() // self.hidden_size <= 64:  # decoding: a few tokens, dozens of tiny ops
-            with single_cpu_thread(hidden_states):
-                return self._route(hidden_states)
-        return self._route(hidden_states)
+        with few_tokens_on_one_thread(hidden_states):
+            return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
@@ -634,13 +647,14 @@ class SpectraMoeBlock(nn.Module):
         return scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        _, weights, selected = self.gate(hidden_states)
-        out = self.experts(flat, selected, self.combine_weights(weights, selected))
-        if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
-            out = out + self.shared_expert.expert(0, flat).to(out.dtype)
-        return self.dropout(out.reshape(shape))
+        with few_tokens_on_one_thread(hidden_states):
+            shape = hidden_states.shape
+            flat = hidden_states.reshape(-1, shape[-1])
+            _, weights, selected = self.gate(hidden_states)
+            out = self.experts(flat, selected, self.combine_weights(weights, selected))
+            if self.shared_expert is not None:  # every token, weight 1: no dispatch (same as routing all to it)
+                out = out + self.shared_expert.expert(0, flat).to(out.dtype)
+            return self.dropout(out.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -294,8 +294,8 @@ def test_a_few_tokens_run_the_whole_moe_block_on_one_thread_and_the_count_is_res
 
 
 def test_cached_expert_geometry_follows_parameter_updates() -> None:
-    """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; an in-place
-    update of the expert vectors (an optimizer step, ``load_state_dict``) must reach the very next call."""
+    """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; any in-place
+    update of the expert vectors (an optimizer step, ``load_state_dict``, ``.data``) must reach the next call."""
     model = build("llama", repulsion=0.5)
     router = model.routers()[0]
     hidden = torch.randn(1, 6, router.hidden_size)
@@ -308,6 +308,9 @@ def test_cached_expert_geometry_follows_parameter_updates() -> None:
         assert not torch.equal(before, after)
         assert torch.equal(after, fresh.eval()(hidden)[0])
         router.load_state_dict({**router.state_dict(), "expert_vectors": torch.randn_like(router.expert_vectors)})
+        fresh.load_state_dict(router.state_dict())
+        assert torch.equal(router(hidden)[0], fresh(hidden)[0])
+        router.expert_vectors.data.normal_()  # an edit that version counters do not see
         fresh.load_state_dict(router.state_dict())
         assert torch.equal(router(hidden)[0], fresh(hidden)[0])
 

@@ -344,25 +344,26 @@ class SpectraRouter(nn.Module):
         """Unit expert vectors ``mu [E, d]`` and the OSR repulsion weights ``(G ⊙ (1 - I))² [E, E]`` (None when
         repulsion is off), with ``G = mu mu^T``.
 
-        Both depend on the parameters alone, so without autograd they are computed once per parameter version
-        and reused: recomputing them cost 8 small ops per router call, a fifth of a decoding step's router time.
+        Both depend on the parameters alone, so on CPU without autograd they are reused while the expert
+        vectors hold the same values: recomputing them cost 8 small ops per router call. Reuse is decided by
+        comparing the vectors with a snapshot (one op), not by version counters, which an in-place edit through
+        ``.data`` does not bump. On an accelerator the comparison would sync every call, so nothing is reused.
         """
         vectors = self.expert_vectors
-        cache_key = None
-        if not torch.is_grad_enabled():
-            cache_key = (vectors._version, vectors.data_ptr(), vectors.dtype, vectors.device,
-                         self.repulsion, torch.is_inference_mode_enabled())
+        reusable = not torch.is_grad_enabled() and vectors.device.type == "cpu"
+        if reusable:
+            flags = (self.repulsion, torch.is_inference_mode_enabled(), vectors.dtype)
             cached = self.__dict__.get("_geometry")
-            if cached is not None and cached[0] == cache_key:
-                return cached[1]
+            if cached is not None and cached[0] == flags and cached[1].shape == vectors.shape and torch.equal(cached[1], vectors):
+                return cached[2]
         mu = F.normalize(vectors, dim=-1)
         repulsion = None
         if self.repulsion != 0.0:
             gram = mu @ mu.T
             off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
             repulsion = off_diagonal.pow(2)
-        if cache_key is not None:
-            self.__dict__["_geometry"] = (cache_key, (mu, repulsion))
+        if reusable:
+            self.__dict__["_geometry"] = (flags, vectors.detach().clone(), (mu, repulsion))
         return mu, repulsion
 
     def osr_cost(self, scores: torch.Tensor) -> torch.Tensor:

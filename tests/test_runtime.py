@@ -293,6 +293,25 @@ def test_a_few_tokens_run_the_whole_moe_block_on_one_thread_and_the_count_is_res
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("kind, inter, k", [("gated", 168, 4), ("gated", 1536, 2), ("mlp", 512, 2)])
+def test_one_token_experts_equal_the_sorted_dispatch_bit_for_bit(kind: str, inter: int, k: int) -> None:
+    """A decoding step skips the sort/gather/scatter; the sum must be the dispatch's, to the bit (SmolLM2 sizes:
+    carved slices, copy experts; a gpt2-style expert with biases)."""
+    from spectra_convert.modeling.modeling_spectra import SpectraExperts
+
+    torch.manual_seed(17)
+    experts = SpectraExperts(8, 576, inter, kind, "silu" if kind == "gated" else "gelu_new")
+    with torch.no_grad():
+        if kind == "mlp":
+            experts.up_bias.normal_()
+            experts.down_bias.normal_()
+        for trial in range(20):
+            x = torch.randn(1, 576) * (1 + trial)
+            selected = torch.randperm(8)[:k].unsqueeze(0)
+            weights = torch.rand(1, k)
+            assert torch.equal(experts(x, selected, weights), experts.dispatch(x, selected, weights))
+
+
 def test_cached_expert_geometry_follows_parameter_updates() -> None:
     """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; any in-place
     update of the expert vectors (an optimizer step, ``load_state_dict``, ``.data``) must reach the next call."""

@@ -239,22 +239,32 @@ def tiny_carved(tiny_parents, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_dropped(tiny_parents, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dropped") / "tiny-dropped"
+    upcycle(str(tiny_parents["llama"]), out, experts=4, top_k=2, method="drop", drop_ratio=0.5, router_dim=16,
+            calibration=str(CORPUS / "train.jsonl"), calibration_tokens=512)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["router", "lora"])
-def test_finetune_trains_a_carved_model(tiny_carved, tmp_path, mode: str) -> None:
+@pytest.mark.parametrize("method", ["carved", "dropped"])
+def test_finetune_trains_a_carved_or_dropped_model(request, tmp_path, method: str, mode: str) -> None:
     from spectra_convert.finetune import finetune
 
+    source = request.getfixturevalue(f"tiny_{method}")
     out = tmp_path / mode
-    finetune(tiny_carved, CORPUS / "train.jsonl", out, mode=mode, steps=3, seq_len=64, batch_size=2, save_every=0,
+    finetune(source, CORPUS / "train.jsonl", out, mode=mode, steps=3, seq_len=64, batch_size=2, save_every=0,
              max_records=12, recalibration_tokens=1024,
              log_every=1, lr=1e-2, lr_router=1e-2, **({"lora_r": 4, "lora_alpha": 8, "merge": True} if mode == "lora" else {}))
-    before, after = folder_weights(tiny_carved), folder_weights(out)
+    before, after = folder_weights(source), folder_weights(out)
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach a carved block's router"
+    assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach the block's router"
     if mode == "lora":
         assert "model.layers.0.mlp.experts.down_proj" in changed
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    assert model.config.spectra["expert_combine"] == "sum"
+    assert model.config.spectra["expert_combine"] == ("sum" if method == "carved" else "softmax")
 
 
 def test_validate_reports_active_fraction_recall_and_parent_ratio(tiny_carved, tiny_parents, tmp_path) -> None:
@@ -273,12 +283,13 @@ def test_validate_reports_active_fraction_recall_and_parent_ratio(tiny_carved, t
     assert "carved" in card and "oracle_recall" in card and "ppl_ratio" in card
 
 
-def test_push_dry_run_publishes_a_carved_folder(tiny_carved, tmp_path) -> None:
-    """The dry-run upload of a carved folder loads and generates where spectra_convert is not importable."""
+@pytest.mark.parametrize("method", ["carved", "dropped"])
+def test_push_dry_run_publishes_a_carved_or_dropped_folder(request, tmp_path, method: str) -> None:
+    """The dry-run upload of a carved or dropped folder loads and generates where spectra_convert is not importable."""
     from spectra_convert.hub import push
     from tests.conftest import run_without_package
 
-    push(tiny_carved, "me/tiny-carved", dry_run=tmp_path / "upload")
+    push(request.getfixturevalue(f"tiny_{method}"), f"me/tiny-{method}", dry_run=tmp_path / "upload")
     names = {p.name for p in (tmp_path / "upload").iterdir()}
     assert {"config.json", "modeling_spectra.py", "README.md", "manifest.json"} <= names
     result = run_without_package(

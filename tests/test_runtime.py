@@ -258,6 +258,82 @@ def test_sequence_gru_states_are_nn_grus_and_its_backward_is_autograds() -> None
         assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
+def test_one_token_gru_step_is_bit_identical_to_nn_gru_on_strided_inputs() -> None:
+    """Decoding runs ATen's GRU cell instead of the sequence kernel; states must not move by one bit, also when
+    the token and the cached state are strided views (a batch's column, a slice of the router-state row).
+    Real SmolLM2 router sizes: at small sizes strided and contiguous GEMMs happen to agree."""
+    torch.manual_seed(16)
+    knobs = {**SpectraConfig().spectra, "num_experts": 8, "top_k": 2, "router_dim": 128}
+    router = SpectraRouter(576, knobs, layer_idx=0).eval()
+    x = torch.randn(3, 9, 576)
+    state_row = torch.randn(3, 128 + 9)  # [GRU state | running totals], as the cache stores it
+    for t in range(9):
+        token, h0 = x[:, t : t + 1], state_row[:, :128]
+        with torch.no_grad():
+            expected, expected_last = router.gru(token, h0.unsqueeze(0).contiguous())
+            states, last = router._run_gru(token, h0)
+        assert torch.equal(states, expected) and torch.equal(last, expected_last[0])
+
+
+def test_a_few_tokens_run_the_whole_moe_block_on_one_thread_and_the_count_is_restored() -> None:
+    """Decoding steps run router AND experts on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"); long
+    inputs keep the caller's threads, and the caller's setting is back after every call."""
+    model = build("llama")
+    seen: list[int] = []
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 1)))
+            model(torch.randint(3, 128, (2, 40)))
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind, inter, k", [("gated", 168, 4), ("gated", 1536, 2), ("mlp", 512, 2)])
+def test_one_token_experts_equal_the_sorted_dispatch_bit_for_bit(kind: str, inter: int, k: int) -> None:
+    """A decoding step skips the sort/gather/scatter; the sum must be the dispatch's, to the bit (SmolLM2 sizes:
+    carved slices, copy experts; a gpt2-style expert with biases)."""
+    from spectra_convert.modeling.modeling_spectra import SpectraExperts
+
+    torch.manual_seed(17)
+    experts = SpectraExperts(8, 576, inter, kind, "silu" if kind == "gated" else "gelu_new")
+    with torch.no_grad():
+        if kind == "mlp":
+            experts.up_bias.normal_()
+            experts.down_bias.normal_()
+        for trial in range(20):
+            x = torch.randn(1, 576) * (1 + trial)
+            selected = torch.randperm(8)[:k].unsqueeze(0)
+            weights = torch.rand(1, k)
+            assert torch.equal(experts(x, selected, weights), experts.dispatch(x, selected, weights))
+
+
+def test_cached_expert_geometry_follows_parameter_updates() -> None:
+    """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; any in-place
+    update of the expert vectors (an optimizer step, ``load_state_dict``, ``.data``) must reach the next call."""
+    model = build("llama", repulsion=0.5)
+    router = model.routers()[0]
+    hidden = torch.randn(1, 6, router.hidden_size)
+    with torch.no_grad():
+        before = router(hidden)[0]
+        router.expert_vectors.copy_(torch.randn_like(router.expert_vectors))
+        after = router(hidden)[0]
+        fresh = SpectraRouter(router.hidden_size, model.config.spectra, layer_idx=0)
+        fresh.load_state_dict(router.state_dict())
+        assert not torch.equal(before, after)
+        assert torch.equal(after, fresh.eval()(hidden)[0])
+        router.load_state_dict({**router.state_dict(), "expert_vectors": torch.randn_like(router.expert_vectors)})
+        fresh.load_state_dict(router.state_dict())
+        assert torch.equal(router(hidden)[0], fresh(hidden)[0])
+        router.expert_vectors.data.normal_()  # an edit that version counters do not see
+        fresh.load_state_dict(router.state_dict())
+        assert torch.equal(router(hidden)[0], fresh(hidden)[0])
+
+
 @pytest.mark.parametrize("mask_row", [False, True])
 def test_training_forward_routes_and_computes_exactly_like_inference(mask_row: bool) -> None:
     """Under autograd the router takes the SequenceGRU path; routing and logits must not move by one bit."""

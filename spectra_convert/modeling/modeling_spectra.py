@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,21 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
     finally:
         if switch:
             torch.set_num_threads(threads)
+
+
+FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): an MoE block runs on one CPU thread
+
+
+def few_tokens_on_one_thread(hidden_states: torch.Tensor) -> AbstractContextManager[None]:
+    """One CPU thread for an MoE block or router call on a few tokens.
+
+    Such a call is ~100 small ops (router steps, per-expert GEMVs, dispatch). On a quiet 2-core box one thread
+    is as fast as two (SmolLM2 carved block, one decoded token: 854 vs 864 us). When another process keeps a
+    core busy, every multi-threaded op waits at its barrier for a descheduled thread: the same block took
+    5.0 ms on two threads and 0.84 ms on one (docs/ARCHITECTURE.md, "Runtime speed").
+    """
+    tokens = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    return single_cpu_thread(hidden_states) if tokens <= FEW_TOKENS else nullcontext()
 
 
 class SequenceGRU(torch.autograd.Function):
@@ -260,15 +275,22 @@ class SpectraRouter(nn.Module):
 
     def _run_gru(self, h: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrence is hundreds of tiny sequential steps: on CPU extra threads only add sync overhead
-        (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one."""
+        (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one.
+
+        Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every
+        call, ~25 us) and a one-token step (decoding) runs ATen's GRU cell: the same ops, in the same order, as
+        one step of the sequence kernel, so states are bit-identical (tests/test_runtime.py) at 60 instead of
+        95 us — most of which is reading the input weights, 0.9 MB per layer."""
+        gru = self.gru
+        weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
         with single_cpu_thread(h):
-            gru = self.gru
-            if torch.is_grad_enabled() and gru.bias and gru.num_layers == 1 and (
-                h.requires_grad or h0.requires_grad or gru.weight_hh_l0.requires_grad
-            ):
-                out = SequenceGRU.apply(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+            if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
+                out = SequenceGRU.apply(h, h0, *weights)
                 return out, out[:, -1]
-            out, last = gru(h, h0.unsqueeze(0).contiguous())
+            if h.shape[1] == 1:
+                last = torch._VF.gru_cell(h[:, 0].contiguous(), h0.contiguous(), *weights)
+                return last.unsqueeze(1), last
+            out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
 
     def sequence_bias(
@@ -286,11 +308,18 @@ class SpectraRouter(nn.Module):
         """
         batch, steps, experts = logits.shape
         probs = torch.softmax(logits.detach().float(), dim=-1)
-        weights = mask.unsqueeze(-1).float() if mask is not None else probs.new_ones(batch, steps, 1)
-        probs = probs * weights
+        if mask is not None:
+            weights = mask.unsqueeze(-1).float()
+            probs = probs * weights
+        else:
+            weights = probs.new_ones(batch, steps, 1)
+        mass = torch.cat([probs, weights], dim=-1)  # per token: its routing distribution and 1 if it is real
         totals0 = state0.float() if state0 is not None else probs.new_zeros(batch, experts + 1)
-        running = torch.cumsum(torch.cat([probs, weights], dim=-1), dim=1)
-        before = running - torch.cat([probs, weights], dim=-1) + totals0.unsqueeze(1)  # exclusive: tokens < t
+        if steps == 1:  # decoding: the exclusive prefix sum is the cache's totals (the general form, exactly)
+            running, before = mass, totals0.unsqueeze(1)
+        else:
+            running = torch.cumsum(mass, dim=1)
+            before = running - mass + totals0.unsqueeze(1)  # exclusive: tokens < t
         count = before[..., -1:]
         mean = torch.where(count > 0, before[..., :-1] / count.clamp(min=1), torch.full_like(probs, 1.0 / experts))
         bias = -self.sequence_balance * experts * (mean - 1.0 / experts)
@@ -309,16 +338,40 @@ class SpectraRouter(nn.Module):
         return F.normalize(x, dim=-1)
 
     def unit_expert_vectors(self) -> torch.Tensor:
-        return F.normalize(self.expert_vectors, dim=-1)
+        return self.expert_geometry()[0]
+
+    def expert_geometry(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unit expert vectors ``mu [E, d]`` and the OSR repulsion weights ``(G ⊙ (1 - I))² [E, E]`` (None when
+        repulsion is off), with ``G = mu mu^T``.
+
+        Both depend on the parameters alone, so on CPU without autograd they are reused while the expert
+        vectors hold the same values: recomputing them cost 8 small ops per router call. Reuse is decided by
+        comparing the vectors with a snapshot (one op), not by version counters, which an in-place edit through
+        ``.data`` does not bump. On an accelerator the comparison would sync every call, so nothing is reused.
+        """
+        vectors = self.expert_vectors
+        reusable = not torch.is_grad_enabled() and vectors.device.type == "cpu"
+        if reusable:
+            flags = (self.repulsion, torch.is_inference_mode_enabled(), vectors.dtype)
+            cached = self.__dict__.get("_geometry")
+            if cached is not None and cached[0] == flags and cached[1].shape == vectors.shape and torch.equal(cached[1], vectors):
+                return cached[2]
+        mu = F.normalize(vectors, dim=-1)
+        repulsion = None
+        if self.repulsion != 0.0:
+            gram = mu @ mu.T
+            off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
+            repulsion = off_diagonal.pow(2)
+        if reusable:
+            self.__dict__["_geometry"] = (flags, vectors.detach().clone(), (mu, repulsion))
+        return mu, repulsion
 
     def osr_cost(self, scores: torch.Tensor) -> torch.Tensor:
         """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more."""
-        if self.repulsion == 0.0:
+        repulsion = self.expert_geometry()[1]
+        if repulsion is None:
             return -scores
-        mu = self.unit_expert_vectors()
-        gram = mu @ mu.T
-        off_diagonal = gram * (1.0 - torch.eye(self.num_experts, device=gram.device, dtype=gram.dtype))
-        return -scores + self.repulsion * scores.abs() @ off_diagonal.pow(2)
+        return -scores + self.repulsion * scores.abs() @ repulsion
 
     def project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expression vectors ``z [N, d]`` of a ``[B, T, H]`` batch (used for k-means prototype init)."""
@@ -357,10 +410,8 @@ class SpectraRouter(nn.Module):
         return 1, n_tokens  # used standalone: one sequence
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if hidden_states.numel() // self.hidden_size <= 64:  # decoding: a few tokens, dozens of tiny ops
-            with single_cpu_thread(hidden_states):
-                return self._route(hidden_states)
-        return self._route(hidden_states)
+        with few_tokens_on_one_thread(hidden_states):
+            return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
@@ -528,6 +579,13 @@ class SpectraExperts(nn.Module):
         return {name: self.fused_weight(name) for name in names}
 
     def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` tokens, their ``[N, k]`` experts and output weights -> ``[N, H]``."""
+        if hidden_states.shape[0] == 1:
+            return self.one_token(hidden_states, selected[0], weights.reshape(-1))
+        return self.dispatch(hidden_states, selected, weights)
+
+    def dispatch(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Slots sorted by expert, one matmul per expert over its rows, one scatter back (see the class doc)."""
         top_k = selected.shape[-1]
         flat_experts = selected.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
@@ -538,6 +596,19 @@ class SpectraExperts(nn.Module):
         outputs = [self.expert(e, chunk, tensors) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
         mixed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, mixed.to(hidden_states.dtype))
+
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One token ``x [1, H]`` (a decoding step): its experts in ascending index order, each output times its
+        weight, summed in that order — the products and additions the sorted dispatch makes for one row
+        (bit-identical, tests/test_runtime.py), without its sort, gather, split, concatenation and scatter
+        (~11 small ops, ~25 us per layer at SmolLM2 size)."""
+        tensors = self.expert_weights()
+        ids = experts.tolist()
+        out = None
+        for slot in sorted(range(len(ids)), key=ids.__getitem__):
+            term = self.expert(ids[slot], x, tensors) * weights[slot].to(x.dtype)
+            out = term if out is None else out + term
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -597,13 +668,14 @@ class SpectraMoeBlock(nn.Module):
         return scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        flat = hidden_states.reshape(-1, shape[-1])
-        _, weights, selected = self.gate(hidden_states)
-        out = self.experts(flat, selected, self.combine_weights(weights, selected))
-        if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
-            out = out + self.shared_expert.expert(0, flat).to(out.dtype)
-        return self.dropout(out.reshape(shape))
+        with few_tokens_on_one_thread(hidden_states):
+            shape = hidden_states.shape
+            flat = hidden_states.reshape(-1, shape[-1])
+            _, weights, selected = self.gate(hidden_states)
+            out = self.experts(flat, selected, self.combine_weights(weights, selected))
+            if self.shared_expert is not None:  # every token, weight 1: no dispatch (same as routing all to it)
+                out = out + self.shared_expert.expert(0, flat).to(out.dtype)
+            return self.dropout(out.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------------------

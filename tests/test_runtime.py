@@ -275,21 +275,28 @@ def test_one_token_gru_step_is_bit_identical_to_nn_gru_on_strided_inputs() -> No
         assert torch.equal(states, expected) and torch.equal(last, expected_last[0])
 
 
-def test_a_few_tokens_run_the_whole_moe_block_on_one_thread_and_the_count_is_restored() -> None:
-    """Decoding steps run router AND experts on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"); long
-    inputs keep the caller's threads, and the caller's setting is back after every call."""
+def test_a_few_tokens_run_the_moe_block_on_one_thread_and_the_count_is_restored() -> None:
+    """Decoding steps run router and experts on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"); what
+    wraps the experts (PEFT folds its LoRA factors there, one large op) and long inputs keep the caller's
+    threads, and the caller's setting is back after every call."""
     model = build("llama")
-    seen: list[int] = []
-    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+    experts = model.model.layers[0].mlp.experts
+    inside: list[int] = []
+    outside: list[int] = []
+    hooks = [experts.act_fn.register_forward_pre_hook(lambda m, a: inside.append(torch.get_num_threads())),
+             experts.register_forward_pre_hook(lambda m, a: outside.append(torch.get_num_threads()))]
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         with torch.no_grad():
             model(torch.randint(3, 128, (1, 1)))
+            assert set(inside) == {1} and outside == [2]
+            inside.clear()
             model(torch.randint(3, 128, (2, 40)))
-        assert seen == [1, 2] and torch.get_num_threads() == 2
+        assert set(inside) == {2} and torch.get_num_threads() == 2
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         torch.set_num_threads(threads)
 
 

@@ -580,9 +580,10 @@ class SpectraExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` tokens, their ``[N, k]`` experts and output weights -> ``[N, H]``."""
-        if hidden_states.shape[0] == 1:
-            return self.one_token(hidden_states, selected[0], weights.reshape(-1))
-        return self.dispatch(hidden_states, selected, weights)
+        with few_tokens_on_one_thread(hidden_states):
+            if hidden_states.shape[0] == 1:
+                return self.one_token(hidden_states, selected[0], weights.reshape(-1))
+            return self.dispatch(hidden_states, selected, weights)
 
     def dispatch(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Slots sorted by expert, one matmul per expert over its rows, one scatter back (see the class doc)."""
@@ -668,14 +669,17 @@ class SpectraMoeBlock(nn.Module):
         return scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        with few_tokens_on_one_thread(hidden_states):
-            shape = hidden_states.shape
-            flat = hidden_states.reshape(-1, shape[-1])
-            _, weights, selected = self.gate(hidden_states)
-            out = self.experts(flat, selected, self.combine_weights(weights, selected))
-            if self.shared_expert is not None:  # every token, weight 1: no dispatch (same as routing all to it)
+        # Router, experts and shared expert each run a few-token call on one thread (``few_tokens_on_one_thread``),
+        # each inside its own forward: an adapter wrapping ``self.experts`` (PEFT folds its LoRA factors into the
+        # whole expert stack before calling it, one large op) keeps the caller's threads.
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        _, weights, selected = self.gate(hidden_states)
+        out = self.experts(flat, selected, self.combine_weights(weights, selected))
+        if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
+            with few_tokens_on_one_thread(flat):
                 out = out + self.shared_expert.expert(0, flat).to(out.dtype)
-            return self.dropout(out.reshape(shape))
+        return self.dropout(out.reshape(shape))
 
 
 # --------------------------------------------------------------------------------------------------------------

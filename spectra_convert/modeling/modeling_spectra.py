@@ -115,7 +115,7 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): an MoE block runs on one CPU thread
+FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): router and experts run on one CPU thread
 
 
 def few_tokens_on_one_thread(hidden_states: torch.Tensor) -> AbstractContextManager[None]:

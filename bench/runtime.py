@@ -237,14 +237,17 @@ def main() -> None:
             spectra.train().requires_grad_(False)
             for router in spectra.routers():
                 router.requires_grad_(True)
+            # The parent's full step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh
+            # memory): more repetitions and one more warm-up for the two fine-tune rows.
+            ft_repeats, ft_warmup = (repeats, warmup) if args.quick else (max(repeats, 5), warmup + 1)
             ms = median_ms({"dense": train_step_fn(dense, ft, False), "router": train_step_fn(spectra, ft, True)},
-                           repeats, warmup)
+                           ft_repeats, ft_warmup)
             rows.append((f"fine-tune step 2 x {ft_len} (router-only)", f"{ms['dense']:.0f} ms (full)",
                          f"{ms['router']:.0f} ms", "", ratio(ms["router"], ms["dense"]), "",
                          f"<= {TARGETS['router']}x: {verdict(ms['router'] / ms['dense'], TARGETS['router'])}"))
             lora = wrap_lora(spectra)
             ms = median_ms({"dense": train_step_fn(dense, ft, False), "lora": train_step_fn(lora, ft, True)},
-                           repeats, warmup)
+                           ft_repeats, ft_warmup)
             rows.append((f"fine-tune step 2 x {ft_len} (LoRA r=16)", f"{ms['dense']:.0f} ms (full)",
                          f"{ms['lora']:.0f} ms", "", ratio(ms["lora"], ms["dense"]), "",
                          f"<= {TARGETS['lora']}x: {verdict(ms['lora'] / ms['dense'], TARGETS['lora'])}"))
@@ -266,7 +269,7 @@ def main() -> None:
                          f"{m:.1f} ms merged", ratio(u, m), "",
                          f"<= {TARGETS['unmerged']}x: {verdict(u / m, TARGETS['unmerged'])}"))
 
-    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats}"
+    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats} (fine-tune rows: {max(repeats, 5) if not args.quick else repeats})"
                   + (", one core busy" if args.busy else "") + (" [QUICK: not a measurement]" if args.quick else ""))
     for column in ("measurement", "dense parent", "SPECTRA", "Mixtral (same experts)", "SPECTRA / dense",
                    "Mixtral / dense", "target"):

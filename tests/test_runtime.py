@@ -339,6 +339,9 @@ def test_cached_expert_geometry_follows_parameter_updates() -> None:
         router.expert_vectors.data.normal_()  # an edit that version counters do not see
         fresh.load_state_dict(router.state_dict())
         assert torch.equal(router(hidden)[0], fresh(hidden)[0])
+        routed = router(hidden)[0]
+        router.unit_expert_vectors().zero_()  # a caller's copy: changing it must not reach the reused geometry
+        assert torch.equal(router(hidden)[0], routed)
 
 
 @pytest.mark.parametrize("mask_row", [False, True])

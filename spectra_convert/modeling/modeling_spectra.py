@@ -338,7 +338,8 @@ class SpectraRouter(nn.Module):
         return F.normalize(x, dim=-1)
 
     def unit_expert_vectors(self) -> torch.Tensor:
-        return self.expert_geometry()[0]
+        """``mu [E, d]``, a fresh tensor the caller may keep or change (routing itself uses ``expert_geometry``)."""
+        return F.normalize(self.expert_vectors, dim=-1)
 
     def expert_geometry(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unit expert vectors ``mu [E, d]`` and the OSR repulsion weights ``(G ⊙ (1 - I))² [E, E]`` (None when
@@ -366,9 +367,11 @@ class SpectraRouter(nn.Module):
             self.__dict__["_geometry"] = (flags, vectors.detach().clone(), (mu, repulsion))
         return mu, repulsion
 
-    def osr_cost(self, scores: torch.Tensor) -> torch.Tensor:
-        """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more."""
-        repulsion = self.expert_geometry()[1]
+    def osr_cost(self, scores: torch.Tensor,
+                 geometry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more.
+        ``geometry``: ``expert_geometry()`` when the caller already has it (one check per routing call)."""
+        repulsion = (geometry or self.expert_geometry())[1]
         if repulsion is None:
             return -scores
         return -scores + self.repulsion * scores.abs() @ repulsion
@@ -388,8 +391,9 @@ class SpectraRouter(nn.Module):
         batch, steps = hidden_states.shape[0], hidden_states.shape[1]
         h = hidden_states.to(self._param_dtype())
         r = self.sequential_state(h, None, None)[0] if self.use_gru else None
-        scores = self.express(h, r).reshape(batch * steps, -1) @ self.unit_expert_vectors().T
-        logits = (-self.osr_cost(scores) / self.temperature).float()
+        geometry = self.expert_geometry()
+        scores = self.express(h, r).reshape(batch * steps, -1) @ geometry[0].T
+        logits = (-self.osr_cost(scores, geometry) / self.temperature).float()
         if self.sequence_balance > 0:
             logits = logits + self.sequence_bias(logits.view(batch, steps, -1), None, None)[0].reshape(batch * steps, -1)
         return logits
@@ -430,8 +434,9 @@ class SpectraRouter(nn.Module):
         if self.use_gru:
             r, last = self.sequential_state(h, mask, gru0)
         z = self.express(h, r).reshape(batch * steps, -1)
-        scores = z @ self.unit_expert_vectors().T  # S [N, E], cosine similarities
-        router_logits = -self.osr_cost(scores) / self.temperature
+        geometry = self.expert_geometry()
+        scores = z @ geometry[0].T  # S [N, E], cosine similarities
+        router_logits = -self.osr_cost(scores, geometry) / self.temperature
         flat_mask = mask.reshape(-1) if mask is not None else None
 
         # What top-k ranks before the dual bias: logits plus this sequence's running-load correction.

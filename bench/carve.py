@@ -281,6 +281,14 @@ def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):
                    shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
 
 
+def given_or_carved(gguf: Path, args: argparse.Namespace) -> Path:
+    """``--carved DIR`` when given, else a fresh carve into WORK/carved (the --timing-only and LoRA-curve runs)."""
+    if args.carved is not None:
+        return args.carved
+    carve_parent(gguf, args.work / "carved", args)
+    return args.work / "carved"
+
+
 LORA = dict(mode="lora", seq_len=256, batch_size=4, lr=2e-4, lr_router=1e-3, merge=True)  # every LoRA run here
 
 
@@ -401,19 +409,13 @@ def main() -> None:
     ks = [int(k) for k in args.top_k.split(",")]
     if args.timing_only:
         parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
-        carved_dir = args.carved
-        if carved_dir is None:
-            carved_dir = args.work / "carved"
-            carve_parent(gguf, carved_dir, args)
+        carved_dir = given_or_carved(gguf, args)
         t = timing(parent.to(device), carved_dir, blocks_of(tokenizer, CORPUS / "unseen.jsonl", 512), args)
         (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
         print_timing(t, device)
         return
     if args.lora_minutes > 0:
-        carved_dir = args.carved
-        if carved_dir is None:
-            carved_dir = args.work / "carved"
-            carve_parent(gguf, carved_dir, args)
+        carved_dir = given_or_carved(gguf, args)
         parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
         unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
         parent_ppl = perplexity(parent.to(device), unseen, device)

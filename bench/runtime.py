@@ -196,8 +196,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seq, batch4, new_tokens, ft_len, repeats, warmup = 512, 4, 64, 128, args.repeats, 1
+    # The parent's full fine-tune step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh
+    # memory): more repetitions and one more warm-up for the two fine-tune rows.
+    ft_repeats, ft_warmup = max(repeats, 5), warmup + 1
     if args.quick:
         seq, batch4, new_tokens, ft_len, repeats, warmup = 32, 2, 4, 16, 1, 0
+        ft_repeats, ft_warmup = repeats, warmup
 
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         dense, spectra, mixtral, model_dir = load_models(args.model, Path(tmp))
@@ -237,9 +241,6 @@ def main() -> None:
             spectra.train().requires_grad_(False)
             for router in spectra.routers():
                 router.requires_grad_(True)
-            # The parent's full step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh
-            # memory): more repetitions and one more warm-up for the two fine-tune rows.
-            ft_repeats, ft_warmup = (repeats, warmup) if args.quick else (max(repeats, 5), warmup + 1)
             ms = median_ms({"dense": train_step_fn(dense, ft, False), "router": train_step_fn(spectra, ft, True)},
                            ft_repeats, ft_warmup)
             rows.append((f"fine-tune step 2 x {ft_len} (router-only)", f"{ms['dense']:.0f} ms (full)",
@@ -269,7 +270,7 @@ def main() -> None:
                          f"{m:.1f} ms merged", ratio(u, m), "",
                          f"<= {TARGETS['unmerged']}x: {verdict(u / m, TARGETS['unmerged'])}"))
 
-    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats} (fine-tune rows: {max(repeats, 5) if not args.quick else repeats})"
+    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats} (fine-tune rows: {ft_repeats})"
                   + (", one core busy" if args.busy else "") + (" [QUICK: not a measurement]" if args.quick else ""))
     for column in ("measurement", "dense parent", "SPECTRA", "Mixtral (same experts)", "SPECTRA / dense",
                    "Mixtral / dense", "target"):

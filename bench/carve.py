@@ -311,7 +311,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
 
     from spectra_convert.finetune import finetune
 
-    data = REPO / "spectra_convert" / "data" / "calibration.jsonl"
+    data = args.train_data
     ckpt, log, out = args.work / "lora-checkpoints", args.work / "lora-log.jsonl", args.work / "lora-out"
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
@@ -395,6 +395,9 @@ def main() -> None:
     parser.add_argument("--lora-minutes", type=float, default=0.0,
                         help="only the LoRA curve: about this many minutes of training, one run in segments")
     parser.add_argument("--lora-evals", type=int, default=6, help="curve points after step 0")
+    parser.add_argument("--train-data", type=Path, default=REPO / "spectra_convert" / "data" / "calibration.jsonl",
+                        help="LoRA-curve training text (default: the 41k-token calibration corpus; a larger set: "
+                             "scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
     args = parser.parse_args()
 

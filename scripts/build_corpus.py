@@ -22,7 +22,13 @@ Outputs (relative to ``--out-root``; written atomically, never overwritten witho
   fingerprint of the source files seen, so a test can tell "same machine, must reproduce byte-for-byte" from
   "different machine, different corpus").
 
+With ``--training-out FILE --training-docs N`` it writes only FILE instead: N more documents per seen domain,
+drawn after the committed splits from source files none of them used (so it never repeats calibration, held-out
+or unseen text) -- a larger training set for fine-tuning runs that would overfit the 41k calibration tokens
+(``bench/carve.py --train-data``). Not committed: build it where it is needed.
+
 Usage: ``python scripts/build_corpus.py [--out-root .] [--seed 0] [--force]``
+       ``python scripts/build_corpus.py --training-out /tmp/train_large.jsonl --training-docs 400``
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ UNSEEN_DOCS = 30
 DOCS_PER_SOURCE = {"code": 2, "docs": 2, "legal": 1, "changelog": 1}
 
 CALIBRATION_PATH = Path("spectra_convert/data/calibration.jsonl")
+#: Key of the optional extra training split in ``build``'s files (written to ``--training-out``).
+TRAINING_SPLIT = Path("training")
 FIXTURE_DIR = Path("tests/fixtures/corpus")
 
 _STDLIB_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "encodings", "turtledemo",
@@ -288,8 +296,9 @@ def round_robin(sources: list[Source], rng: random.Random) -> Iterator[Source]:
 
 
 def fill_splits(domain: str, sources: list[Source], quotas: dict[str, int], seed: int,
-                seen_texts: set[str]) -> dict[str, list[dict[str, str]]]:
-    """Fill each split's quota for one domain, every source file going to exactly one split."""
+                seen_texts: set[str], *, at_most: frozenset = frozenset()) -> dict[str, list[dict[str, str]]]:
+    """Fill each split's quota for one domain, every source file going to exactly one split (the splits named in
+    ``at_most`` take what is left when the sources run out instead of failing)."""
     rng = random.Random(f"{seed}:{domain}")
     order = round_robin(sources, rng)
     splits: dict[str, list[dict[str, str]]] = {name: [] for name in quotas}
@@ -298,6 +307,8 @@ def fill_splits(domain: str, sources: list[Source], quotas: dict[str, int], seed
         while len(docs) < quota:
             source = next(order, None)
             if source is None:
+                if split in at_most:
+                    break
                 raise SystemExit(f"error: ran out of {domain} sources filling {split} ({len(docs)}/{quota} documents)")
             text = read_text(source)
             if text is None:
@@ -325,11 +336,15 @@ def interleave(groups: list[list[dict[str, str]]]) -> list[dict[str, str]]:
     return out
 
 
-def build(seed: int) -> tuple[dict[Path, list[dict[str, str]]], dict[str, object]]:
-    """All output files (relative path -> records) and the manifest describing how they were made."""
+def build(seed: int, training_docs: int = 0) -> tuple[dict[Path, list[dict[str, str]]], dict[str, object]]:
+    """All output files (relative path -> records) and the manifest describing how they were made; with
+    ``training_docs`` also the extra training split (key ``TRAINING_SPLIT``, filled last so the committed splits
+    are the same with or without it)."""
     sources = all_sources()
     seen_texts: set[str] = set()
-    per_domain = {d: fill_splits(d, sources[d], SPLIT_QUOTAS, seed, seen_texts) for d in SEEN_DOMAINS}
+    quotas = {**SPLIT_QUOTAS, **({TRAINING_SPLIT: training_docs} if training_docs > 0 else {})}
+    per_domain = {d: fill_splits(d, sources[d], quotas, seed, seen_texts, at_most=frozenset({TRAINING_SPLIT}))
+                  for d in SEEN_DOMAINS}
     unseen = fill_splits(UNSEEN_DOMAIN, sources[UNSEEN_DOMAIN], {"unseen": UNSEEN_DOCS}, seed, seen_texts)["unseen"]
     split = {name: interleave([per_domain[d][name] for d in SEEN_DOMAINS]) for name in SPLIT_QUOTAS}
     files = {
@@ -339,6 +354,8 @@ def build(seed: int) -> tuple[dict[Path, list[dict[str, str]]], dict[str, object
         FIXTURE_DIR / "unseen.jsonl": unseen,
         FIXTURE_DIR / "mixed_eval.jsonl": split["heldout"] + unseen,
     }
+    if training_docs > 0:
+        files[TRAINING_SPLIT] = interleave([per_domain[d][TRAINING_SPLIT] for d in SEEN_DOMAINS])
     manifest = {
         "seed": seed,
         "python": ".".join(map(str, sys.version_info[:3])),
@@ -380,13 +397,35 @@ def write_outputs(out_root: Path, files: dict[Path, list[dict[str, str]]], manif
             os.replace(staged, out_root / rel)
 
 
+def write_training_split(out: Path, docs: int, seed: int, force: bool) -> int:
+    """``--training-out``: the extra training split alone, written atomically (temp file + rename)."""
+    if docs < 1:
+        raise SystemExit(f"error: --training-docs must be >= 1, got {docs}")
+    if out.exists() and not force:
+        raise SystemExit(f"error: {out} exists; pass --force to rebuild")
+    records = build(seed, training_docs=docs)[0][TRAINING_SPLIT]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}-", delete=False) as staged:
+        staged.write(to_jsonl(records))
+    os.replace(staged.name, out)
+    counts = {d: sum(r["domain"] == d for r in records) for d in SEEN_DOMAINS}
+    chars = sum(len(r["text"]) for r in records)
+    print(f"{out}: {len(records)} documents ({', '.join(f'{d} {n}' for d, n in counts.items())}), {chars:,} characters")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-root", type=Path, default=Path("."), help="repository root to write into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing corpus files")
+    parser.add_argument("--training-out", type=Path, default=None,
+                        help="write only an extra training split here (not the committed corpus files)")
+    parser.add_argument("--training-docs", type=int, default=400, help="documents per seen domain for --training-out")
     args = parser.parse_args(argv)
 
+    if args.training_out is not None:
+        return write_training_split(args.training_out, args.training_docs, args.seed, args.force)
     refuse_overwrite(args.out_root, list(OUTPUTS), args.force)  # before spending time on the build
     files, manifest = build(args.seed)
     write_outputs(args.out_root, files, manifest, args.force)

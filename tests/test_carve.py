@@ -362,3 +362,78 @@ def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(ca
     mean_spectra, mean_ridge = sum(spectra) / len(spectra), sum(ridge) / len(ridge)
     assert mean_spectra >= mean_ridge - 0.005, (mean_spectra, mean_ridge)
     assert sum(s >= r - 0.03 for s, r in zip(spectra, ridge)) == len(spectra), list(zip(spectra, ridge))
+
+
+def test_carve_turns_the_projector_orthogonality_loss_off(tiny_carved) -> None:
+    """A carved router's projector holds the ridge fit to the oracle (rows not orthonormal): the default
+    orthogonality penalty would dominate fine-tuning's router loss and undo the fit, so a carve writes 0."""
+    spectra = json.loads((tiny_carved / "config.json").read_text())["spectra"]
+    assert spectra["ortho_loss_coef"] == 0.0
+
+
+def _block_inputs_and_mass(model, blocks: torch.Tensor):
+    """Every carved block's router inputs on ``blocks`` (captured by hooks) and the oracle mass of its raw experts."""
+    from spectra_convert.router.oracle_fit import block_oracle_mass, carved_blocks
+
+    captured: dict[int, list[torch.Tensor]] = {}
+    carved = carved_blocks(model)
+    handles = [b.gate.register_forward_hook(lambda m, a, o, i=i: captured.setdefault(i, []).append(a[0]))
+               for i, b in enumerate(carved)]
+    with torch.no_grad():
+        for start in range(0, blocks.shape[0], 4):
+            model(input_ids=blocks[start:start + 4], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    inputs = [torch.cat(captured[i]) for i in range(len(carved))]
+    return carved, inputs, [block_oracle_mass(b.experts, x.reshape(-1, x.shape[-1])) for b, x in zip(carved, inputs)]
+
+
+def test_closing_recalibration_gives_a_carved_model_the_recall_aware_bias(tiny_carved) -> None:
+    """finetune's closing bias re-correction (``recalibrate_model_bias``) gives a carved router what the converter
+    does -- the balancing bias at the strongest share that keeps held-out oracle recall -- not the full balancing
+    bias, which runs experts the tokens do not need (the LoRA curve lost recall 0.733 -> 0.638 with it)."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from spectra_convert.router.calibrate import calibration_batches, recalibrate_model_bias
+    from spectra_convert.router.oracle_fit import calibrate_carved_bias_on_scores
+    from spectra_convert.textdata import load_texts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    blocks = calibration_batches(tokenizer, [r.text for r in load_texts(CORPUS / "heldout.jsonl")], max_tokens=2048,
+                                 seq_len=64, seed=1)
+    carved, inputs, masses = _block_inputs_and_mass(model, blocks)
+    expected, strengths = [], []
+    for block, x, mass in zip(carved, inputs, masses):
+        twin = copy.deepcopy(block.gate)
+        strengths.append(calibrate_carved_bias_on_scores(twin, twin.selection_scores(x), mass, x.shape[1])["bias_strength"])
+        expected.append(twin.dual_bias.clone())
+    assert min(strengths) < 1.0, "the test needs a router whose recall-aware share is not the full bias"
+    cvs = recalibrate_model_bias(model, blocks)
+    assert len(cvs) == len(carved) and all(cv >= 0 for cv in cvs)
+    for block, bias in zip(carved, expected):
+        torch.testing.assert_close(block.gate.dual_bias, bias)
+
+
+def test_oracle_mass_through_a_lora_wrapped_experts_module_counts_the_adapter(tiny_carved) -> None:
+    """During LoRA fine-tuning PEFT folds its factors into the fused expert tensors only inside the experts'
+    forward: the mass the closing re-correction measures goes through that forward, so it is the mass of the
+    experts the model runs (== the merged model's)."""
+    from spectra_convert.finetune.modes import ModeOptions, get_mode
+    from spectra_convert.router.oracle_fit import block_oracle_mass, carved_blocks, oracle_mass_via_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True)
+    peft_model = get_mode("lora").prepare(model, ModeOptions(lora_r=4, lora_alpha=8))
+    block = carved_blocks(peft_model)[0]
+    for name, param in block.experts.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(20, model.get_input_embeddings().embedding_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        wrapped = oracle_mass_via_forward(block.experts, x, 4)
+        merged_block = carved_blocks(peft_model.merge_and_unload())[0]
+        torch.testing.assert_close(wrapped, block_oracle_mass(merged_block.experts, x), rtol=1e-4, atol=1e-4)
+        plain = carved_blocks(AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True))[0]
+        assert not torch.allclose(wrapped, block_oracle_mass(plain.experts, x), rtol=1e-2), "the adapter must count"

@@ -98,10 +98,24 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
     bias updates follow (measured on SmolLM2: held-out CV 0.04 -> 0.15 in 20 router steps). Training therefore
     ends with a hard-load correction; this is it. Only each router's selection scores are kept (E floats
     a token), so many tokens fit: on SmolLM2 8x a bias corrected on 8k training tokens left held-out CV at
-    0.077, on 54k tokens 0.046. Returns the per-router calibration CV.
+    0.077, on 54k tokens 0.046. A router of a carved block gets what the converter gives it
+    (``calibrate_carved_bias``): the balancing bias at the strongest share that keeps oracle recall on the last
+    eighth of ``blocks``; the full bias would run experts the tokens do not need. Returns the per-router load CV
+    of the bias it set, on ``blocks``.
     """
+    from .oracle_fit import calibrate_carved_bias_on_scores, carved_blocks, oracle_mass_via_forward, selection_cv
+
     routers = find_routers(model)
     scores: dict[int, list[torch.Tensor]] = {id(r): [] for r in routers}
+    carved = {id(router): block for block in carved_blocks(model) for router in find_routers(block.gate)}
+    masses: dict[int, list[torch.Tensor]] = {key: [] for key in carved}
+
+    def collect_mass(router: torch.nn.Module, args: tuple, _output: object) -> None:
+        # inside the block's forward, where a sharded model's expert weights are gathered and a LoRA is folded in
+        hidden = args[0].reshape(-1, args[0].shape[-1])
+        masses[id(router)].append(oracle_mass_via_forward(carved[id(router)].experts, hidden, router.num_experts))
+
+    handles = [router.register_forward_hook(collect_mass) for router in routers if id(router) in carved]
     was_training = model.training
     model.eval()
     try:
@@ -114,5 +128,16 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
                     if entry:
                         scores[id(router)].append(router.selection_scores(entry["inputs"].float()))
     finally:
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    return [calibrate_bias_on_scores(r, torch.cat(scores[id(r)])) for r in routers if scores[id(r)]]
+    cvs = []
+    for router in (r for r in routers if scores[id(r)]):
+        logits = torch.cat(scores[id(router)])
+        if id(router) not in carved:
+            cvs.append(calibrate_bias_on_scores(router, logits))
+            continue
+        calibrate_carved_bias_on_scores(router, logits, torch.cat(masses[id(router)]), blocks.shape[1])
+        selected = (logits + router.dual_bias.float()).topk(router.top_k, dim=-1).indices
+        cvs.append(selection_cv(selected, router.num_experts))
+    return cvs

@@ -259,16 +259,25 @@ def calibrate_carved_bias(router: SpectraRouter, inputs: torch.Tensor, mass: tor
     chosen strength, its held-out recall and load CV, the calibration CV of the full balancing bias, and the
     curve ``[(strength, recall, cv)]``.
     """
+    return calibrate_carved_bias_on_scores(router, router.selection_scores(inputs), mass, inputs.shape[1],
+                                           holdout=holdout, tolerance=tolerance)
+
+
+@torch.no_grad()
+def calibrate_carved_bias_on_scores(router: SpectraRouter, logits: torch.Tensor, mass: torch.Tensor, steps: int, *,
+                                    holdout: float = 0.125, tolerance: float = 0.002) -> dict:
+    """``calibrate_carved_bias`` given the selection scores ``[B * steps, E]`` of ``B`` whole sequences of
+    ``steps`` tokens (sequence-major rows, as ``mass``): what lets a fine-tuned model's closing re-correction
+    (``recalibrate_model_bias``) keep E floats a token instead of the hidden states."""
     from .calibrate import calibrate_bias_on_scores
 
-    logits = router.selection_scores(inputs)
-    fit, held = holdout_split(inputs.shape[0], holdout)
+    fit, held = holdout_split(logits.shape[0] // steps, holdout)
     balanced_cv = calibrate_bias_on_scores(router, logits)
     balancing = router.dual_bias.float().clone()
     if held.numel() == 0:
         return {"bias_strength": 1.0, "heldout_recall": float("nan"), "heldout_cv": float("nan"),
                 "calibration_cv": balanced_cv}
-    held_rows = _rows(held, inputs.shape[1])
+    held_rows = _rows(held, steps)
     oracle = oracle_topk(mass[held_rows], router.top_k)
     curve = []
     for strength in BIAS_STRENGTHS:
@@ -300,6 +309,16 @@ def block_oracle_mass(experts: torch.nn.Module, hidden: torch.Tensor) -> torch.T
     """``[N, E]`` activation mass of every routed expert of a carved block (``SpectraExperts``) on ``hidden
     [N, H]``: the norm of each expert's unscaled contribution to the FFN output."""
     return torch.stack([experts.expert(e, hidden).norm(dim=-1) for e in range(experts.num_experts)], dim=-1).float()
+
+
+@torch.no_grad()
+def oracle_mass_via_forward(experts: torch.nn.Module, hidden: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``block_oracle_mass`` through the experts' own forward, one expert at a time (every token sent to expert
+    e with weight 1): whatever wraps the fused tensors — PEFT's LoRA during fine-tuning, which folds its factors
+    in only inside that forward — counts, as it does when the model runs."""
+    ones = hidden.new_ones(hidden.shape[0], 1)
+    return torch.stack([experts(hidden, torch.full_like(ones, e, dtype=torch.long), ones).norm(dim=-1)
+                        for e in range(num_experts)], dim=-1).float()
 
 
 def carved_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -71,10 +71,15 @@ _PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_b
 
 def carve_knobs(intermediate: int, experts: int, shared_fraction: float) -> dict[str, Any]:
     """The ``spectra`` config knobs a carve sets: widths of the routed and shared experts, the sum combine rule,
-    and the per-sequence balance off (it would run neurons that should stay off; README "Carving" measures it)."""
+    the per-sequence balance off (it would run neurons that should stay off; README "Carving" measures it), and
+    the projector-orthogonality loss off: a carved router's projector holds the ridge fit to the oracle, whose
+    rows are not orthonormal (||P P^T - I||^2 was 67-1352 per layer on SmolLM2, mean 381), so at the default
+    coefficient the penalty dominated fine-tuning's router loss and pulled the fit apart (docs/ARCHITECTURE.md,
+    carving)."""
     shared = shared_size(intermediate, experts, shared_fraction)
     return {"intermediate_size": (intermediate - shared) // experts, "shared_expert": True,
-            "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": 0.0}
+            "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": 0.0,
+            "ortho_loss_coef": 0.0}
 
 
 @torch.no_grad()

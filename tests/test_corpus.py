@@ -133,3 +133,26 @@ def test_rebuild_reproduces_committed_files_byte_for_byte(tmp_path):
     again = subprocess.run([sys.executable, str(script), "--out-root", str(tmp_path)], capture_output=True,
                            text=True, timeout=120)
     assert again.returncode != 0 and "pass --force" in again.stderr
+
+
+def test_training_split_is_extra_text_no_committed_split_holds(tmp_path):
+    """``--training-out``: a larger training set for fine-tuning runs, drawn after the committed splits from
+    source files none of them used, so it never repeats calibration, held-out or unseen text."""
+    script = REPO / "scripts" / "build_corpus.py"
+    out = tmp_path / "train_large.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--training-out", str(out), "--training-docs", "6"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["domain"] for r in records} <= {"code", "docs", "legal"} and len(records) <= 18
+    assert all(600 <= len(r["text"]) <= 2000 for r in records)
+    committed = [json.loads(line) for path in [REPO / "spectra_convert/data/calibration.jsonl",
+                                               *(CORPUS / f"{n}.jsonl" for n in ("train", "heldout", "unseen"))]
+                 for line in path.read_text().splitlines()]
+    if json.loads((CORPUS / "manifest.json").read_text())["python"] == ".".join(map(str, sys.version_info[:3])):
+        assert len(records) == 18
+        assert not {r["source"] for r in records} & {r["source"] for r in committed}
+    assert not {r["text"] for r in records} & {r["text"] for r in committed}
+    again = subprocess.run([sys.executable, str(script), "--training-out", str(out)], capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode != 0 and "pass --force" in again.stderr

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -506,6 +506,52 @@ def routing_entropy(scores: torch.Tensor, temperature: float, mask: torch.Tensor
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: Low-rank updates of a fused ``[E, out, in]`` tensor: ``(lhs [E, out, r], rhs [E, r, in], scale)`` each.
+LowRankTerms = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def peft_expert_lora(experts: nn.Module) -> tuple[nn.Module, dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]] | None:
+    """``(SpectraExperts, low-rank terms per tensor name)`` when ``experts`` is wrapped by PEFT's LoRA on its fused
+    tensors (``target_parameters``), else ``None`` (then the module runs as it is).
+
+    Why: PEFT's ``ParamWrapper.forward`` registers a parametrization on every call, and torch's consistency check
+    evaluates the fold ``W + s * lhs @ rhs`` of the whole ``[E, out, in]`` stack once per registration: r times
+    the stack's multiply-adds per layer per forward, whichever k experts the tokens use (decoding with an
+    unmerged adapter measured 5.06x the merged model, docs/ARCHITECTURE.md "Runtime speed"). Reading the factors
+    (PEFT's ``get_delta_factors``) and applying them to the routed rows computes the same function in r-wide
+    GEMMs. Only the plain case is taken over -- one active adapter, not merged, adapters enabled, a float
+    tensor; anything else (and a PEFT without ``get_delta_factors``) runs PEFT's own forward. Matched by class
+    name: the runtime never imports peft.
+    """
+    terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    module = experts
+    while type(module).__name__ == "ParamWrapper":
+        get_factors = getattr(module, "get_delta_factors", None)
+        if get_factors is None or module.merged or module.disable_adapters or getattr(module, "num_experts", 0) < 2:
+            return None
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if len(active) != 1:
+            return None
+        lhs, rhs, scaling = get_factors(active[0])
+        terms.setdefault(module.parameter_name, []).append((lhs, rhs, float(scaling)))
+        module = module.base_layer
+    if module is experts or type(module).__name__ != "SpectraExperts":
+        return None
+    if any(getattr(module, name).dtype not in (torch.float32, torch.float16, torch.bfloat16) for name in terms):
+        return None
+    return module, terms
+
+
+def run_experts(experts: nn.Module, hidden: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The block's call of its experts: through PEFT's expert LoRA as low-rank terms where ``peft_expert_lora``
+    can read them, else the module's own forward."""
+    unwrapped = peft_expert_lora(experts)
+    if unwrapped is None:
+        return experts(hidden, selected, weights)
+    base, low_rank = unwrapped
+    return base(hidden, selected, weights, low_rank=low_rank)
+
+
 class SpectraExperts(nn.Module):
     """E experts as fused 3-D tensors.
 
@@ -540,7 +586,7 @@ class SpectraExperts(nn.Module):
             else:
                 param.normal_(0.0, std)
 
-    def fused_weight(self, name: str) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    def fused_weight(self, name: str, extra: LowRankTerms = ()) -> tuple[torch.Tensor, LowRankTerms]:
         """A fused expert tensor as ``(base [E, out, in], low-rank terms)`` with ``W_e = base_e + sum s * lhs_e @ rhs_e``.
 
         Why: PEFT LoRA on ``target_parameters`` registers a parametrization that folds its factors into the whole
@@ -548,19 +594,20 @@ class SpectraExperts(nn.Module):
         every parametrization of the tensor is such a low-rank fold (it exposes ``lhs``, ``rhs`` and ``scaling``)
         the experts apply the factors to their own rows instead: ``x @ W_e.T + s * (x @ rhs_e.T) @ lhs_e.T``, the
         same function, and no folded stack in the autograd graph. PEFT still evaluates the fold once when it
-        registers (torch's consistency check), so an unmerged adapter stays slower than a merged one (measured
-        4.7x on decode, README "Benchmarks"). Any other parametrization is read as the full tensor it produces.
+        registers (torch's consistency check); the MoE block avoids that by reading the factors itself
+        (``peft_expert_lora``) and passing them here as ``extra``. Any other parametrization is read as the full
+        tensor it produces.
         """
         parametrizations = getattr(self, "parametrizations", None)
         if parametrizations is not None and name in parametrizations:
             chain = parametrizations[name]
             if all(hasattr(p, "lhs") and hasattr(p, "rhs") and hasattr(p, "scaling") for p in chain):
-                return chain.original, [(p.lhs, p.rhs, float(p.scaling)) for p in chain]
-        return getattr(self, name), []
+                return chain.original, [(p.lhs, p.rhs, float(p.scaling)) for p in chain] + list(extra)
+        return getattr(self, name), list(extra)
 
     @staticmethod
     def _expert_linear(
-        x: torch.Tensor, weight: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]], index: int,
+        x: torch.Tensor, weight: tuple[torch.Tensor, LowRankTerms], index: int,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base, low_rank = weight
@@ -579,18 +626,24 @@ class SpectraExperts(nn.Module):
         hidden = self.act_fn(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
         return self._expert_linear(hidden, weights["down_proj"], index, self.down_bias[index])
 
-    def expert_weights(self) -> dict[str, Any]:
+    def expert_weights(self, low_rank: dict[str, LowRankTerms] | None = None) -> dict[str, Any]:
+        """Each fused tensor as ``fused_weight`` reads it, plus the ``low_rank`` terms the caller adds per name."""
         names = ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
-        return {name: self.fused_weight(name) for name in names}
+        low_rank = low_rank or {}
+        return {name: self.fused_weight(name, low_rank.get(name, ())) for name in names}
 
-    def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``[N, H]`` tokens, their ``[N, k]`` experts and output weights -> ``[N, H]``."""
+    def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
+                low_rank: dict[str, LowRankTerms] | None = None) -> torch.Tensor:
+        """``[N, H]`` tokens, their ``[N, k]`` experts and output weights -> ``[N, H]``; ``low_rank``: adapter terms
+        ``W_e += s * lhs_e @ rhs_e`` per tensor name, applied to the routed rows (``peft_expert_lora``)."""
         with few_tokens_on_one_thread(hidden_states):
+            tensors = self.expert_weights(low_rank)
             if hidden_states.shape[0] == 1:
-                return self.one_token(hidden_states, selected[0], weights.reshape(-1))
-            return self.dispatch(hidden_states, selected, weights)
+                return self.one_token(hidden_states, selected[0], weights.reshape(-1), tensors)
+            return self.dispatch(hidden_states, selected, weights, tensors)
 
-    def dispatch(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
+                 tensors: dict[str, Any] | None = None) -> torch.Tensor:
         """Slots sorted by expert, one matmul per expert over its rows, one scatter back (see the class doc)."""
         top_k = selected.shape[-1]
         flat_experts = selected.reshape(-1)
@@ -598,17 +651,18 @@ class SpectraExperts(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         token_of_slot = order // top_k
         grouped = hidden_states[token_of_slot]
-        tensors = self.expert_weights()
+        tensors = tensors or self.expert_weights()
         outputs = [self.expert(e, chunk, tensors) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
         mixed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, mixed.to(hidden_states.dtype))
 
-    def one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                  tensors: dict[str, Any] | None = None) -> torch.Tensor:
         """One token ``x [1, H]`` (a decoding step): its experts in ascending index order, each output times its
         weight, summed in that order — the products and additions the sorted dispatch makes for one row
         (bit-identical, tests/test_runtime.py), without its sort, gather, split, concatenation and scatter
         (~11 small ops, ~25 us per layer at SmolLM2 size)."""
-        tensors = self.expert_weights()
+        tensors = tensors or self.expert_weights()
         ids = experts.tolist()
         out = None
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
@@ -680,7 +734,7 @@ class SpectraMoeBlock(nn.Module):
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, selected = self.gate(hidden_states)
-        out = self.experts(flat, selected, self.combine_weights(weights, selected))
+        out = run_experts(self.experts, flat, selected, self.combine_weights(weights, selected))
         if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
             with few_tokens_on_one_thread(flat):
                 out = out + self.shared_expert.expert(0, flat).to(out.dtype)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..modeling.modeling_spectra import SpectraRouter, single_cpu_thread
+from ..modeling.modeling_spectra import SpectraRouter, run_experts, single_cpu_thread
 from .loads import load_cv
 
 
@@ -314,10 +314,10 @@ def block_oracle_mass(experts: torch.nn.Module, hidden: torch.Tensor) -> torch.T
 @torch.no_grad()
 def oracle_mass_via_forward(experts: torch.nn.Module, hidden: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``block_oracle_mass`` through the experts' own forward, one expert at a time (every token sent to expert
-    e with weight 1): whatever wraps the fused tensors — PEFT's LoRA during fine-tuning, which folds its factors
-    in only inside that forward — counts, as it does when the model runs."""
+    e with weight 1, called as the block calls them, ``run_experts``): whatever wraps the fused tensors -- PEFT's
+    LoRA during fine-tuning -- counts, as it does when the model runs."""
     ones = hidden.new_ones(hidden.shape[0], 1)
-    return torch.stack([experts(hidden, torch.full_like(ones, e, dtype=torch.long), ones).norm(dim=-1)
+    return torch.stack([run_experts(experts, hidden, torch.full_like(ones, e, dtype=torch.long), ones).norm(dim=-1)
                         for e in range(num_experts)], dim=-1).float()
 
 

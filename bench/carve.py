@@ -336,8 +336,10 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     budget, target, trained = args.lora_minutes * 60, args.lora_first_steps, 0.0
     while True:
         started = time.perf_counter()
+        teacher = {"distill_from": str(args.gguf.parent), "distill_gguf_file": args.gguf.name} if args.distill else {}
         result = finetune(carved_dir, data, out, steps=target, save_every=50, checkpoint_dir=ckpt, resume=target > args.lora_first_steps,
-                          log_every=10, log_file=log, recalibration_tokens=args.recalibration_tokens, force=True, **LORA)
+                          log_every=10, log_file=log, recalibration_tokens=args.recalibration_tokens, force=True,
+                          **LORA, **teacher)
         wall = time.perf_counter() - started
         trained = training_seconds(log, tokens_per_step)
         summary = json.loads((out / "finetune.json").read_text())
@@ -359,7 +361,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
 def print_curve(report: dict) -> None:
     points = report["points"]
     last = points[-1]
-    print(f"\nLoRA (+ routers) curve, k={report['k']}, carved {report['carved']}: parent perplexity "
+    print(f"\nLoRA (+ routers) curve{' distilled from the parent' if report['settings'].get('distill') else ''}, k={report['k']}, carved {report['carved']}: parent perplexity "
           f"{report['parent_ppl']:.3f}; {last['steps']} steps in {last['train_minutes']:.1f} training minutes "
           f"({last['steps'] / max(last['train_minutes'], 1e-9):.1f} steps/min), {sum(p['segment_wall_s'] for p in points) / 60:.1f} "
           f"minutes of finetune calls in all; bias re-corrected on {report['settings']['recalibration_tokens']} tokens")
@@ -398,6 +400,8 @@ def main() -> None:
     parser.add_argument("--train-data", type=Path, default=REPO / "spectra_convert" / "data" / "calibration.jsonl",
                         help="LoRA-curve training text (default: the 41k-token calibration corpus; a larger set: "
                              "scripts/build_corpus.py --training-out FILE)")
+    parser.add_argument("--distill", action="store_true",
+                        help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
     args = parser.parse_args()
 
@@ -418,6 +422,7 @@ def main() -> None:
         print_timing(t, device)
         return
     if args.lora_minutes > 0:
+        args.gguf = gguf  # the teacher of --distill
         carved_dir = given_or_carved(gguf, args)
         parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
         unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)

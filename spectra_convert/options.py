@@ -96,6 +96,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "max_grad_norm": Rule(_FLOAT, min=0),
         "max_records": Rule(_INT, min=1, optional=True),
         "recalibration_tokens": _POSITIVE,
+        "distill_weight": Rule(_FLOAT, above=0, max=1),
     },
     "validate": {
         "data": Rule("path"),
@@ -114,7 +115,8 @@ RULES: dict[str, dict[str, Rule]] = {
 #: (value None: b must be set).
 RELATIONS: dict[str, list[tuple[Any, ...]]] = {
     "upcycle": [("at_most", "top_k", "experts")],
-    "finetune": [("needs", "merge", "mode", "lora"), ("needs", "target_modules", "mode", "lora")],
+    "finetune": [("needs", "merge", "mode", "lora"), ("needs", "target_modules", "mode", "lora"),
+                 ("needs", "distill_gguf_file", "distill_from", None)],
     "validate": [("needs", "max_ppl_ratio", "parent", None)],
 }
 

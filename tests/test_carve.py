@@ -437,3 +437,65 @@ def test_oracle_mass_through_a_lora_wrapped_experts_module_counts_the_adapter(ti
         torch.testing.assert_close(wrapped, block_oracle_mass(merged_block.experts, x), rtol=1e-4, atol=1e-4)
         plain = carved_blocks(AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True))[0]
         assert not torch.allclose(wrapped, block_oracle_mass(plain.experts, x), rtol=1e-2), "the adapter must count"
+
+
+def test_finetune_distils_a_carved_model_from_its_parent(tiny_carved, tiny_parents, tmp_path) -> None:
+    """``finetune --distill-from PARENT``: the loss is the KL to the parent's next-token distributions (plus the
+    router aux term), which the run lowers; the teacher is recorded in the run config, and the model still
+    writes a complete folder."""
+    from transformers import AutoTokenizer
+
+    from spectra_convert.finetune import finetune
+
+    # A random tiny parent predicts almost uniformly (the carve's KL to it starts at ~1e-5): sharpen its output
+    # layer so that there is something to learn.
+    teacher = tmp_path / "teacher"
+    parent = AutoModelForCausalLM.from_pretrained(tiny_parents["llama"])
+    with torch.no_grad():
+        parent.get_output_embeddings().weight.mul_(40.0)
+    parent.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tiny_parents["llama"]).save_pretrained(teacher)
+    log = tmp_path / "log.jsonl"
+    finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "out", mode="lora", steps=6, seq_len=64, batch_size=2,
+             save_every=0, max_records=12, recalibration_tokens=512, log_every=1, log_file=log, lr=1e-2,
+             lr_router=1e-3, lora_r=4, lora_alpha=8, merge=True, distill_from=str(teacher))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    kls = [r["kl_to_teacher"] for r in records]
+    assert len(kls) == 6 and all(k >= 0 for k in kls)
+    assert kls[-1] < kls[0], kls
+    for r in records:  # w = 1: the LM term is gone from the loss
+        assert r["loss"] == pytest.approx(r["kl_to_teacher"] + r["aux_loss"], rel=1e-4, abs=1e-5)
+    summary = json.loads((tmp_path / "out" / "finetune.json").read_text())
+    assert summary["config"]["distill_from"] == str(teacher)
+    assert summary["config"]["distill_weight"] == 1.0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+
+
+def test_teacher_kl_is_the_forward_kl_per_token_and_mixes_with_the_lm_loss(tiny_parents) -> None:
+    from spectra_convert.finetune.distill import load_teacher
+
+    teacher = load_teacher(tiny_parents["llama"], gguf_file=None, weight=0.25, vocab_size=320, device=torch.device("cpu"))
+    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+    student = torch.randn(2, 9, 320, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = torch.softmax(teacher.model(input_ids=ids).logits, dim=-1)
+    expected = (p * (p.log() - torch.log_softmax(student, dim=-1))).sum(-1).mean()
+    torch.testing.assert_close(teacher.kl(student, ids), expected)
+    lm, kl, aux = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(0.5)
+    torch.testing.assert_close(teacher.mix(lm + aux, lm, kl), 0.75 * lm + 0.25 * kl + aux)
+
+
+def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_carved, tmp_path) -> None:
+    from spectra_convert.finetune import finetune
+    from tests.conftest import tiny_parent_config
+
+    other = tmp_path / "other"
+    AutoModelForCausalLM.from_config(tiny_parent_config("llama", vocab_size=100)).save_pretrained(other)
+    build_tokenizer(vocab_size=320).save_pretrained(other)
+    with pytest.raises(UserError, match="vocabulary has 100 tokens, the model's 320"):
+        finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "out", mode="router", steps=1, seq_len=64,
+                 batch_size=2, max_records=4, distill_from=str(other))
+    with pytest.raises(UserError, match="distill-weight"):
+        finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "out", mode="router", steps=1, seq_len=64,
+                 batch_size=2, max_records=4, distill_from=str(other), distill_weight=0.0)
+    assert not (tmp_path / "out").exists()

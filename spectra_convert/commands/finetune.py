@@ -41,12 +41,19 @@ from . import checked, output_option
 @click.option("--max-grad-norm", default=1.0, type=checked("finetune", "max_grad_norm"), help="Gradient clipping (0: off).")
 @click.option("--recalibration-tokens", default=65536, show_default=True, type=checked("finetune", "recalibration_tokens"),
               help="Training tokens (spread over --data) the routers' dual bias is re-corrected on after training.")
+@click.option("--distill-from", type=str, default=None,
+              help="Teacher (the dense parent: folder or Hub id): learn its next-token distributions (KL) instead of "
+                   "only the observed next token.")
+@click.option("--distill-gguf-file", type=str, default=None, help="GGUF file inside --distill-from to load.")
+@click.option("--distill-weight", default=1.0, type=checked("finetune", "distill_weight"),
+              help="Share of the LM loss replaced by the KL to the teacher (1: KL only).")
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
             grad_accum: int, lr_router: float, lr: float, lora_r: int, lora_alpha: int,
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
-            max_grad_norm: float, recalibration_tokens: int, force: bool) -> None:
+            max_grad_norm: float, recalibration_tokens: int, distill_from: str | None, distill_gguf_file: str | None,
+            distill_weight: float, force: bool) -> None:
     """Fine-tune the SPECTRA routers (and optionally LoRA adapters) of MODEL on --data."""
     from ..console import summary_table
     from ..finetune import finetune
@@ -59,7 +66,8 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
-        recalibration_tokens=recalibration_tokens,
+        recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,
+        distill_weight=distill_weight,
     )
     from accelerate import PartialState
 

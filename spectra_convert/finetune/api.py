@@ -136,6 +136,9 @@ def finetune(
     max_grad_norm: float = 1.0,
     max_records: int | None = None,
     recalibration_tokens: int = RECALIBRATION_TOKENS,
+    distill_from: str | Path | None = None,
+    distill_gguf_file: str | None = None,
+    distill_weight: float = 1.0,
 ) -> FinetuneResult:
     """Fine-tune the routers (``mode="router"``) or LoRA + routers (``mode="lora"``) of a SPECTRA model.
 
@@ -147,14 +150,22 @@ def finetune(
     evaluated along the way: bench/carve.py --lora-minutes). Works single-process or under
     ``accelerate launch`` / ``torchrun`` (the data order and dual biases are rank-consistent).
 
-    Steps: check (every user error, before any training time), load (data, model, resume state), train (then
-    re-calibrate the biases), save.
+    ``distill_from``: a teacher (the dense parent; ``distill_gguf_file`` inside it) whose next-token
+    distributions the model learns: ``loss = (1 - distill_weight) * LM + distill_weight * KL(teacher || model)``
+    plus the router aux term (``finetune.distill``).
+
+    Steps: check (every user error, before any training time), load (data, model, teacher, resume state), train
+    (then re-calibrate the biases), save.
     """
     from accelerate.utils import set_seed
 
     run = _check(model, data, out, eval_data, mode=mode, merge=merge, force=force, steps=steps, seq_len=seq_len,
                  batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, log_every=log_every,
                  lora_r=lora_r, recalibration_tokens=recalibration_tokens)
+    if distill_from is not None and not 0.0 < distill_weight <= 1.0:
+        raise UserError(f"--distill-weight must be in (0, 1], got {distill_weight}")
+    if distill_from is None and distill_gguf_file is not None:
+        raise UserError("--distill-gguf-file needs --distill-from")
     accelerator = _accelerator(merge)
     set_seed(seed)
     tokenizer, train_blocks, val_blocks = _load_data(run, data, eval_data, seq_len, max_records)
@@ -170,6 +181,14 @@ def finetune(
     }
     if mode == "lora":
         run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets)
+    teacher = None
+    if distill_from is not None:
+        from .distill import load_teacher
+
+        teacher = load_teacher(distill_from, gguf_file=distill_gguf_file, weight=distill_weight,
+                               vocab_size=trainable.get_output_embeddings().weight.shape[0], device=accelerator.device)
+        run_config.update(distill_from=str(distill_from), distill_gguf_file=distill_gguf_file,
+                          distill_weight=distill_weight)
     ckpt_path = Path(checkpoint_dir).resolve() if checkpoint_dir else run.out.with_name(run.out.name + ".partial")
     ckpt = CheckpointDir(ckpt_path, run_config)
     resume_from = _open_checkpoints(accelerator, ckpt, resume=resume, force=force)
@@ -180,7 +199,8 @@ def finetune(
 
     loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
                       log_every=log_every, max_grad_norm=max_grad_norm,
-                      log_file=Path(log_file) if log_file else None, checkpoint_last=checkpoint_dir is not None)
+                      log_file=Path(log_file) if log_file else None, checkpoint_last=checkpoint_dir is not None,
+                      teacher=teacher)
     start_step = state.step
     state, eval_after = _train(accelerator, model_p, optimizer, train_blocks, val_blocks, loop, ckpt, state,
                                eval_batch=max(1, batch_size), recalibration_tokens=recalibration_tokens)

@@ -51,6 +51,7 @@ class LoopConfig:
     max_grad_norm: float
     log_file: Path | None = None
     checkpoint_last: bool = False  # also checkpoint the final step (kept checkpoint folders: a later, longer run resumes)
+    teacher: Any = None  # a ``distill.Teacher``: its KL term replaces a share of the LM loss
 
 
 @dataclass
@@ -210,8 +211,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     with bar as live:
         task = live.add_task("fine-tuning", total=cfg.steps, completed=state.step) if live is not None else None
         for step in range(state.step, cfg.steps):
-            total = torch.zeros((), device=device)
-            aux = torch.zeros((), device=device)
+            total, aux, lm, kl = (torch.zeros((), device=device) for _ in range(4))
             for micro in range(cfg.grad_accum):
                 idx = block_indices(step, micro, rank, n_blocks=train_blocks.shape[0], batch_size=cfg.batch_size,
                                     grad_accum=cfg.grad_accum, world_size=world, seed=cfg.seed)
@@ -219,18 +219,25 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
                     out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
-                    loss = out.loss / cfg.grad_accum
+                    micro_aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros((), device=device)
+                    micro_lm = out.loss - aux_coef * micro_aux  # the LM term of ``loss`` (aux enters by its coef)
+                    loss = out.loss
+                    if cfg.teacher is not None:
+                        micro_kl = cfg.teacher.kl(out.logits, ids)
+                        loss = cfg.teacher.mix(loss, micro_lm, micro_kl)
+                        kl += micro_kl.detach() / cfg.grad_accum
+                    loss = loss / cfg.grad_accum
                     accelerator.backward(loss)
                 total += loss.detach()
-                if out.aux_loss is not None:
-                    aux += out.aux_loss.detach() / cfg.grad_accum
+                aux += micro_aux / cfg.grad_accum
+                lm += micro_lm.detach() / cfg.grad_accum
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync_dual_bias(accelerator, model)
-            step_loss = float(accelerator.reduce(total, reduction="mean"))
-            step_aux = float(accelerator.reduce(aux, reduction="mean"))
+            step_loss, step_aux, step_lm, step_kl = (float(accelerator.reduce(value, reduction="mean"))
+                                                     for value in (total, aux, lm, kl))
             state.losses.append(step_loss)
             state.step = step + 1
             window_tokens += tokens_per_step
@@ -240,8 +247,8 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 loads = accelerator.reduce(monitor.loads.to(device), reduction="sum").cpu()
                 elapsed = time.perf_counter() - window_start
                 record = {
-                    "step": state.step, "loss": step_loss, "lm_loss": step_loss - aux_coef * step_aux,
-                    "aux_loss": step_aux,
+                    "step": state.step, "loss": step_loss, "lm_loss": step_lm, "aux_loss": step_aux,
+                    **({"kl_to_teacher": step_kl} if cfg.teacher is not None else {}),
                     "load_cv": monitor.cvs(loads), "gram_orthogonality": monitor.gram_orthogonality(),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                 }

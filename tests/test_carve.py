@@ -499,3 +499,30 @@ def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_carved, tmp
         finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "out", mode="router", steps=1, seq_len=64,
                  batch_size=2, max_records=4, distill_from=str(other), distill_weight=0.0)
     assert not (tmp_path / "out").exists()
+
+
+def test_distillation_keeps_the_router_aux_gradient(tiny_carved, tiny_parents) -> None:
+    """With the LM term fully replaced (w = 1) the step's gradient is that of ``KL + coef * aux``: taking the LM
+    part out of ``loss`` must not take the aux term's gradient with it."""
+    from spectra_convert.finetune.distill import load_teacher
+    from spectra_convert.finetune.trainer import training_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True).train()
+    teacher = load_teacher(tiny_parents["gpt2"], gguf_file=None, weight=1.0, vocab_size=320, device=torch.device("cpu"))
+    ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    coef = model.config.spectra["router_aux_loss_coef"]
+    routers = [p for n, p in model.named_parameters() if ".mlp.gate." in n]
+
+    def grads(loss):
+        return torch.autograd.grad(loss, routers, allow_unused=True, retain_graph=True)
+
+    out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
+    got = grads(training_loss(out, ids, coef, teacher)["loss"])
+    want = grads(teacher.kl(out.logits, ids) + coef * out.aux_loss)
+    aux_only = grads(coef * out.aux_loss)
+    assert any(g is not None and g.abs().sum() > 0 for g in aux_only), "the aux term must reach the routers here"
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b)

@@ -193,6 +193,22 @@ def evaluate(accelerator: Accelerator, model: nn.Module, blocks: torch.Tensor, b
 # -- the loop --------------------------------------------------------------------------------------------------
 
 
+def training_loss(out: Any, ids: torch.Tensor, aux_coef: float, teacher: Any = None) -> dict[str, torch.Tensor]:
+    """The step's loss from a forward with labels and ``output_router_logits=True``, and its parts.
+
+    ``out.loss`` is ``LM + aux_coef * aux`` (transformers' MoE convention); with a teacher a share ``w`` of the LM
+    term is replaced by the KL to it (``distill.Teacher.mix``). The LM part is taken out of ``out.loss`` with the
+    aux term's graph, so removing it never removes the aux gradient."""
+    aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
+    lm = out.loss - aux_coef * aux
+    kl = torch.zeros((), device=out.loss.device)
+    loss = out.loss
+    if teacher is not None:
+        kl = teacher.kl(out.logits, ids)
+        loss = teacher.mix(loss, lm, kl)
+    return {"loss": loss, "lm": lm, "aux": aux, "kl": kl}
+
+
 def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
                train_blocks: torch.Tensor, cfg: LoopConfig, ckpt: CheckpointDir, state: TrainerState,
                monitor: RouterMonitor) -> TrainerState:
@@ -219,18 +235,12 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
                     out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
-                    micro_aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros((), device=device)
-                    micro_lm = out.loss - aux_coef * micro_aux  # the LM term of ``loss`` (aux enters by its coef)
-                    loss = out.loss
-                    if cfg.teacher is not None:
-                        micro_kl = cfg.teacher.kl(out.logits, ids)
-                        loss = cfg.teacher.mix(loss, micro_lm, micro_kl)
-                        kl += micro_kl.detach() / cfg.grad_accum
-                    loss = loss / cfg.grad_accum
-                    accelerator.backward(loss)
-                total += loss.detach()
-                aux += micro_aux / cfg.grad_accum
-                lm += micro_lm.detach() / cfg.grad_accum
+                    parts = training_loss(out, ids, aux_coef, cfg.teacher)
+                    accelerator.backward(parts["loss"] / cfg.grad_accum)
+                total += parts["loss"].detach() / cfg.grad_accum
+                aux += parts["aux"].detach() / cfg.grad_accum
+                lm += parts["lm"].detach() / cfg.grad_accum
+                kl += parts["kl"].detach() / cfg.grad_accum
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()

@@ -396,7 +396,8 @@ def test_closing_recalibration_gives_a_carved_model_the_recall_aware_bias(tiny_c
 
     from transformers import AutoTokenizer
 
-    from spectra_convert.router.calibrate import calibration_batches, recalibrate_model_bias
+    from spectra_convert.router.calibrate import calibration_batches
+    from spectra_convert.router.recalibrate import recalibrate_model_bias
     from spectra_convert.router.oracle_fit import calibrate_carved_bias_on_scores
     from spectra_convert.textdata import load_texts
 

@@ -9,7 +9,8 @@ import torch
 
 from spectra_convert.modeling.configuration_spectra import SpectraConfig
 from spectra_convert.modeling.modeling_spectra import SpectraForCausalLM
-from spectra_convert.router.calibrate import calibrate_bias, recalibrate_model_bias
+from spectra_convert.router.calibrate import calibrate_bias
+from spectra_convert.router.recalibrate import recalibrate_model_bias
 from spectra_convert.router.find import find_routers
 from spectra_convert.router.tap import RouterTap, capture_inputs
 from tests.conftest import tiny_parent_config

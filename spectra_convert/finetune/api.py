@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..modelio.config import stored_dtype
 from ..modelio.outdir import atomic_output_dir, check_free_space, check_output
 from ..modelio.resolve import resolve_model_dir
-from ..router.calibrate import recalibrate_model_bias
+from ..router.recalibrate import recalibrate_model_bias
 from ..router.loads import RouterMonitor
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode

@@ -4,12 +4,12 @@ Why this exists (docs/ARCHITECTURE.md, "How a router is fitted"; measured on Smo
 per-layer load CV 0.28-1.46; k-means prototypes 0.09-0.56; Sinkhorn's soft duals as a bias 0.24-0.48. Only a
 bias corrected on the HARD top-k loads of calibration text balances the model before any training.
 ``calibrate_bias`` works on one router and the inputs captured for its layer, so converters can stream layer
-by layer; ``recalibrate_model_bias`` re-corrects every router of a whole model (after fine-tuning).
+by layer; ``router.recalibrate.recalibrate_model_bias`` re-corrects every router of a whole model (after
+fine-tuning).
 
 Public API (used by upcycle, reroute, finetune and study; prototypes are ``prototypes``' job):
 ``calibration_batches``  calibration text packed into token blocks (shuffled, every domain represented)
 ``calibrate_bias``       Sinkhorn-potential start, then hard-load correction of ``dual_bias``; returns the CV
-``recalibrate_model_bias``  the same for every router of a model, on its own forward passes
 ``topk_agreement``       share of (token, slot) choices shared with an old linear gate's top-k
 """
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 
 from ..modeling.modeling_spectra import SpectraRouter, sinkhorn
-from .find import find_routers
-from .tap import RouterTap
 
 
 @torch.no_grad()
@@ -35,7 +33,7 @@ def calibrate_bias(router: SpectraRouter, inputs: torch.Tensor, *, steps: int = 
 @torch.no_grad()
 def calibrate_bias_on_scores(router: SpectraRouter, logits: torch.Tensor, *, steps: int = 400, rate: float = 0.5) -> float:
     """``calibrate_bias`` given the selection scores ``[N, E]`` already computed (E floats a token instead of
-    the hidden size: what lets ``recalibrate_model_bias`` use tens of thousands of tokens)."""
+    the hidden size: what lets ``recalibrate.recalibrate_model_bias`` use tens of thousands of tokens)."""
     k, experts = router.top_k, router.num_experts
     # Sinkhorn's column potentials are the soft-balance start; 2048 tokens estimate them well enough.
     sample = logits[torch.randperm(logits.shape[0], generator=torch.Generator().manual_seed(0))[:2048]]
@@ -88,56 +86,3 @@ def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 256, max_
         raise ValueError(f"calibration text has only {len(stream)} tokens; need at least {seq_len}")
     blocks = min(blocks, budget // seq_len)
     return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
-
-
-@torch.no_grad()
-def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batch_size: int = 4) -> list[float]:
-    """Re-correct every router's dual bias on hard top-k loads of ``blocks`` ``[B, T]`` (after fine-tuning).
-
-    Fine-tuning moves the projector, GRU and prototypes, which shifts routing faster than the in-training
-    bias updates follow (measured on SmolLM2: held-out CV 0.04 -> 0.15 in 20 router steps). Training therefore
-    ends with a hard-load correction; this is it. Only each router's selection scores are kept (E floats
-    a token), so many tokens fit: on SmolLM2 8x a bias corrected on 8k training tokens left held-out CV at
-    0.077, on 54k tokens 0.046. A router of a carved block gets what the converter gives it
-    (``calibrate_carved_bias``): the balancing bias at the strongest share that keeps oracle recall on the last
-    eighth of ``blocks``; the full bias would run experts the tokens do not need. Returns the per-router load CV
-    of the bias it set, on ``blocks``.
-    """
-    from .oracle_fit import calibrate_carved_bias_on_scores, carved_blocks, oracle_mass_via_forward, selection_cv
-
-    routers = find_routers(model)
-    scores: dict[int, list[torch.Tensor]] = {id(r): [] for r in routers}
-    carved = {id(router): block for block in carved_blocks(model) for router in find_routers(block.gate)}
-    masses: dict[int, list[torch.Tensor]] = {key: [] for key in carved}
-
-    def collect_mass(router: torch.nn.Module, args: tuple, _output: object) -> None:
-        # inside the block's forward, where a sharded model's expert weights are gathered and a LoRA is folded in
-        hidden = args[0].reshape(-1, args[0].shape[-1])
-        masses[id(router)].append(oracle_mass_via_forward(carved[id(router)].experts, hidden, router.num_experts))
-
-    handles = [router.register_forward_hook(collect_mass) for router in routers if id(router) in carved]
-    was_training = model.training
-    model.eval()
-    try:
-        # whole forwards (no early stop): every rank of a sharded model must run the same collectives
-        with RouterTap(routers, inputs=True, outputs=False) as tap:
-            for start in range(0, blocks.shape[0], batch_size):
-                model(input_ids=blocks[start : start + batch_size], use_cache=False)
-                # PEFT keeps a frozen original beside each trained router: only the routers that ran count
-                for router, entry in zip(routers, tap.take(partial=True)):
-                    if entry:
-                        scores[id(router)].append(router.selection_scores(entry["inputs"].float()))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    cvs = []
-    for router in (r for r in routers if scores[id(r)]):
-        logits = torch.cat(scores[id(router)])
-        if id(router) not in carved:
-            cvs.append(calibrate_bias_on_scores(router, logits))
-            continue
-        calibrate_carved_bias_on_scores(router, logits, torch.cat(masses[id(router)]), blocks.shape[1])
-        selected = (logits + router.dual_bias.float()).topk(router.top_k, dim=-1).indices
-        cvs.append(selection_cv(selected, router.num_experts))
-    return cvs

@@ -317,7 +317,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
-              "lora": LORA, "tokens_per_step": tokens_per_step, "points": []}
+              "lora": {**LORA, "lr_router": args.lora_router_lr}, "tokens_per_step": tokens_per_step, "points": []}
 
     def point(model, steps: int, minutes: float, wall: float, extra: dict) -> None:
         started = time.perf_counter()
@@ -339,7 +339,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
         teacher = {"distill_from": str(args.gguf.parent), "distill_gguf_file": args.gguf.name} if args.distill else {}
         result = finetune(carved_dir, data, out, steps=target, save_every=50, checkpoint_dir=ckpt, resume=target > args.lora_first_steps,
                           log_every=10, log_file=log, recalibration_tokens=args.recalibration_tokens, force=True,
-                          **LORA, **teacher)
+                          **{**LORA, "lr_router": args.lora_router_lr}, **teacher)
         wall = time.perf_counter() - started
         trained = training_seconds(log, tokens_per_step)
         summary = json.loads((out / "finetune.json").read_text())
@@ -400,6 +400,8 @@ def main() -> None:
     parser.add_argument("--train-data", type=Path, default=REPO / "spectra_convert" / "data" / "calibration.jsonl",
                         help="LoRA-curve training text (default: the 41k-token calibration corpus; a larger set: "
                              "scripts/build_corpus.py --training-out FILE)")
+    parser.add_argument("--lora-router-lr", type=float, default=LORA["lr_router"],
+                        help="LoRA curve: the routers' learning rate (tiny = routers effectively frozen)")
     parser.add_argument("--distill", action="store_true",
                         help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")

@@ -166,6 +166,8 @@ def finetune(
         raise UserError(f"--distill-weight must be in (0, 1], got {distill_weight}")
     if distill_from is None and distill_gguf_file is not None:
         raise UserError("--distill-gguf-file needs --distill-from")
+    if distill_from is not None:  # a missing teacher is a user error before anything is loaded
+        distill_from = resolve_model_dir(str(distill_from), what="--distill-from")
     accelerator = _accelerator(merge)
     set_seed(seed)
     tokenizer, train_blocks, val_blocks = _load_data(run, data, eval_data, seq_len, max_records)

@@ -316,8 +316,9 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
+    lora = {**LORA, "lr_router": args.lora_router_lr}
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
-              "lora": {**LORA, "lr_router": args.lora_router_lr}, "tokens_per_step": tokens_per_step, "points": []}
+              "lora": lora, "tokens_per_step": tokens_per_step, "points": []}
 
     def point(model, steps: int, minutes: float, wall: float, extra: dict) -> None:
         started = time.perf_counter()
@@ -339,7 +340,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
         teacher = {"distill_from": str(args.gguf.parent), "distill_gguf_file": args.gguf.name} if args.distill else {}
         result = finetune(carved_dir, data, out, steps=target, save_every=50, checkpoint_dir=ckpt, resume=target > args.lora_first_steps,
                           log_every=10, log_file=log, recalibration_tokens=args.recalibration_tokens, force=True,
-                          **{**LORA, "lr_router": args.lora_router_lr}, **teacher)
+                          **lora, **teacher)
         wall = time.perf_counter() - started
         trained = training_seconds(log, tokens_per_step)
         summary = json.loads((out / "finetune.json").read_text())

@@ -32,7 +32,6 @@ class Teacher:
 
     model: nn.Module
     weight: float
-    source: str
 
     def kl(self, student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean over tokens of ``KL(teacher || student)`` on ``input_ids [B, T]`` (every position, float32)."""
@@ -50,9 +49,8 @@ class Teacher:
 def load_teacher(source: str | Path, *, gguf_file: str | None, weight: float, vocab_size: int,
                  device: torch.device) -> Teacher:
     """The teacher ``source`` (a local folder or a Hub id, optionally a GGUF file inside it), checked against the
-    student's vocabulary size: a one-line ``UserError`` when it cannot be a teacher for this model."""
-    if not 0.0 < weight <= 1.0:
-        raise UserError(f"--distill-weight must be in (0, 1], got {weight}")
+    student's vocabulary size: a one-line ``UserError`` when it cannot be a teacher for this model (``weight``
+    was checked with the other flags, before anything was loaded)."""
     model_dir = resolve_model_dir(str(source), what="--distill-from")
     model, _ = load_dense_parent(model_dir, gguf_file, torch.float32)
     teacher_vocab = model.get_output_embeddings().weight.shape[0]
@@ -60,4 +58,4 @@ def load_teacher(source: str | Path, *, gguf_file: str | None, weight: float, vo
         raise UserError(f"--distill-from {source}: its vocabulary has {teacher_vocab} tokens, the model's {vocab_size}; "
                         "the teacher must share the model's tokenizer (distil from the model's parent)")
     model.requires_grad_(False)
-    return Teacher(model.to(device).eval(), weight, str(source))
+    return Teacher(model.to(device).eval(), weight)

@@ -729,8 +729,9 @@ class SpectraMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # Router, experts and shared expert each run a few-token call on one thread (``few_tokens_on_one_thread``),
-        # each inside its own forward: an adapter wrapping ``self.experts`` (PEFT folds its LoRA factors into the
-        # whole expert stack before calling it, one large op) keeps the caller's threads.
+        # each inside its own forward: an adapter wrapping ``self.experts`` that ``run_experts`` cannot read as
+        # low-rank terms (PEFT's own forward then folds its factors into the whole stack, one large op) keeps the
+        # caller's threads.
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, selected = self.gate(hidden_states)

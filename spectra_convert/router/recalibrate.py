@@ -34,7 +34,7 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
     masses: dict[int, list[torch.Tensor]] = {key: [] for key in carved}
 
     def collect_mass(router: torch.nn.Module, args: tuple, _output: object) -> None:
-        # inside the block's forward, where a sharded model's expert weights are gathered and a LoRA is folded in
+        # inside the block's forward, where a sharded model's expert weights are gathered; a LoRA counts (run_experts)
         hidden = args[0].reshape(-1, args[0].shape[-1])
         masses[id(router)].append(oracle_mass_via_forward(carved[id(router)].experts, hidden, router.num_experts))
 

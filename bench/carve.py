@@ -316,7 +316,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
-    lora = {**LORA, "lr_router": args.lora_router_lr}
+    lora = {**LORA, "lr_router": args.lora_router_lr, "routers": args.lora_routers}
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
               "lora": lora, "tokens_per_step": tokens_per_step, "points": []}
 
@@ -362,7 +362,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
 def print_curve(report: dict) -> None:
     points = report["points"]
     last = points[-1]
-    print(f"\nLoRA (+ routers) curve{' distilled from the parent' if report['settings'].get('distill') else ''}, k={report['k']}, carved {report['carved']}: parent perplexity "
+    print(f"\nLoRA curve (routers: {report['lora']['routers']}){' distilled from the parent' if report['settings'].get('distill') else ''}, k={report['k']}, carved {report['carved']}: parent perplexity "
           f"{report['parent_ppl']:.3f}; {last['steps']} steps in {last['train_minutes']:.1f} training minutes "
           f"({last['steps'] / max(last['train_minutes'], 1e-9):.1f} steps/min), {sum(p['segment_wall_s'] for p in points) / 60:.1f} "
           f"minutes of finetune calls in all; bias re-corrected on {report['settings']['recalibration_tokens']} tokens")
@@ -402,7 +402,9 @@ def main() -> None:
                         help="LoRA-curve training text (default: the 41k-token calibration corpus; a larger set: "
                              "scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--lora-router-lr", type=float, default=LORA["lr_router"],
-                        help="LoRA curve: the routers' learning rate (tiny = routers effectively frozen)")
+                        help="LoRA curve: the routers' learning rate when they train")
+    parser.add_argument("--lora-routers", choices=("auto", "train", "freeze"), default="auto",
+                        help="LoRA curve: finetune --routers (auto: a carved model's routers stay frozen)")
     parser.add_argument("--distill", action="store_true",
                         help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")

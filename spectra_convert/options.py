@@ -80,6 +80,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "finetune": {
         "data": Rule("path"),
         "mode": Rule("choice", choices="spectra_convert.finetune.modes:MODES"),
+        "routers": Rule("choice", choices="spectra_convert.finetune.modes:ROUTER_TRAINING"),
         "steps": _POSITIVE,
         "seq_len": Rule(_INT, min=2),
         "batch_size": _POSITIVE,

@@ -260,11 +260,46 @@ def test_finetune_trains_a_carved_or_dropped_model(request, tmp_path, method: st
     before, after = folder_weights(source), folder_weights(out)
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach the block's router"
+    if mode == "lora" and method == "carved":  # --routers auto: a carved model's fitted routers stay frozen
+        assert not any(".mlp.gate." in k and "bias" not in k for k in changed), sorted(changed)
+        summary = json.loads((out / "finetune.json").read_text())
+        assert summary["config"]["routers"] == "freeze"
+    else:
+        assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach the block's router"
     if mode == "lora":
         assert "model.layers.0.mlp.experts.down_proj" in changed
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.spectra["expert_combine"] == ("sum" if method == "carved" else "softmax")
+
+
+def test_finetune_routers_flag_trains_or_freezes_carved_routers(tiny_carved, tmp_path) -> None:
+    """``--routers train`` trains a carved model's routers in lora mode (auto freezes them); freezing them in
+    router mode is refused before anything is written; an unmerged adapter keeps the frozen routers' copies
+    (their re-corrected dual bias) so that it loads into a complete model."""
+    from peft import PeftModel
+
+    from spectra_convert.finetune import finetune
+
+    kw = dict(mode="lora", steps=2, seq_len=64, batch_size=2, save_every=0, max_records=12, recalibration_tokens=512,
+              log_every=1, lr=1e-2, lr_router=1e-2, lora_r=4, lora_alpha=8)
+    finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "trained", routers="train", merge=True, **kw)
+    before, trained = folder_weights(tiny_carved), folder_weights(tmp_path / "trained")
+    assert not torch.equal(before["model.layers.0.mlp.gate.projector"], trained["model.layers.0.mlp.gate.projector"])
+    assert json.loads((tmp_path / "trained" / "finetune.json").read_text())["config"]["routers"] == "train"
+
+    finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "adapter", routers="freeze", **kw)
+    base = AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True)
+    tuned = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    gates = {n: p for n, p in tuned.named_parameters() if "mlp.gate.modules_to_save" in n}
+    assert gates, "the routers' copies travel with the adapter"
+    for name, param in gates.items():
+        original = before[name.split("base_model.model.", 1)[1].replace(".modules_to_save.default", "")]
+        torch.testing.assert_close(param.detach(), original.to(param.dtype), rtol=0, atol=0)
+
+    with pytest.raises(UserError, match="--routers freeze leaves nothing to train"):
+        finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "router", mode="router", routers="freeze", steps=1,
+                 seq_len=64, batch_size=2, max_records=4)
+    assert not (tmp_path / "router").exists()
 
 
 def test_validate_reports_active_fraction_recall_and_parent_ratio(tiny_carved, tiny_parents, tmp_path) -> None:

@@ -22,6 +22,9 @@ from . import checked, output_option
 @click.option("--seq-len", default=512, type=checked("finetune", "seq_len"), help="Tokens per packed block.")
 @click.option("--batch-size", default=4, type=checked("finetune", "batch_size"), help="Blocks per micro-batch per process.")
 @click.option("--grad-accum", default=1, type=checked("finetune", "grad_accum"), help="Micro-batches per optimizer step.")
+@click.option("--routers", default="auto", type=checked("finetune", "routers"),
+              help="lora mode: train or freeze the routers; auto freezes a carved model's (fitted by the converter) "
+                   "and trains the others.")
 @click.option("--lr-router", default=5e-5, type=checked("finetune", "lr_router"), help="Learning rate of the routers.")
 @click.option("--lr", default=1e-5, type=checked("finetune", "lr"), help="Learning rate of the LoRA adapters.")
 @click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
@@ -53,7 +56,7 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
             max_grad_norm: float, recalibration_tokens: int, distill_from: str | None, distill_gguf_file: str | None,
-            distill_weight: float, force: bool) -> None:
+            distill_weight: float, routers: str, force: bool) -> None:
     """Fine-tune the SPECTRA routers (and optionally LoRA adapters) of MODEL on --data."""
     from ..console import summary_table
     from ..finetune import finetune
@@ -67,7 +70,7 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
         recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,
-        distill_weight=distill_weight,
+        distill_weight=distill_weight, routers=routers,
     )
     from accelerate import PartialState
 

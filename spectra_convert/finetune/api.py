@@ -23,7 +23,7 @@ from ..modelio.resolve import resolve_model_dir
 from ..router.recalibrate import recalibrate_model_bias
 from ..router.loads import RouterMonitor
 from .data import pack, read_texts, split_validation
-from .modes import ModeOptions, get_mode
+from .modes import ModeOptions, get_mode, resolve_router_training
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -139,6 +139,7 @@ def finetune(
     distill_from: str | Path | None = None,
     distill_gguf_file: str | None = None,
     distill_weight: float = 1.0,
+    routers: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune the routers (``mode="router"``) or LoRA + routers (``mode="lora"``) of a SPECTRA model.
 
@@ -153,6 +154,10 @@ def finetune(
     ``distill_from``: a teacher (the dense parent; ``distill_gguf_file`` inside it) whose next-token
     distributions the model learns: ``loss = (1 - distill_weight) * LM + distill_weight * KL(teacher || model)``
     plus the router aux term (``finetune.distill``).
+
+    ``routers`` (lora mode): ``train`` trains them with ``lr_router``, ``freeze`` keeps their parameters fixed,
+    ``auto`` (default) freezes carved models' routers (fitted to the oracle by the converter: training them
+    during LoRA costs quality, see ``resolve_router_training``) and trains everyone else's.
 
     Steps: check (every user error, before any training time), load (data, model, teacher, resume state), train
     (then re-calibrate the biases), save.
@@ -171,8 +176,10 @@ def finetune(
     accelerator = _accelerator(merge)
     set_seed(seed)
     tokenizer, train_blocks, val_blocks = _load_data(run, data, eval_data, seq_len, max_records)
+    train_routers = resolve_router_training(routers, mode, run.model_path)
     options = ModeOptions(lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
-                          target_modules=tuple(target_modules) if target_modules else None)
+                          target_modules=tuple(target_modules) if target_modules else None,
+                          train_routers=train_routers)
     trainable = run.mode_impl.prepare(_load_model(run.model_path, train_blocks), options)
     run_config = {
         "model": str(run.model_path), "model_fingerprint": _model_fingerprint(run.model_path),
@@ -182,7 +189,8 @@ def finetune(
         "max_grad_norm": max_grad_norm, "mixed_precision": str(accelerator.mixed_precision),
     }
     if mode == "lora":
-        run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets)
+        run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets,
+                          routers="train" if train_routers else "freeze")
     teacher = None
     if distill_from is not None:
         from .distill import load_teacher

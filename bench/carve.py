@@ -227,6 +227,49 @@ def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
         router.to(device)
 
 
+def bias_mode_study(model, tokenizer, inputs: list[torch.Tensor], unseen: torch.Tensor, parent_ppl: float,
+                    device: str) -> dict[str, dict]:
+    """Item 8: every ``BIAS_MODES`` variant of the model's routers, measured on unseen text (perplexity ratio,
+    oracle recall) and on the 4-domain mix (load CV overall / worst layer / per domain, domain NMI). The biases
+    are recalibrated on ``inputs`` (the calibration text's block inputs); the routers themselves are not touched."""
+    study = {}
+    for mode in BIAS_MODES:
+        set_bias_mode(model, mode, inputs)
+        ppl, recall = routed_eval(model, unseen, device)
+        study[mode] = {"ppl_ratio": ppl / parent_ppl, "recall": recall, **balance_study(model, tokenizer, device)}
+        print(mode, json.dumps(study[mode]), flush=True)
+    return study
+
+
+def print_bias_modes(study: dict[str, dict]) -> None:
+    print("| variant | ppl ratio | recall | CV mean | CV worst | CV per domain | domain NMI |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, s in study.items():
+        per = ", ".join(f"{d} {v:.3f}" for d, v in s["cv_per_domain"].items())
+        print(f"| {mode} | {s['ppl_ratio']:.3f}x | {s['recall']:.3f} | {s['cv_mean']:.3f} | {s['cv_worst']:.3f} | "
+              f"{per} | {s['domain_nmi']:.3f} |")
+
+
+def balance_only(gguf: Path, args: argparse.Namespace) -> None:
+    """``--balance-only --carved DIR``: the item-8 study on a carve as the converter wrote it (its routers and k)."""
+    from transformers import AutoModelForCausalLM
+
+    from spectra_convert.surgery.upcycle import load_dense_parent
+
+    parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
+    unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
+    parent_ppl = perplexity(parent.to(args.device), unseen, args.device)
+    del parent
+    model = AutoModelForCausalLM.from_pretrained(args.carved, trust_remote_code=True).eval().to(args.device)
+    calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)
+    inputs = capture_block_inputs(model, calibration, args.device)
+    study = bias_mode_study(model, tokenizer, inputs, unseen, parent_ppl, args.device)
+    report = {"parent_ppl": parent_ppl, "carved": str(args.carved), "k": model.config.spectra["top_k"], "balance": study}
+    (args.work / "balance_study.json").write_text(json.dumps(report, indent=2))
+    print(f"\nbias variants, carved {args.carved} (k={report['k']}), parent perplexity {parent_ppl:.3f}")
+    print_bias_modes(study)
+
+
 @torch.no_grad()
 def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[float, float]:
     """(seconds per token of one forward over ``ids``, seconds per generated token of greedy decoding)."""
@@ -388,6 +431,8 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3, help="0 skips timing")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--skip-balance", action="store_true")
+    parser.add_argument("--balance-only", action="store_true",
+                        help="only the bias-variant study (item 8) on --carved DIR as written")
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time-per-token section (for a quiet machine; pair with --carved)")
     parser.add_argument("--carved", type=Path, default=None,
@@ -426,6 +471,11 @@ def main() -> None:
         (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
         print_timing(t, device)
         return
+    if args.balance_only:
+        if args.carved is None:
+            sys.exit("--balance-only needs --carved DIR")
+        balance_only(gguf, args)
+        return
     if args.lora_minutes > 0:
         args.gguf = gguf  # the teacher of --distill
         carved_dir = given_or_carved(gguf, args)
@@ -436,7 +486,7 @@ def main() -> None:
         print_curve(lora_curve(carved_dir, unseen, parent_ppl, args))
         return
     if args.carved is not None:
-        sys.exit("--carved is for --timing-only and --lora-minutes (the full run carves its own folder under --work)")
+        sys.exit("--carved is for --timing-only, --balance-only and --lora-minutes (the full run carves its own folder under --work)")
     carved_dir = args.work / "carved"
     started = time.perf_counter()
     result = carve_parent(gguf, carved_dir, args)
@@ -471,14 +521,8 @@ def main() -> None:
     report["rows"] = rows
 
     if not args.skip_balance:  # item 8, on the converter's k, routers refitted as written
-        gates = fit_routers(model, inputs, args.finetune_k, args.router_steps, 0.0, device)
-        study = {}
-        for mode in BIAS_MODES:
-            set_bias_mode(model, mode, inputs)
-            ppl, recall = routed_eval(model, unseen, device)
-            study[mode] = {"ppl_ratio": ppl / parent_ppl, "recall": recall, **balance_study(model, tokenizer, device)}
-            print(mode, json.dumps(study[mode]), flush=True)
-        report["balance"] = study
+        fit_routers(model, inputs, args.finetune_k, args.router_steps, 0.0, device)
+        report["balance"] = bias_mode_study(model, tokenizer, inputs, unseen, parent_ppl, device)
 
     if args.finetune_steps > 0:
         from spectra_convert.finetune import finetune
@@ -507,12 +551,7 @@ def main() -> None:
         f = report["finetuned"]
         print(f"after finetune --mode lora ({f['steps']} steps, k={f['k']}): {f['ppl_ratio']:.2f}x, recall {f['recall']:.3f}")
     if "balance" in report:
-        print("| variant | ppl ratio | recall | CV mean | CV worst | CV per domain | domain NMI |")
-        print("|---|---|---|---|---|---|---|")
-        for mode, s in report["balance"].items():
-            per = ", ".join(f"{d} {v:.3f}" for d, v in s["cv_per_domain"].items())
-            print(f"| {mode} | {s['ppl_ratio']:.3f}x | {s['recall']:.3f} | {s['cv_mean']:.3f} | {s['cv_worst']:.3f} | "
-                  f"{per} | {s['domain_nmi']:.3f} |")
+        print_bias_modes(report["balance"])
     if "timing" in report:
         print_timing(report["timing"], device)
 

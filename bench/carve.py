@@ -359,7 +359,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
-    lora = {**LORA, "lr_router": args.lora_router_lr, "routers": args.lora_routers}
+    lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers}
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
               "lora": lora, "tokens_per_step": tokens_per_step, "points": []}
 
@@ -448,6 +448,7 @@ def main() -> None:
                              "scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--lora-router-lr", type=float, default=LORA["lr_router"],
                         help="LoRA curve: the routers' learning rate when they train")
+    parser.add_argument("--lora-lr", type=float, default=LORA["lr"], help="LoRA curve: the adapters' learning rate")
     parser.add_argument("--lora-routers", choices=("auto", "train", "freeze"), default="auto",
                         help="LoRA curve: finetune --routers (auto: a carved model's routers stay frozen)")
     parser.add_argument("--distill", action="store_true",

@@ -138,9 +138,10 @@ def resolve_router_training(routers: str, mode: str, model_path: Path) -> bool:
     """Whether the routers' parameters train: ``--routers`` resolved against the mode and the model.
 
     ``auto`` freezes them in lora mode for carved models (``expert_combine: sum``). Measured on SmolLM2-135M
-    carved to 56% active FFN, distilled LoRA, 121 steps (README, "Carving"): routers trained at lr 1e-3 gave
-    1.83x the parent's unseen-domain perplexity and oracle recall 0.658; frozen, 1.62x and 0.740. Router mode
-    trains nothing else, so freezing there is an error."""
+    carved to 56% active FFN, distilled LoRA (README, "Carving"): routers trained at lr 1e-3 gave 1.83x the
+    parent's unseen-domain perplexity at 121 steps and drifted up to 1.90x by 30 minutes, oracle recall falling
+    0.733 -> 0.648; frozen, 1.63x at 120 steps and 1.58x at 30 minutes, recall 0.741. Router mode trains nothing
+    else, so freezing there is an error."""
     if routers not in ROUTER_TRAINING:
         raise UserError(f"unknown --routers {routers!r}; choose one of: {', '.join(ROUTER_TRAINING)}")
     if mode == "router":

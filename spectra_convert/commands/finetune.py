@@ -26,7 +26,7 @@ from . import checked, output_option
               help="lora mode: train or freeze the routers; auto freezes a carved model's (fitted by the converter) "
                    "and trains the others.")
 @click.option("--lr-router", default=5e-5, type=checked("finetune", "lr_router"), help="Learning rate of the routers.")
-@click.option("--lr", default=1e-5, type=checked("finetune", "lr"), help="Learning rate of the LoRA adapters.")
+@click.option("--lr", default=2e-4, type=checked("finetune", "lr"), help="Learning rate of the LoRA adapters.")
 @click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
 @click.option("--lora-alpha", default=32, type=checked("finetune", "lora_alpha"))
 @click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "

@@ -120,7 +120,7 @@ def finetune(
     batch_size: int = 4,
     grad_accum: int = 1,
     lr_router: float = 5e-5,
-    lr: float = 1e-5,
+    lr: float = 2e-4,
     lora_r: int = 16,
     lora_alpha: int = 32,
     target_modules: tuple[str, ...] | list[str] | None = None,

@@ -34,7 +34,7 @@ class ModeOptions:
     """The options that decide what trains; part of the resume config hash."""
 
     lr_router: float = 5e-5
-    lr: float = 1e-5
+    lr: float = 2e-4  # LoRA adapters: every carve LoRA curve in the README ran at 2e-4 (PEFT practice: 1e-4 - 3e-4)
     lora_r: int = 16
     lora_alpha: int = 32
     target_modules: tuple[str, ...] | None = None

@@ -1,14 +1,14 @@
 """Per-sequence balance rules replayed offline on a copy model's captured router logits (issue 18, item 8).
 
-Why: ``bench/balance.py`` showed that the runtime's per-sequence correction, which tracks each sequence's mean
-SOFT routing distribution (softmax of the logits, ``SpectraRouter.sequence_bias``), balances unseen text best at
-beta = 1 and gets WORSE at beta = 2, 4, 8. This script asks whether another rule would do better before the
-runtime is changed: it captures every router's raw logits ``-C/tau`` (sequence correction off) on the
+Why: ``bench/balance.py`` showed that the runtime's first per-sequence correction, which tracked each sequence's
+mean SOFT routing distribution (softmax of the logits), balanced unseen text best at beta = 1 and got WORSE at
+beta = 2, 4, 8. This script asked whether another rule would do better before the runtime was changed (it
+now runs ``hard``, ``SpectraRouter.sequence_select``): it captures every router's raw logits ``-C/tau`` (sequence correction off) on the
 calibration corpus and on ``mixed_eval.jsonl`` once, then replays, for each rule and beta, what the runtime
 does -- dual bias corrected on hard calibration loads with the rule in the loop (``calibrate_bias``'s
 schedule), then selection on the eval documents -- and prints hard-load CV (mean / worst layer / per domain).
 
-Rules: ``soft`` (the runtime today: exclusive running mean of softmax(logits)); ``soft+bias`` (the same with the
+Rules: ``soft`` (the runtime until 2026-12-05: exclusive running mean of softmax(logits)); ``soft+bias`` (the same with the
 dual bias inside the softmax); ``hard`` (the exclusive running share of each expert among the sequence's own
 earlier top-k SELECTIONS, committed every ``--chunk`` tokens so that a prefill loops T / chunk times, not T).
 With copied experts routing does not change a block's output (1% noise apart), so replaying the captured

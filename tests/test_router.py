@@ -35,7 +35,7 @@ def test_find_routers_in_layer_order() -> None:
 
 @torch.no_grad()
 def test_selection_scores_are_what_forward_ranks_before_the_bias() -> None:
-    """topk(selection_scores + dual_bias) is exactly the forward's choice (eval, no padding), and computing the
+    """select(selection_scores) is exactly the forward's choice (eval, no padding), and computing the
     scores moves nothing, in training mode either."""
     model = _model()
     ids = _ids()
@@ -46,7 +46,7 @@ def test_selection_scores_are_what_forward_ranks_before_the_bias() -> None:
         router.dual_bias.copy_(torch.linspace(-0.2, 0.2, router.num_experts))
         assert record["inputs"].shape == (*ids.shape, 32)
         scores = router.selection_scores(record["inputs"])
-        chosen = torch.topk(scores + router.dual_bias, router.top_k, dim=-1).indices
+        chosen = router.select(scores.view(*ids.shape, -1)).reshape(-1, router.top_k)
         _, _, forward_choice = router(record["inputs"])
         assert torch.equal(chosen, forward_choice)
         router.train()
@@ -85,7 +85,7 @@ def test_calibration_balances_and_recalibration_leaves_modes_alone() -> None:
     inputs = capture_inputs(find_routers(model), [lambda: model(input_ids=ids, use_cache=False)])
     router = find_routers(model)[0]
     cv = calibrate_bias(router, inputs[0])
-    loads = torch.bincount(torch.topk(router.selection_scores(inputs[0]) + router.dual_bias, 2).indices.reshape(-1),
+    loads = torch.bincount(router.select(router.selection_scores(inputs[0]).view(*inputs[0].shape[:2], -1)).reshape(-1),
                            minlength=4).float()
     assert abs(cv - float(loads.std(unbiased=False) / loads.mean())) < 1e-6 and cv < 0.1
     model.train()

@@ -443,6 +443,60 @@ def test_sequence_balance_spreads_a_skewed_sequence() -> None:
     assert loads[1.0] < 0.75 * loads[0.0], loads
 
 
+def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state() -> None:
+    """The correction reads the sequence's own earlier top-k choices, committed every SEQUENCE_CHUNK real tokens:
+    routing a sequence in one call, in pieces of any length that carry the state, or with pads anywhere gives the
+    real tokens the same choices and ends in the same state."""
+    from spectra_convert.modeling.modeling_spectra import SEQUENCE_CHUNK
+
+    torch.manual_seed(13)
+    knobs = {**SpectraConfig().spectra, "num_experts": 4, "router_dim": 8, "use_gru": False, "sequence_balance": 2.0}
+    router = SpectraRouter(16, knobs, layer_idx=0).eval()
+    logits = torch.randn(3, 53, 4) * 3 + torch.tensor([2.0, 0.0, 0.0, -1.0])
+    bias = torch.tensor([0.1, -0.2, 0.3, -0.2])
+    whole, correction, state = router.sequence_select(logits, bias, None, None)
+    # the first chunk has no committed tokens: no correction; the second reads the first chunk's choices exactly
+    assert torch.equal(correction[:, :SEQUENCE_CHUNK], torch.zeros(3, SEQUENCE_CHUNK, 4))
+    counts = torch.zeros(3, 4).scatter_add_(1, whole[:, :SEQUENCE_CHUNK].reshape(3, -1), torch.ones(3, 2 * SEQUENCE_CHUNK))
+    expected = -2.0 * 4 * (counts / (SEQUENCE_CHUNK * 2) - 0.25)
+    torch.testing.assert_close(correction[:, SEQUENCE_CHUNK], expected)
+    assert state[:, -1].tolist() == [53.0] * 3 and state[:, :8].sum(1).tolist() == [106.0] * 3
+
+    pieces, carried = [], None
+    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 30), (30, 32), (32, 53)]:
+        part, _, carried = router.sequence_select(logits[:, lo:hi], bias, None, carried)
+        pieces.append(part)
+    assert torch.equal(torch.cat(pieces, 1), whole) and torch.equal(carried, state)
+
+    mask = torch.ones(3, 60, dtype=torch.bool)
+    mask[0, :7] = False  # left padding
+    mask[1, [3, 20, 21, 40, 41, 42, 59]] = False  # pads inside and at the end
+    mask[2, 53:] = False  # right padding
+    padded = torch.randn(3, 60, 4)
+    for row in range(3):
+        padded[row, mask[row]] = logits[row]
+    chosen, _, padded_state = router.sequence_select(padded, bias, mask, None)
+    for row in range(3):
+        n = int(mask[row].sum())
+        assert torch.equal(chosen[row, mask[row]], whole[row, :n]), row
+        reference = router.sequence_select(logits[row : row + 1, :n], bias, None, None)[2]
+        assert torch.equal(padded_state[row : row + 1], reference), row
+
+
+def test_a_stronger_sequence_term_balances_more() -> None:
+    """What the soft rule failed (stronger was worse, docs/ARCHITECTURE.md "The sequence-balance term"): with
+    hard counts, load CV of a skewed batch falls as beta grows."""
+    torch.manual_seed(14)
+    knobs = {**SpectraConfig().spectra, "num_experts": 8, "router_dim": 8, "use_gru": False}
+    logits = torch.randn(8, 256, 8) * 4 + torch.linspace(3, -3, 8)
+    cvs = []
+    for beta in (0.5, 1.0, 2.0, 4.0):
+        router = SpectraRouter(16, {**knobs, "sequence_balance": beta}, layer_idx=0).eval()
+        counts = torch.bincount(router.select(logits, torch.zeros(8)).flatten(), minlength=8).float()
+        cvs.append(float(counts.std(unbiased=False) / counts.mean()))
+    assert all(b < a for a, b in zip(cvs, cvs[1:])), cvs
+
+
 def test_sequence_balance_state_is_per_sequence_and_causal() -> None:
     """The running loads of one sequence never leak into another row of the batch."""
     model = build("llama", sequence_balance=2.0)

@@ -115,6 +115,7 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads (SpectraRouter.sequence_select)
 FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): router and experts run on one CPU thread
 
 
@@ -293,37 +294,74 @@ class SpectraRouter(nn.Module):
             out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
 
-    def sequence_bias(
-        self, logits: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sequence running-load correction ``[B, T, E]`` and the running totals after the last token.
+    def sequence_select(
+        self, logits: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k choices ``[B, T, k]`` under the per-sequence running-load correction, the correction each token
+        got ``[B, T, E]``, and the sequence state after the last token ``[B, 2E + 1]``.
 
-        A bias calibrated on hard loads balances text like the calibration text, but loads drift on text
-        from other domains (measured on SmolLM2: CV 0.3-0.6). Each sequence therefore also tracks the mean
-        routing distribution of its own *previous* tokens, ``m_t``, and lowers experts it has over-used:
-        ``-beta * E * (m_t - 1/E)``. It depends only on the sequence's own prefix, so routing stays causal
-        and batch-invariant; the running totals ``[B, E+1]`` (sum, count) travel in the cache with the GRU
-        state, so decoding stays O(1). Measured (SmolLM2, 8 experts, top-2, beta=1): held-out CV 0.17->0.05,
-        unseen-domain CV 0.51->0.10-0.13.
+        A bias calibrated on one corpus balances text like it, but loads drift on text from other domains. Each
+        sequence therefore lowers the experts its own earlier tokens SELECTED more than their share:
+        ``-beta * E * (c / (n * k) - 1/E)``, with ``c`` the per-expert top-k counts of its real tokens before the
+        last multiple of ``SEQUENCE_CHUNK`` below this token and ``n`` their number. Why hard counts: the loads
+        that balance measures are hard selections, which carry the dual bias; the earlier rule (the mean SOFT
+        distribution of the unbiased logits) over-corrected that mismatch, so beta > 1 made balance worse
+        (docs/ARCHITECTURE.md, "The sequence-balance term"). Why chunks: a token's choice depends on earlier
+        choices, so the rule is sequential; committing counts every ``SEQUENCE_CHUNK`` real tokens makes a
+        prefill T / 16 small steps, and measured balance is the same as per token. Chunks count real tokens
+        only (pads are never counted and take the chunk of the next real token), so routing stays causal and
+        batch-invariant and a cached decode equals a full recompute: the state is ``[committed counts (E) |
+        counts of the unfinished chunk (E) | real tokens seen (1)]``.
         """
         batch, steps, experts = logits.shape
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        if mask is not None:
-            weights = mask.unsqueeze(-1).float()
-            probs = probs * weights
-        else:
-            weights = probs.new_ones(batch, steps, 1)
-        mass = torch.cat([probs, weights], dim=-1)  # per token: its routing distribution and 1 if it is real
-        totals0 = state0.float() if state0 is not None else probs.new_zeros(batch, experts + 1)
-        if steps == 1:  # decoding: the exclusive prefix sum is the cache's totals (the general form, exactly)
-            running, before = mass, totals0.unsqueeze(1)
-        else:
-            running = torch.cumsum(mass, dim=1)
-            before = running - mass + totals0.unsqueeze(1)  # exclusive: tokens < t
-        count = before[..., -1:]
-        mean = torch.where(count > 0, before[..., :-1] / count.clamp(min=1), torch.full_like(probs, 1.0 / experts))
-        bias = -self.sequence_balance * experts * (mean - 1.0 / experts)
-        return bias, running[:, -1] + totals0
+        k, chunk, beta = self.top_k, SEQUENCE_CHUNK, self.sequence_balance
+        state0 = state0.float() if state0 is not None else logits.new_zeros(batch, 2 * experts + 1, dtype=torch.float32)
+        committed0, pending0 = state0[:, :experts], state0[:, experts:2 * experts]
+        seen0 = state0[:, -1].round().long()
+        scores = logits.float() + bias.float()
+        first = seen0 // chunk  # chunk index (over the whole sequence) of this call's first token
+        offset = seen0 % chunk
+        if mask is not None and bool(mask.all()):
+            mask = None
+        real = mask.long() if mask is not None else None
+        aligned = mask is None and bool((offset == offset[0]).all())
+        if aligned:  # every row's chunks start at the same positions: slices
+            start = int(offset[0])
+            bounds = [(max(0, j * chunk - start), min(steps, (j + 1) * chunk - start))
+                      for j in range((steps + start + chunk - 1) // chunk)]
+            chunk_of = None
+        else:  # padding, or rows at different points of their chunks: masks over the whole call
+            index = seen0.unsqueeze(1) + torch.cumsum(real, 1) - real if real is not None else seen0.unsqueeze(1) + torch.arange(steps, device=logits.device)
+            chunk_of = index // chunk - first.unsqueeze(1)
+            bounds = [(0, steps)] * (int(chunk_of.max()) + 1 if steps else 0)
+        seen = seen0 + (real.sum(1) if real is not None else steps)
+        last = seen // chunk - first  # the unfinished chunk (its counts stay pending)
+        selected = logits.new_zeros(batch, steps, k, dtype=torch.long)
+        correction = logits.new_zeros(batch, steps, experts, dtype=torch.float32)
+        committed = committed0  # what the current chunk's correction reads
+        final = committed0  # the committed counts after this call
+        new_counts = torch.zeros_like(committed0)
+        for j, (lo, hi) in enumerate(bounds):
+            before = ((first + j) * chunk).float().unsqueeze(1)  # real tokens committed before chunk j
+            share = torch.where(before > 0, committed / (before * k).clamp(min=1), torch.full_like(committed, 1.0 / experts))
+            fix = (-beta * experts * (share - 1.0 / experts)).unsqueeze(1)
+            part = torch.topk(scores[:, lo:hi] + fix, k, dim=-1).indices
+            if chunk_of is None:
+                selected[:, lo:hi] = part
+                correction[:, lo:hi] = fix
+                counted = torch.ones(batch, (hi - lo) * k, device=logits.device)
+            else:
+                here = chunk_of == j
+                selected = torch.where(here.unsqueeze(-1), part, selected)
+                correction = torch.where(here.unsqueeze(-1), fix, correction)
+                counted = (here if mask is None else here & mask).repeat_interleave(k, dim=1).float()
+            hits = torch.zeros_like(committed0).scatter_add_(1, part.reshape(batch, -1), counted)
+            new_counts = new_counts + hits
+            carried = pending0 + hits if j == 0 else hits  # chunk j's counts, the cache's pending ones included
+            committed = committed + carried
+            final = final + (j < last).float().unsqueeze(1) * carried  # only finished chunks commit
+        state = torch.cat([final, committed0 + pending0 + new_counts - final, seen.float().unsqueeze(1)], dim=-1)
+        return selected, correction, state
 
     def express(self, h: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
         """z = normalize(P [h; r]): the token's expression vector on the unit sphere.
@@ -385,18 +423,25 @@ class SpectraRouter(nn.Module):
 
     @torch.no_grad()
     def selection_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """What top-k ranks before the dual bias, ``[N, E]`` float32, for ``[B, T, H]`` sequences routed on their
-        own (no cache, no padding): ``-C/tau`` plus each sequence's running-load correction. Changes nothing, in
-        any mode: bias calibration corrects ``dual_bias`` against these scores."""
+        """The routing logits ``-C/tau``, ``[N, E]`` float32, of ``[B, T, H]`` sequences routed on their own (no
+        cache, no padding): what ``select`` ranks. Changes nothing, in any mode: bias calibration corrects
+        ``dual_bias`` against these scores (E floats a token instead of the hidden size)."""
         batch, steps = hidden_states.shape[0], hidden_states.shape[1]
         h = hidden_states.to(self._param_dtype())
         r = self.sequential_state(h, None, None)[0] if self.use_gru else None
         geometry = self.expert_geometry()
         scores = self.express(h, r).reshape(batch * steps, -1) @ geometry[0].T
-        logits = (-self.osr_cost(scores, geometry) / self.temperature).float()
+        return (-self.osr_cost(scores, geometry) / self.temperature).float()
+
+    @torch.no_grad()
+    def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward's top-k choices ``[B, T, k]`` for ``selection_scores`` viewed as ``[B, T, E]`` whole
+        sequences, under ``bias`` (default: ``dual_bias``): ``topk(logits + bias)``, through the per-sequence
+        correction when it is on (then a token's choice depends on its sequence's earlier choices)."""
+        bias = self.dual_bias if bias is None else bias
         if self.sequence_balance > 0:
-            logits = logits + self.sequence_bias(logits.view(batch, steps, -1), None, None)[0].reshape(batch * steps, -1)
-        return logits
+            return self.sequence_select(logits, bias, None, None)[0]
+        return torch.topk(logits.float() + bias.float(), self.top_k, dim=-1).indices
 
     # -- forward -----------------------------------------------------------------------------------------------
 
@@ -423,7 +468,7 @@ class SpectraRouter(nn.Module):
         h = hidden_states.reshape(batch, steps, self.hidden_size).to(self._param_dtype())
         mask = ctx.token_mask if ctx.token_mask is not None and tuple(ctx.token_mask.shape) == (batch, steps) else None
 
-        # Router state per layer in the cache: [GRU state (d) | running routing sums (E) | token count (1)].
+        # Router state per layer in the cache: [GRU state (d) | committed counts (E) | pending counts (E) | tokens (1)].
         states = router_states_of(ctx.cache) if ctx.cache is not None else None
         state0 = states.get(self.layer_idx) if states is not None else None
         if state0 is not None and state0.shape[0] != batch:
@@ -439,32 +484,43 @@ class SpectraRouter(nn.Module):
         router_logits = -self.osr_cost(scores, geometry) / self.temperature
         flat_mask = mask.reshape(-1) if mask is not None else None
 
-        # What top-k ranks before the dual bias: logits plus this sequence's running-load correction.
         unbiased = router_logits.detach()
         totals = None
         if self.sequence_balance > 0:
-            seq_bias, totals = self.sequence_bias(router_logits.view(batch, steps, -1), mask, totals0)
-            unbiased = unbiased + seq_bias.reshape(batch * steps, -1).to(unbiased.dtype)
-
-        bias = self.dual_bias
-        if self.balance_mode == "in_batch" or self.training:
-            # Potentials of the same scores selection uses (sequence correction included), so the bias does
-            # not correct twice what the sequence term already balances.
-            real = unbiased if flat_mask is None else unbiased[flat_mask]
-            if real.shape[0] > 0:
-                _, potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)
-                if self.balance_mode == "in_batch":
-                    bias = potentials.to(bias.dtype)
-                else:
+            # The per-sequence correction depends on the sequence's earlier choices, so selection comes first
+            # (with the bias as it is; in_batch: the potentials of the logits), then the training update of the
+            # bias from the potentials of what selection ranked -- correction included, so the bias does not
+            # correct twice what the sequence term balances; it takes effect from the next call.
+            bias = self.dual_bias
+            if self.balance_mode == "in_batch":
+                real = unbiased if flat_mask is None else unbiased[flat_mask]
+                bias = sinkhorn(real, self.top_k, self.sinkhorn_iters)[1] if real.shape[0] > 0 else bias
+            picked, correction, totals = self.sequence_select(unbiased.view(batch, steps, -1), bias, mask, totals0)
+            selected = picked.reshape(batch * steps, -1)
+            if self.training and self.balance_mode == "dual_bias":
+                ranked = unbiased.float() + correction.reshape(batch * steps, -1)
+                real = ranked if flat_mask is None else ranked[flat_mask]
+                if real.shape[0] > 0:
                     with torch.no_grad():
+                        potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)[1]
                         self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
-                    bias = self.dual_bias
-        selection = unbiased + bias
+        else:
+            bias = self.dual_bias
+            if self.balance_mode == "in_batch" or self.training:
+                real = unbiased if flat_mask is None else unbiased[flat_mask]
+                if real.shape[0] > 0:
+                    _, potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)
+                    if self.balance_mode == "in_batch":
+                        bias = potentials.to(bias.dtype)
+                    else:
+                        with torch.no_grad():
+                            self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
+                        bias = self.dual_bias
+            selected = torch.topk(unbiased + bias, self.top_k, dim=-1).indices
         if states is not None:
             parts = [last if last is not None else h.new_zeros(batch, 0)]
-            parts.append(totals if totals is not None else h.new_zeros(batch, self.num_experts + 1))
+            parts.append(totals if totals is not None else h.new_zeros(batch, 2 * self.num_experts + 1))
             states[self.layer_idx] = torch.cat([p.detach().float() for p in parts], dim=-1)
-        selected = torch.topk(selection, self.top_k, dim=-1).indices
         weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
 
         if self.training and self.bias_update_rate > 0 and self.balance_mode == "dual_bias":

@@ -27,14 +27,19 @@ def calibrate_bias(router: SpectraRouter, inputs: torch.Tensor, *, steps: int = 
     Start from Sinkhorn's column potentials (the soft balance), then correct on hard loads with a decaying
     step, keeping the best bias seen. The logits do not depend on the bias, so they are computed once.
     """
-    return calibrate_bias_on_scores(router, router.selection_scores(inputs), steps=steps, rate=rate)
+    return calibrate_bias_on_scores(router, router.selection_scores(inputs), seq_len=inputs.shape[1], steps=steps,
+                                    rate=rate)
 
 
 @torch.no_grad()
-def calibrate_bias_on_scores(router: SpectraRouter, logits: torch.Tensor, *, steps: int = 400, rate: float = 0.5) -> float:
-    """``calibrate_bias`` given the selection scores ``[N, E]`` already computed (E floats a token instead of
-    the hidden size: what lets ``recalibrate.recalibrate_model_bias`` use tens of thousands of tokens)."""
+def calibrate_bias_on_scores(router: SpectraRouter, logits: torch.Tensor, *, seq_len: int, steps: int = 400,
+                             rate: float = 0.5) -> float:
+    """``calibrate_bias`` given the selection scores ``[N, E]`` of whole sequences of ``seq_len`` tokens already
+    computed (E floats a token instead of the hidden size: what lets ``recalibrate.recalibrate_model_bias`` use
+    tens of thousands of tokens). Every correction step selects through ``router.select``: with the
+    per-sequence correction on, a token's choice depends on the bias through its sequence's earlier choices."""
     k, experts = router.top_k, router.num_experts
+    sequences = logits.view(-1, seq_len, experts)
     # Sinkhorn's column potentials are the soft-balance start; 2048 tokens estimate them well enough.
     sample = logits[torch.randperm(logits.shape[0], generator=torch.Generator().manual_seed(0))[:2048]]
     _, potentials = sinkhorn(sample, k, router.sinkhorn_iters)
@@ -42,7 +47,7 @@ def calibrate_bias_on_scores(router: SpectraRouter, logits: torch.Tensor, *, ste
     best_bias, best_cv = bias.clone(), float("inf")
     scale = float(logits.std().clamp(min=1e-3))
     for step in range(steps):
-        selected = torch.topk(logits + bias, k, dim=-1).indices
+        selected = router.select(sequences, bias)
         loads = torch.bincount(selected.reshape(-1), minlength=experts).float()
         cv = float(loads.std(unbiased=False) / loads.mean())
         if cv < best_cv:
@@ -61,7 +66,7 @@ def topk_agreement(router: SpectraRouter, inputs: torch.Tensor, gate_weight: tor
     """Mean share of each token's old-gate top-k experts that the SPECTRA router also selects."""
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
     old = torch.topk(flat @ gate_weight.float().T, top_k, dim=-1).indices
-    new = torch.topk(router.selection_scores(inputs) + router.dual_bias.float(), router.top_k, dim=-1).indices
+    new = router.select(router.selection_scores(inputs).view(*inputs.shape[:2], -1)).reshape(-1, router.top_k)
     shared = (old.unsqueeze(-1) == new.unsqueeze(-2)).any(-1).float().sum(-1)
     return float((shared / top_k).mean())
 

@@ -272,7 +272,7 @@ def calibrate_carved_bias_on_scores(router: SpectraRouter, logits: torch.Tensor,
     from .calibrate import calibrate_bias_on_scores
 
     fit, held = holdout_split(logits.shape[0] // steps, holdout)
-    balanced_cv = calibrate_bias_on_scores(router, logits)
+    balanced_cv = calibrate_bias_on_scores(router, logits, seq_len=steps)
     balancing = router.dual_bias.float().clone()
     if held.numel() == 0:
         return {"bias_strength": 1.0, "heldout_recall": float("nan"), "heldout_cv": float("nan"),

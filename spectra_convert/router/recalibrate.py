@@ -58,7 +58,7 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
     for router in (r for r in routers if scores[id(r)]):
         logits = torch.cat(scores[id(router)])
         if id(router) not in carved:
-            cvs.append(calibrate_bias_on_scores(router, logits))
+            cvs.append(calibrate_bias_on_scores(router, logits, seq_len=blocks.shape[1]))
             continue
         calibrate_carved_bias_on_scores(router, logits, torch.cat(masses[id(router)]), blocks.shape[1])
         selected = (logits + router.dual_bias.float()).topk(router.top_k, dim=-1).indices

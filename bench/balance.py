@@ -70,7 +70,7 @@ def main() -> None:
         model_dir = args.work / "copy"
         if not (model_dir / "config.json").exists():
             upcycle(str(gguf.parent), model_dir, experts=8, top_k=2, method="copy", gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     carved = model.config.spectra.get("expert_combine") == "sum"
     calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)

@@ -37,7 +37,7 @@ def capture_logits(model_dir: Path) -> dict:
 
     from spectra_convert.textdata import load_texts
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
     routers = model.routers()
     for router in routers:

@@ -92,6 +92,21 @@ def test_tiny_gpt2_copy_noise_zero_matches_dense(tiny_gpt2_dir, tmp_path) -> Non
     assert moe.transformer.h[0].mlp.experts.up_bias.shape == (4, 128)
 
 
+def test_copies_are_written_with_the_copy_sequence_balance_unless_overridden(tiny_gpt2_dir, tmp_path) -> None:
+    """Copied experts: balance is all routing decides, so copies route with the stronger per-sequence term
+    (COPY_SEQUENCE_BALANCE, measured in bench/balance.py); an explicit override still wins."""
+    from spectra_convert.surgery.upcycle import COPY_SEQUENCE_BALANCE
+
+    corpus = str(Path(__file__).parent / "fixtures" / "corpus" / "train.jsonl")
+    upcycle(str(tiny_gpt2_dir), tmp_path / "a", experts=4, top_k=2, calibration=corpus, calibration_tokens=256,
+            router_dim=8)
+    upcycle(str(tiny_gpt2_dir), tmp_path / "b", experts=4, top_k=2, calibration=corpus, calibration_tokens=256,
+            router_dim=8, spectra_overrides={"sequence_balance": 0.5})
+    assert COPY_SEQUENCE_BALANCE == 2.0
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["spectra"]["sequence_balance"] == 2.0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["spectra"]["sequence_balance"] == 0.5
+
+
 def test_noise_makes_experts_differ(tiny_gpt2_dir, tmp_path) -> None:
     out = tmp_path / "noisy"
     upcycle(str(tiny_gpt2_dir), out, experts=4, top_k=2, noise=0.05, calibration_tokens=512, router_dim=16,

@@ -463,7 +463,7 @@ def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state
     assert state[:, -1].tolist() == [53.0] * 3 and state[:, :8].sum(1).tolist() == [106.0] * 3
 
     pieces, carried = [], None
-    for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 30), (30, 32), (32, 53)]:
+    for lo, hi in [(0, 5), (5, 6), (6, 15), (15, 16), (16, 17), (17, 30), (30, 31), (31, 32), (32, 53)]:  # 1-token steps cross chunk ends
         part, _, carried = router.sequence_select(logits[:, lo:hi], bias, None, carried)
         pieces.append(part)
     assert torch.equal(torch.cat(pieces, 1), whole) and torch.equal(carried, state)

@@ -159,7 +159,12 @@ def test_bf16_load_keeps_predictions(upcycled_smollm2: Path, client) -> None:
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert agreement >= 0.9, agreement
     out = bf16.generate(ids[:1, :16], max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert out.shape == (1, 19) and int(out[0, 16]) == int(logits[0, 15].argmax())
+    # generate's first token is the argmax of a forward over the same 16 tokens. Not of the 32-token forward's
+    # position 15: bf16 CPU GEMMs give slightly different values for a row as the row count changes, and a flipped
+    # top-k choice moves the sequence term's counts for the rest of the sequence (measured: 5688 vs 29).
+    with torch.no_grad():
+        prefix = bf16(ids[:1, :16]).logits
+    assert out.shape == (1, 19) and int(out[0, 16]) == int(prefix[0, -1].argmax())
 
 
 def test_save_pretrained_reloads_in_python_isolated_without_the_package(client, prompts, greedy, tmp_path) -> None:

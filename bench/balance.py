@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from carve import CORPUS, REPO, balance_study, blocks_of, routed_eval  # noqa: E402
+from carve import CORPUS, REPO, balance_study, blocks_of, perplexity, routed_eval  # noqa: E402
 
 
 def measure(model, tokenizer, calibration: torch.Tensor, unseen: torch.Tensor, beta: float, carved: bool) -> dict:
@@ -42,8 +42,6 @@ def measure(model, tokenizer, calibration: torch.Tensor, unseen: torch.Tensor, b
     if carved:
         row["ppl"], row["recall"] = routed_eval(model, unseen, "cpu")
     else:
-        from carve import perplexity
-
         row["ppl"] = perplexity(model, unseen, "cpu")
     print(json.dumps(row), flush=True)
     return row

@@ -9,7 +9,7 @@
   an unmerged adapter) but their parameters are frozen: for carved models, whose routers were fitted to the
   oracle by the converter, training them during LoRA lowers oracle recall and quality (README, "Carving").
 
-A mode prepares the model, tells the trainer its parameter groups (the routers always use ``--lr-router``),
+A mode prepares the model, tells the trainer its parameter groups (routers that train use ``--lr-router``),
 names the tensors a resumable checkpoint must hold, and writes the final output folder.
 """
 

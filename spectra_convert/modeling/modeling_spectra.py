@@ -314,17 +314,17 @@ class SpectraRouter(nn.Module):
         counts of the unfinished chunk (E) | real tokens seen (1)]``.
         """
         batch, steps, experts = logits.shape
-        k, chunk, beta = self.top_k, SEQUENCE_CHUNK, self.sequence_balance
+        k, chunk = self.top_k, SEQUENCE_CHUNK
         state0 = state0.float() if state0 is not None else logits.new_zeros(batch, 2 * experts + 1, dtype=torch.float32)
         committed0, pending0 = state0[:, :experts], state0[:, experts:2 * experts]
         seen0 = state0[:, -1].round().long()
         scores = logits.float() + bias.float()
-        if steps == 1 and (mask is None or bool(mask.all())):
+        if mask is not None and bool(mask.all()):
+            mask = None
+        if steps == 1 and mask is None:
             return self._decode_select(scores, committed0, pending0, seen0)
         first = seen0 // chunk  # chunk index (over the whole sequence) of this call's first token
         offset = seen0 % chunk
-        if mask is not None and bool(mask.all()):
-            mask = None
         real = mask.long() if mask is not None else None
         aligned = mask is None and bool((offset == offset[0]).all())
         if aligned:  # every row's chunks start at the same positions: slices
@@ -344,9 +344,7 @@ class SpectraRouter(nn.Module):
         final = committed0  # the committed counts after this call
         new_counts = torch.zeros_like(committed0)
         for j, (lo, hi) in enumerate(bounds):
-            before = ((first + j) * chunk).float().unsqueeze(1)  # real tokens committed before chunk j
-            share = torch.where(before > 0, committed / (before * k).clamp(min=1), torch.full_like(committed, 1.0 / experts))
-            fix = (-beta * experts * (share - 1.0 / experts)).unsqueeze(1)
+            fix = self._balance_fix(committed, (first + j) * chunk)  # (first + j) * chunk: real tokens committed
             part = torch.topk(scores[:, lo:hi] + fix, k, dim=-1).indices
             if chunk_of is None:
                 selected[:, lo:hi] = part
@@ -365,14 +363,21 @@ class SpectraRouter(nn.Module):
         state = torch.cat([final, committed0 + pending0 + new_counts - final, seen.float().unsqueeze(1)], dim=-1)
         return selected, correction, state
 
+    def _balance_fix(self, committed: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """The correction ``[B, 1, E]`` from the committed counts ``[B, E]`` of ``before [B]`` real tokens:
+        ``-beta * E * (c / (n * k) - 1/E)``, nothing while no token is committed."""
+        experts = committed.shape[-1]
+        before = before.float().unsqueeze(1)
+        share = torch.where(before > 0, committed / (before * self.top_k).clamp(min=1),
+                            torch.full_like(committed, 1.0 / experts))
+        return (-self.sequence_balance * experts * (share - 1.0 / experts)).unsqueeze(1)
+
     def _decode_select(self, scores: torch.Tensor, committed: torch.Tensor, pending: torch.Tensor,
                        seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``sequence_select`` for one real token per row (a decoding step): the same values in ~12 ops instead of
         the general path's ~25."""
         experts, k, chunk = scores.shape[-1], self.top_k, SEQUENCE_CHUNK
-        before = (seen - seen % chunk).float().unsqueeze(1)  # real tokens committed before this one
-        share = torch.where(before > 0, committed / (before * k).clamp(min=1), torch.full_like(committed, 1.0 / experts))
-        fix = (-self.sequence_balance * experts * (share - 1.0 / experts)).unsqueeze(1)
+        fix = self._balance_fix(committed, seen - seen % chunk)  # seen - seen % chunk: real tokens committed
         selected = torch.topk(scores + fix, k, dim=-1).indices
         counts = pending.scatter_add(1, selected.reshape(-1, k), torch.ones(selected.shape[0], k, device=scores.device))
         finished = ((seen + 1) % chunk == 0).unsqueeze(1)  # this token completes its chunk: commit
@@ -503,6 +508,12 @@ class SpectraRouter(nn.Module):
 
         unbiased = router_logits.detach()
         totals = None
+
+        def potentials_of(ranked: torch.Tensor) -> torch.Tensor | None:
+            """Sinkhorn's column potentials of the real tokens' rows (None when there are none)."""
+            real = ranked if flat_mask is None else ranked[flat_mask]
+            return sinkhorn(real, self.top_k, self.sinkhorn_iters)[1] if real.shape[0] > 0 else None
+
         if self.sequence_balance > 0:
             # The per-sequence correction depends on the sequence's earlier choices, so selection comes first
             # (with the bias as it is; in_batch: the potentials of the logits), then the training update of the
@@ -510,29 +521,23 @@ class SpectraRouter(nn.Module):
             # correct twice what the sequence term balances; it takes effect from the next call.
             bias = self.dual_bias
             if self.balance_mode == "in_batch":
-                real = unbiased if flat_mask is None else unbiased[flat_mask]
-                bias = sinkhorn(real, self.top_k, self.sinkhorn_iters)[1] if real.shape[0] > 0 else bias
+                potentials = potentials_of(unbiased)
+                bias = potentials if potentials is not None else bias
             picked, correction, totals = self.sequence_select(unbiased.view(batch, steps, -1), bias, mask, totals0)
             selected = picked.reshape(batch * steps, -1)
             if self.training and self.balance_mode == "dual_bias":
-                ranked = unbiased.float() + correction.reshape(batch * steps, -1)
-                real = ranked if flat_mask is None else ranked[flat_mask]
-                if real.shape[0] > 0:
+                potentials = potentials_of(unbiased.float() + correction.reshape(batch * steps, -1))
+                if potentials is not None:
                     with torch.no_grad():
-                        potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)[1]
                         self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
         else:
             bias = self.dual_bias
-            if self.balance_mode == "in_batch" or self.training:
-                real = unbiased if flat_mask is None else unbiased[flat_mask]
-                if real.shape[0] > 0:
-                    _, potentials = sinkhorn(real, self.top_k, self.sinkhorn_iters)
-                    if self.balance_mode == "in_batch":
-                        bias = potentials.to(bias.dtype)
-                    else:
-                        with torch.no_grad():
-                            self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
-                        bias = self.dual_bias
+            potentials = potentials_of(unbiased) if self.balance_mode == "in_batch" or self.training else None
+            if potentials is not None and self.balance_mode == "in_batch":
+                bias = potentials.to(bias.dtype)
+            elif potentials is not None:
+                with torch.no_grad():
+                    self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
             selected = torch.topk(unbiased + bias, self.top_k, dim=-1).indices
         if states is not None:
             parts = [last if last is not None else h.new_zeros(batch, 0)]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,19 +116,6 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
 
 
 SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads (SpectraRouter.sequence_select)
-FEW_TOKENS = 64  # at most this many tokens per call (decoding, short prompts): router and experts run on one CPU thread
-
-
-def few_tokens_on_one_thread(hidden_states: torch.Tensor) -> AbstractContextManager[None]:
-    """One CPU thread for an MoE block or router call on a few tokens.
-
-    Such a call is ~100 small ops (router steps, per-expert GEMVs, dispatch). On a quiet 2-core box one thread
-    is as fast as two (SmolLM2 carved block, one decoded token: 854 vs 864 us). When another process keeps a
-    core busy, every multi-threaded op waits at its barrier for a descheduled thread: the same block took
-    5.0 ms on two threads and 0.84 ms on one (docs/ARCHITECTURE.md, "Runtime speed").
-    """
-    tokens = hidden_states.numel() // max(1, hidden_states.shape[-1])
-    return single_cpu_thread(hidden_states) if tokens <= FEW_TOKENS else nullcontext()
 
 
 class SequenceGRU(torch.autograd.Function):
@@ -275,22 +262,24 @@ class SpectraRouter(nn.Module):
         return out, last
 
     def _run_gru(self, h: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recurrence is hundreds of tiny sequential steps: on CPU extra threads only add sync overhead
-        (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so run it on one.
+        """A recurrence over several tokens is hundreds of tiny sequential steps: on CPU extra threads only add
+        sync overhead (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so it runs
+        on one. A one-token step keeps the caller's threads: it is one GEMV over the input weights (0.9 MB per
+        layer at SmolLM2 size), which two threads read about twice as fast (docs/ARCHITECTURE.md, "Runtime speed").
 
         Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every
         call, ~25 us) and a one-token step (decoding) runs ATen's GRU cell: the same ops, in the same order, as
-        one step of the sequence kernel, so states are bit-identical (tests/test_runtime.py) at 60 instead of
-        95 us — most of which is reading the input weights, 0.9 MB per layer."""
+        one step of the sequence kernel, so states are bit-identical (tests/test_runtime.py)."""
         gru = self.gru
         weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        with single_cpu_thread(h):
-            if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
+        if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
+            with single_cpu_thread(h):
                 out = SequenceGRU.apply(h, h0, *weights)
-                return out, out[:, -1]
-            if h.shape[1] == 1:
-                last = torch._VF.gru_cell(h[:, 0].contiguous(), h0.contiguous(), *weights)
-                return last.unsqueeze(1), last
+            return out, out[:, -1]
+        if h.shape[1] == 1:
+            last = torch._VF.gru_cell(h[:, 0].contiguous(), h0.contiguous(), *weights)
+            return last.unsqueeze(1), last
+        with single_cpu_thread(h):
             out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
 
@@ -392,10 +381,11 @@ class SpectraRouter(nn.Module):
         """
         if not self.use_projector:
             return F.normalize(torch.cat([h, r], dim=-1) if r is not None else h, dim=-1)
-        x = F.linear(h, self.projector[:, : self.hidden_size])
+        lead = h.shape[:-1]  # rows flattened: the ``mm`` that ``F.linear`` folds a [B, T, H] input into, called directly
+        x = _linear(h.reshape(-1, h.shape[-1]), self.projector[:, : self.hidden_size])
         if r is not None:
-            x = x + F.linear(r, self.projector[:, self.hidden_size :])
-        return F.normalize(x, dim=-1)
+            x = x + _linear(r.reshape(-1, r.shape[-1]), self.projector[:, self.hidden_size :])
+        return F.normalize(x, dim=-1).view(*lead, -1)
 
     def unit_expert_vectors(self) -> torch.Tensor:
         """``mu [E, d]``, a fresh tensor the caller may keep or change (routing itself uses ``expert_geometry``)."""
@@ -436,6 +426,15 @@ class SpectraRouter(nn.Module):
             return -scores
         return -scores + self.repulsion * scores.abs() @ repulsion
 
+    def selection_logits(self, scores: torch.Tensor,
+                         geometry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The routing logits ``-C / tau`` of cosine scores ``S``, computed as ``(S - lambda |S| @ R) / tau``: the same
+        bits as negating ``osr_cost`` (IEEE negation and rounding are symmetric) in two fewer ops per call."""
+        repulsion = (geometry or self.expert_geometry())[1]
+        if repulsion is None:
+            return scores / self.temperature
+        return (scores - torch.mm(self.repulsion * scores.abs(), repulsion)) / self.temperature
+
     def project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expression vectors ``z [N, d]`` of a ``[B, T, H]`` batch (used for k-means prototype init)."""
         h = hidden_states.to(self._param_dtype())
@@ -452,8 +451,8 @@ class SpectraRouter(nn.Module):
         h = hidden_states.to(self._param_dtype())
         r = self.sequential_state(h, None, None)[0] if self.use_gru else None
         geometry = self.expert_geometry()
-        scores = self.express(h, r).reshape(batch * steps, -1) @ geometry[0].T
-        return (-self.osr_cost(scores, geometry) / self.temperature).float()
+        scores = torch.mm(self.express(h, r).reshape(batch * steps, -1), geometry[0].t())
+        return self.selection_logits(scores, geometry).float()
 
     @torch.no_grad()
     def select(self, logits: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -481,8 +480,7 @@ class SpectraRouter(nn.Module):
         return 1, n_tokens  # used standalone: one sequence
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with few_tokens_on_one_thread(hidden_states):
-            return self._route(hidden_states)
+        return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
@@ -502,8 +500,8 @@ class SpectraRouter(nn.Module):
             r, last = self.sequential_state(h, mask, gru0)
         z = self.express(h, r).reshape(batch * steps, -1)
         geometry = self.expert_geometry()
-        scores = z @ geometry[0].T  # S [N, E], cosine similarities
-        router_logits = -self.osr_cost(scores, geometry) / self.temperature
+        scores = torch.mm(z, geometry[0].t())  # S [N, E], cosine similarities
+        router_logits = self.selection_logits(scores, geometry)
         flat_mask = mask.reshape(-1) if mask is not None else None
 
         unbiased = router_logits.detach()
@@ -584,6 +582,15 @@ def routing_entropy(scores: torch.Tensor, temperature: float, mask: torch.Tensor
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for rows ``[N, in]``, calling the kernel it dispatches to (``mm`` / ``addmm`` on ``weight.t()``)
+    directly: the same values, without the ~5 wrapper ops per call that a decoding step pays ~10 times per layer
+    (docs/ARCHITECTURE.md, "Runtime speed"). Other shapes go through ``F.linear``."""
+    if x.dim() != 2:
+        return F.linear(x, weight, bias)
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
 #: Low-rank updates of a fused ``[E, out, in]`` tensor: ``(lhs [E, out, r], rhs [E, r, in], scale)`` each.
 LowRankTerms = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -638,7 +645,7 @@ class SpectraExperts(nn.Module):
     ``down_proj [E, H, I]`` + ``down_bias [E, H]``.
 
     Dispatch: the N*k (token, slot) pairs are sorted by expert once, each expert runs one matmul over its
-    contiguous group, and results are scattered back with one ``index_add_``.
+    contiguous group, and its weighted rows are added back into the output with ``index_add_``.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, kind: str, act: str):
@@ -689,7 +696,7 @@ class SpectraExperts(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         base, low_rank = weight
-        out = F.linear(x, base[index], bias)
+        out = _linear(x, base[index], bias)
         for lhs, rhs, scale in low_rank:
             out = out + scale * F.linear(F.linear(x, rhs[index].to(x.dtype)), lhs[index].to(x.dtype))
         return out
@@ -699,8 +706,9 @@ class SpectraExperts(nn.Module):
         once per forward by the caller)."""
         weights = weights or self.expert_weights()
         if self.kind == "gated":
-            gate, up = self._expert_linear(x, weights["gate_up_proj"], index).chunk(2, dim=-1)
-            return self._expert_linear(self.act_fn(gate) * up, weights["down_proj"], index)
+            projected = self._expert_linear(x, weights["gate_up_proj"], index)
+            half = projected.shape[-1] // 2  # gate | up: two views, as ``chunk(2)`` makes them, in two ops instead of six
+            return self._expert_linear(self.act_fn(projected[..., :half]) * projected[..., half:], weights["down_proj"], index)
         hidden = self.act_fn(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
         return self._expert_linear(hidden, weights["down_proj"], index, self.down_bias[index])
 
@@ -714,25 +722,38 @@ class SpectraExperts(nn.Module):
                 low_rank: dict[str, LowRankTerms] | None = None) -> torch.Tensor:
         """``[N, H]`` tokens, their ``[N, k]`` experts and output weights -> ``[N, H]``; ``low_rank``: adapter terms
         ``W_e += s * lhs_e @ rhs_e`` per tensor name, applied to the routed rows (``peft_expert_lora``)."""
-        with few_tokens_on_one_thread(hidden_states):
-            tensors = self.expert_weights(low_rank)
-            if hidden_states.shape[0] == 1:
-                return self.one_token(hidden_states, selected[0], weights.reshape(-1), tensors)
-            return self.dispatch(hidden_states, selected, weights, tensors)
+        tensors = self.expert_weights(low_rank)
+        if hidden_states.shape[0] == 1:
+            return self.one_token(hidden_states, selected[0], weights.reshape(-1), tensors)
+        return self.dispatch(hidden_states, selected, weights, tensors)
 
     def dispatch(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
                  tensors: dict[str, Any] | None = None) -> torch.Tensor:
-        """Slots sorted by expert, one matmul per expert over its rows, one scatter back (see the class doc)."""
+        """Slots sorted by expert, one matmul per expert over its rows, each expert's weighted rows added back into
+        the output as soon as they are computed (see the class doc).
+
+        Adding expert by expert in ascending order adds a token's terms in the order one ``index_add_`` over all
+        sorted slots would (same values, tests/test_runtime.py) without concatenating the ``[N*k, H]`` outputs first:
+        with ``index_select`` for the gather, that took the dispatch from ~6 to ~2 ms per layer for 512 tokens at
+        top-4 (docs/ARCHITECTURE.md, "Runtime speed")."""
         top_k = selected.shape[-1]
         flat_experts = selected.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         token_of_slot = order // top_k
-        grouped = hidden_states[token_of_slot]
+        grouped = hidden_states.index_select(0, token_of_slot)
+        slot_weights = weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
         tensors = tensors or self.expert_weights()
-        outputs = [self.expert(e, chunk, tensors) for e, chunk in enumerate(grouped.split(counts)) if chunk.shape[0] > 0]
-        mixed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
-        return torch.zeros_like(hidden_states).index_add_(0, token_of_slot, mixed.to(hidden_states.dtype))
+        out = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            weighted = self.expert(expert, grouped[rows], tensors) * slot_weights[rows]
+            out.index_add_(0, token_of_slot[rows], weighted.to(hidden_states.dtype))
+            start += count
+        return out
 
     def one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                   tensors: dict[str, Any] | None = None) -> torch.Tensor:
@@ -806,17 +827,12 @@ class SpectraMoeBlock(nn.Module):
         return scale
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Router, experts and shared expert each run a few-token call on one thread (``few_tokens_on_one_thread``),
-        # each inside its own forward: an adapter wrapping ``self.experts`` that ``run_experts`` cannot read as
-        # low-rank terms (PEFT's own forward then folds its factors into the whole stack, one large op) keeps the
-        # caller's threads.
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
         _, weights, selected = self.gate(hidden_states)
         out = run_experts(self.experts, flat, selected, self.combine_weights(weights, selected))
         if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
-            with few_tokens_on_one_thread(flat):
-                out = out + self.shared_expert.expert(0, flat).to(out.dtype)
+            out = out + self.shared_expert.expert(0, flat).to(out.dtype)
         return self.dropout(out.reshape(shape))
 
 
@@ -925,6 +941,21 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
     def routers(self) -> list[SpectraRouter]:
         return [m for m in self.modules() if isinstance(m, SpectraRouter)]
 
+    def _routers_to_share_with(self) -> list[SpectraRouter]:
+        """``routers()``, cached while every decoder layer holds the same ``mlp`` and ``mlp.gate`` objects.
+
+        Why: every forward re-points the routers at the shared routing context, and walking all modules for them
+        took ~0.4 ms, ~1% of a decoding step; a wrapper that copies a router (PEFT's ``modules_to_save``) replaces
+        ``mlp.gate``, which changes the key."""
+        cached = self.__dict__.get("_router_cache")
+        layers = cached[2] if cached is not None else decoder_layers(self.parent)
+        mlps = [layer._modules.get("mlp") for layer in layers]  # _modules: plain dict lookups, not nn.Module.__getattr__
+        key = tuple(id(m) for m in mlps) + tuple(id(m._modules.get("gate")) if m is not None else 0 for m in mlps)
+        if cached is None or cached[0] != key:
+            cached = (key, self.routers(), layers)
+            self.__dict__["_router_cache"] = cached
+        return cached[1]
+
     def get_input_embeddings(self) -> nn.Module:
         return self.parent.get_input_embeddings()
 
@@ -980,7 +1011,7 @@ class SpectraForCausalLM(SpectraPreTrainedModel, GenerationMixin):
         want_records = bool(output_router_logits)
 
         ctx = self.routing_context
-        for router in self.routers():  # wrappers such as PEFT modules_to_save deep-copy routers: re-share
+        for router in self._routers_to_share_with():  # wrappers such as PEFT modules_to_save deep-copy routers
             router.__dict__["context"] = ctx
         ctx.batch_shape, ctx.token_mask = (batch, steps), token_mask
         ctx.cache = past_key_values if use_cache else None

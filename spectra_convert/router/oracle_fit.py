@@ -91,7 +91,7 @@ def _scores(router: SpectraRouter, features: torch.Tensor) -> torch.Tensor:
     """Selection logits ``-C/tau`` of precomputed features (what ``SpectraRouter._route`` computes from them)."""
     projected = features @ router.projector.T if router.use_projector else features
     z = F.normalize(projected, dim=-1)
-    return -router.osr_cost(z @ router.unit_expert_vectors().T) / router.temperature
+    return router.selection_logits(z @ router.unit_expert_vectors().T)
 
 
 #: Pre-activation that saturates a GRU gate: sigmoid(-20) ~ 2e-9 and tanh(20) == 1.0 in float32 and bfloat16.

@@ -218,7 +218,10 @@ def test_carved_smollm2_router_predicts_the_oracle_on_unseen_text(carved_smollm2
 
     from spectra_convert.router.oracle_fit import model_oracle_recall
 
+    from spectra_convert.surgery.carve_upcycle import CARVE_ROUTER_DIM
+
     model = AutoModelForCausalLM.from_pretrained(carved_smollm2, trust_remote_code=True).eval()
+    assert model.config.spectra["router_dim"] == CARVE_ROUTER_DIM == 32  # the carve default, not copies' 128
     tokenizer = AutoTokenizer.from_pretrained(carved_smollm2)
     blocks = unseen_blocks(tokenizer)
     recall = model_oracle_recall(model, blocks)

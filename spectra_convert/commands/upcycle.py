@@ -28,7 +28,8 @@ from . import checked, output_option
 @click.option("--router-steps", default=60, show_default=True, type=checked("upcycle", "router_steps"),
               help="--method carve: gradient steps fitting each router to the oracle after its ridge start.")
 @click.option("--noise", default=0.01, show_default=True, type=checked("upcycle", "noise"), help="Relative std of the noise added to expert copies.")
-@click.option("--router-dim", default=128, show_default=True, type=checked("upcycle", "router_dim"), help="Router GRU/expression dimension.")
+@click.option("--router-dim", default=None, type=checked("upcycle", "router_dim"),
+              help="Router GRU/expression dimension [default: 128; 32 for --method carve].")
 @click.option("--router-init", type=checked("upcycle", "router_init"), default="orthogonal", show_default=True,
               help="Prototype init: orthonormal (balances best on unseen text) or k-means on calibration states.")
 @click.option("--calibration", type=click.Path(), default=None,

@@ -281,7 +281,7 @@ def upcycle(
     carve_grouping: str = "coactivation",
     carve_refit: str = "none",
     router_steps: int = 60,
-    router_dim: int = 128,
+    router_dim: int | None = None,
     router_init: str = "orthogonal",
     calibration: str | Path | None = None,
     calibration_tokens: int = 8192,
@@ -296,6 +296,8 @@ def upcycle(
     ``method``: ``copy`` (E copies + ``noise``), ``drop`` (copies with ``drop_ratio`` of each expert's neurons
     re-initialised, for continued pre-training) or ``carve`` (a cheaper MoE of the parent's own neurons:
     ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps``; see ``carve_upcycle``).
+
+    ``router_dim``: the router's GRU / expression width; default 128, and 32 for ``carve`` (``CARVE_ROUTER_DIM``).
 
     ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
     False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
@@ -313,7 +315,9 @@ def upcycle(
     check_free_space(out, expert_bytes(plan.adapter.ffn_shapes(plan.shape_config), plan.num_layers, experts, method,
                                        plan.out_dtype))
     if method == "carve":  # experts need the calibration activations: no early builder, no noise
-        from .carve_upcycle import SHARED_FRACTION, CarveOptions, carve_upcycle
+        from .carve_upcycle import CARVE_ROUTER_DIM, SHARED_FRACTION, CarveOptions, carve_upcycle
+
+        router_dim = CARVE_ROUTER_DIM if router_dim is None else router_dim
 
         options = CarveOptions(shared_fraction=SHARED_FRACTION if shared_fraction is None else shared_fraction,
                                grouping=carve_grouping, refit=carve_refit, router_steps=router_steps)
@@ -321,6 +325,7 @@ def upcycle(
                              experts=experts, top_k=top_k, router_dim=router_dim, options=options,
                              calibration_tokens=calibration_tokens, out_dtype=plan.out_dtype, gguf_file=gguf_file,
                              seed=seed, force=force, overrides=plan.overrides)
+    router_dim = 128 if router_dim is None else router_dim
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).
     with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp:

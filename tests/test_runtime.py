@@ -567,3 +567,22 @@ def test_unmerged_expert_lora_applies_its_factors_per_expert_and_equals_the_merg
     torch.testing.assert_close(merged_in_place, merged, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(unmerged, plain, atol=1e-3), "the adapter must change the logits in this test"
     torch.testing.assert_close(unmerged, merged, atol=1e-5, rtol=1e-4)
+
+
+def test_a_router_replaced_by_a_deep_copy_gets_the_models_routing_context() -> None:
+    """Wrappers such as PEFT's ``modules_to_save`` put deep copies of routers in place, context included; the
+    model re-points them at its own routing context on the next forward, also after an earlier forward cached its
+    router list (without that, the copy would decode without its cached state)."""
+    import copy
+
+    model = build("llama", seed=3)
+    prompt = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model(prompt)  # caches the router list
+        layer = model.model.layers[1]
+        layer.mlp.gate = copy.deepcopy(layer.mlp.gate)
+        assert layer.mlp.gate.context is not model.routing_context
+        with_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+        assert layer.mlp.gate.context is model.routing_context
+        without_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without_cache)

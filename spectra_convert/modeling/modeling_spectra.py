@@ -699,7 +699,7 @@ class SpectraExperts(nn.Module):
         base, low_rank = weight
         out = _linear(x, base[index], bias)
         for lhs, rhs, scale in low_rank:
-            out = out + scale * F.linear(F.linear(x, rhs[index].to(x.dtype)), lhs[index].to(x.dtype))
+            out = out + scale * _linear(_linear(x, rhs[index].to(x.dtype)), lhs[index].to(x.dtype))
         return out
 
     def expert(self, index: int, x: torch.Tensor, weights: dict[str, Any] | None = None) -> torch.Tensor:

@@ -34,7 +34,8 @@ from . import checked, output_option
               help="Prototype init: orthonormal (balances best on unseen text) or k-means on calibration states.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Calibration text (JSONL with `text` or .txt); default: the shipped real-text corpus.")
-@click.option("--calibration-tokens", default=8192, show_default=True, type=checked("upcycle", "calibration_tokens"), help="Tokens used for router calibration.")
+@click.option("--calibration-tokens", default=None, type=checked("upcycle", "calibration_tokens"),
+              help="Tokens used for router calibration [default: 8192; 32768 for --method carve].")
 @click.option("--dtype", type=checked("upcycle", "dtype"), default=None, help="Output dtype (default float32).")
 @click.option("--gguf-file", default=None, help="GGUF file inside MODEL to load (weights are dequantised).")
 @click.option("--seed", default=0, show_default=True, type=checked("upcycle", "seed"))

@@ -284,7 +284,7 @@ def upcycle(
     router_dim: int | None = None,
     router_init: str = "orthogonal",
     calibration: str | Path | None = None,
-    calibration_tokens: int = 8192,
+    calibration_tokens: int | None = None,
     dtype: str | None = None,
     gguf_file: str | None = None,
     seed: int = 0,
@@ -298,6 +298,7 @@ def upcycle(
     ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps``; see ``carve_upcycle``).
 
     ``router_dim``: the router's GRU / expression width; default 128, and 32 for ``carve`` (``CARVE_ROUTER_DIM``).
+    ``calibration_tokens``: default 8192, and 32768 for ``carve`` (``CARVE_CALIBRATION_TOKENS``).
 
     ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
     False}`` for an ablation: knobs that change parameter shapes (use_gru, use_projector) must be chosen at
@@ -315,9 +316,10 @@ def upcycle(
     check_free_space(out, expert_bytes(plan.adapter.ffn_shapes(plan.shape_config), plan.num_layers, experts, method,
                                        plan.out_dtype))
     if method == "carve":  # experts need the calibration activations: no early builder, no noise
-        from .carve_upcycle import CARVE_ROUTER_DIM, SHARED_FRACTION, CarveOptions, carve_upcycle
+        from .carve_upcycle import CARVE_CALIBRATION_TOKENS, CARVE_ROUTER_DIM, SHARED_FRACTION, CarveOptions, carve_upcycle
 
         router_dim = CARVE_ROUTER_DIM if router_dim is None else router_dim
+        calibration_tokens = CARVE_CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens
 
         options = CarveOptions(shared_fraction=SHARED_FRACTION if shared_fraction is None else shared_fraction,
                                grouping=carve_grouping, refit=carve_refit, router_steps=router_steps)
@@ -326,6 +328,7 @@ def upcycle(
                              calibration_tokens=calibration_tokens, out_dtype=plan.out_dtype, gguf_file=gguf_file,
                              seed=seed, force=force, overrides=plan.overrides)
     router_dim = 128 if router_dim is None else router_dim
+    calibration_tokens = 8192 if calibration_tokens is None else calibration_tokens
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).
     with atomic_output_dir(out, force=force, inputs=[plan.model_dir], durable=True) as tmp:

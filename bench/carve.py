@@ -5,7 +5,7 @@ same data, random -- then after a short ``finetune --mode lora`` (+ routers), th
 correction on / off / dual bias alone), and whole-model time per token against the parent, interleaved.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/carve-bench [--device cuda]
-        [--calibration-tokens 8192] [--eval-tokens 4096] [--top-k 1,4,6] [--finetune-steps 40]
+        [--calibration-tokens 32768] [--eval-tokens 4096] [--top-k 1,4,6] [--finetune-steps 40]
         [--recalibration-tokens 8192]
 
 LoRA curve (``--lora-minutes M``, replaces the rest of the bench): ONE ``finetune --mode lora`` (+ routers) run of
@@ -420,7 +420,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spectra-carve-bench"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--calibration-tokens", type=int, default=32768,
+                        help="calibration tokens of the carve and of the fitted gates (the converter's carve default)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--top-k", default="1,4,6", help="routed experts per token to measure (of 8)")
     parser.add_argument("--router-steps", type=int, default=60)

@@ -418,23 +418,26 @@ class SpectraRouter(nn.Module):
             self.__dict__["_geometry"] = (flags, vectors.detach().clone(), (mu, repulsion))
         return mu, repulsion
 
+    def _repulsion_term(self, scores: torch.Tensor,
+                        geometry: tuple[torch.Tensor, torch.Tensor | None] | None) -> torch.Tensor | None:
+        """``lambda |S| @ (G ⊙ (1 - I))²`` (None when repulsion is off): what ``osr_cost`` adds to ``-S`` and
+        ``selection_logits`` subtracts from ``S``. ``geometry``: ``expert_geometry()`` when the caller already has
+        it (one check per routing call)."""
+        repulsion = (geometry or self.expert_geometry())[1]
+        return None if repulsion is None else (self.repulsion * scores.abs()) @ repulsion
+
     def osr_cost(self, scores: torch.Tensor,
                  geometry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more.
-        ``geometry``: ``expert_geometry()`` when the caller already has it (one check per routing call)."""
-        repulsion = (geometry or self.expert_geometry())[1]
-        if repulsion is None:
-            return -scores
-        return -scores + self.repulsion * scores.abs() @ repulsion
+        """C = -S + lambda * |S| @ (G ⊙ (1 - I))²: an expert similar to other strong experts costs more."""
+        term = self._repulsion_term(scores, geometry)
+        return -scores if term is None else -scores + term
 
     def selection_logits(self, scores: torch.Tensor,
                          geometry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """The routing logits ``-C / tau`` of cosine scores ``S``, computed as ``(S - lambda |S| @ R) / tau``: the same
         bits as negating ``osr_cost`` (IEEE negation and rounding are symmetric) in two fewer ops per call."""
-        repulsion = (geometry or self.expert_geometry())[1]
-        if repulsion is None:
-            return scores / self.temperature
-        return (scores - torch.mm(self.repulsion * scores.abs(), repulsion)) / self.temperature
+        term = self._repulsion_term(scores, geometry)
+        return (scores if term is None else scores - term) / self.temperature
 
     def project(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expression vectors ``z [N, d]`` of a ``[B, T, H]`` batch (used for k-means prototype init)."""

@@ -28,7 +28,9 @@ tokens seen | ppl ratio | recall) and writes WORK/lora_curve.json after every po
 Held-out text is from domains the calibration never saw: ``tests/fixtures/corpus/unseen.jsonl`` (changelogs) for
 perplexity and recall, ``mixed_eval.jsonl`` (4 domains) for per-domain balance and domain NMI. The calibration
 corpus is ``spectra_convert/data/calibration.jsonl`` (code, docs, legal). Carving (the neuron plan) does not
-depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions.
+depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions, and the
+skipped-experts estimate (when the folder has one) is refitted to what each way of picking drops (``fit_estimates``);
+the table's "no estimate" column is the SPECTRA router with the estimate zeroed.
 """
 
 from __future__ import annotations
@@ -139,6 +141,59 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_
         gates.append(LinearGate(x, mass))
         block.to(device)
     return gates
+
+
+@torch.no_grad()
+def fit_estimates(model, inputs: list[torch.Tensor], k: int, how: str, gates, seed: int = 0) -> None:
+    """Refit every block's skipped-experts estimate (the converter's ``fit_skipped_estimate``) to what ``how``'s
+    selections (spectra | oracle | linear | random) drop on the calibration inputs at top-``k``: each way of
+    picking slices is measured with the estimate it would be carved with. No-op for a folder carved without one."""
+    from spectra_convert.router.oracle_fit import block_oracle_mass, carved_blocks, oracle_topk, router_selection
+    from spectra_convert.surgery.carve import fit_skipped_estimate, skipped_output
+
+    generator = torch.Generator().manual_seed(seed)
+    for block, gate, x in zip(carved_blocks(model), gates, inputs):
+        estimate = getattr(block, "skipped_estimate", None)
+        if estimate is None:
+            continue
+        flat = x.reshape(-1, x.shape[-1])
+        experts = block.experts.num_experts
+        if how == "spectra":
+            selected = router_selection(block.gate, x.to(block.gate.expert_vectors.device)).cpu()
+        elif how == "oracle":
+            selected = oracle_topk(block_oracle_mass(block.experts, flat), k)
+        elif how == "linear":
+            selected = gate.select(flat, k)
+        else:
+            selected = torch.rand(flat.shape[0], experts, generator=generator).topk(k, -1).indices
+        outputs = torch.stack([block.experts.expert(e, flat) for e in range(experts)], dim=1).float()
+        tensors, _ = fit_skipped_estimate(flat, skipped_output(outputs, selected, block.expert_scale.detach().cpu()),
+                                          estimate.in_weight.shape[0])
+        for name, tensor in tensors.items():
+            getattr(estimate, name).data.copy_(tensor)
+        estimate.fitted_top_k = k
+
+
+def estimates_off(model):
+    """Zero every skipped-experts estimate (the column without it); returns the saved tensors for ``estimates_on``."""
+    from spectra_convert.router.oracle_fit import carved_blocks
+
+    saved = []
+    for block in carved_blocks(model):
+        estimate = getattr(block, "skipped_estimate", None)
+        saved.append(None if estimate is None else {n: p.detach().clone() for n, p in estimate.named_parameters()})
+        if estimate is not None:
+            estimate.reset_parameters()
+    return saved
+
+
+def estimates_on(model, saved) -> None:
+    from spectra_convert.router.oracle_fit import carved_blocks
+
+    for block, tensors in zip(carved_blocks(model), saved):
+        if tensors is not None:
+            for name, tensor in tensors.items():
+                getattr(block.skipped_estimate, name).data.copy_(tensor)
 
 
 def with_routing(model, how: str, k: int, gates, seed: int = 0):
@@ -511,9 +566,14 @@ def main() -> None:
         active = (shared + k * width) / (shared + 8 * width)
         gates = fit_routers(model, inputs, k, args.router_steps, 0.0, device)
         row = {"k": k, "active": active}
+        fit_estimates(model, inputs, k, "spectra", gates)
         ppl, recall = routed_eval(model, unseen, device)
         row["spectra"], row["spectra_recall"] = ppl / parent_ppl, recall
+        saved = estimates_off(model)
+        row["spectra_no_estimate"] = routed_eval(model, unseen, device)[0] / parent_ppl
+        estimates_on(model, saved)
         for how in ("oracle", "linear", "random"):
+            fit_estimates(model, inputs, k, how, gates)
             saved = with_routing(model, how, k, gates)
             ppl, recall = routed_eval(model, unseen, device)
             restore(model, saved)
@@ -544,11 +604,13 @@ def main() -> None:
 
     (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2))
     print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; carve took {carve_seconds:.0f} s")
-    print("| active FFN | k | oracle | SPECTRA router | linear gate | random | recall SPECTRA / linear / random |")
-    print("|---|---|---|---|---|---|---|")
+    print("| active FFN | k | oracle | SPECTRA router | linear gate | random | SPECTRA, no estimate | "
+          "recall SPECTRA / linear / random |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['active']:.0%} | {r['k']} | {r['oracle']:.2f}x | {r['spectra']:.2f}x | {r['linear']:.2f}x | "
-              f"{r['random']:.2f}x | {r['spectra_recall']:.3f} / {r['linear_recall']:.3f} / {r['random_recall']:.3f} |")
+              f"{r['random']:.2f}x | {r['spectra_no_estimate']:.2f}x | "
+              f"{r['spectra_recall']:.3f} / {r['linear_recall']:.3f} / {r['random_recall']:.3f} |")
     if "finetuned" in report:
         f = report["finetuned"]
         print(f"after finetune --mode lora ({f['steps']} steps, k={f['k']}): {f['ppl_ratio']:.2f}x, recall {f['recall']:.3f}")

@@ -214,6 +214,11 @@ def _intro(knobs: dict, text_config: dict, base_model: str | None, source: str) 
             f"every token to {top_k} of them, and their outputs are summed{active}. All experts on reproduce the "
             "parent exactly; fewer run less of it — the validation section states the perplexity next to the parent's."
         )
+        rank = knobs.get("skipped_estimate_rank") or 0
+        if rank and isinstance(top_k, int) and isinstance(experts, int) and top_k < experts:
+            what += (f" Each block also adds a rank-{rank} linear estimate of what the {experts - top_k} unselected "
+                     "experts would have contributed, fitted on the calibration text (a few percent of the FFN's "
+                     "compute).")
     elif source == "upcycled":
         what = (
             f"This model is {base} **upcycled** into a mixture of experts: the feed-forward block of each of its "

@@ -27,6 +27,9 @@ from . import checked, output_option
               help="--method carve: least-squares refit of each expert's output scale on calibration tokens.")
 @click.option("--router-steps", default=60, show_default=True, type=checked("upcycle", "router_steps"),
               help="--method carve: gradient steps fitting each router to the oracle after its ridge start.")
+@click.option("--skipped-estimate-rank", default=None, type=checked("upcycle", "skipped_estimate_rank"),
+              help="--method carve: rank of the linear estimate of the unselected experts' output added to each "
+                   "block (0 = none) [default: 64].")
 @click.option("--noise", default=0.01, show_default=True, type=checked("upcycle", "noise"), help="Relative std of the noise added to expert copies.")
 @click.option("--router-dim", default=None, type=checked("upcycle", "router_dim"),
               help="Router GRU/expression dimension [default: 128; 32 for --method carve].")

@@ -51,6 +51,8 @@ SPECTRA_DEFAULTS: dict[str, Any] = {
     "shared_intermediate_size": None,  # its hidden size; None = the parent's
     "expert_combine": "softmax",  # "softmax": weighted mean of the selected experts (copies of one FFN);
     # "sum": shared + sum of expert_scale[e] * expert_e (carved experts: disjoint neuron slices whose sum is the FFN)
+    "skipped_estimate_rank": 0,  # carved blocks: rank of the linear estimate of the unselected experts' sum (0 = none)
+    "skipped_estimate_top_k": None,  # the top_k that estimate was fitted at (it is scaled by (E - k) / (E - this))
     "source": "upcycled",  # "upcycled" (dense parent) | "rerouted" (MoE parent, experts kept)
 }
 
@@ -92,10 +94,38 @@ def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
     if knobs["expert_combine"] == "sum" and parent_type in MOE_PARENTS:
         raise ValueError("spectra.expert_combine 'sum' is for carved dense parents, not the MoE parent "
                          f"{parent_type!r}")
+    rank, fitted_k = knobs["skipped_estimate_rank"], knobs["skipped_estimate_top_k"]
+    if not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"spectra.skipped_estimate_rank must be an integer >= 0, got {rank!r}")
+    if rank and knobs["expert_combine"] != "sum":
+        raise ValueError("spectra.skipped_estimate_rank needs spectra.expert_combine 'sum' (carved experts)")
+    if rank and not (isinstance(fitted_k, int) and 1 <= fitted_k < e):
+        raise ValueError(f"spectra.skipped_estimate_top_k must be an integer in [1, num_experts) when "
+                         f"skipped_estimate_rank > 0, got {fitted_k!r}")
     if knobs["source"] not in ("upcycled", "rerouted"):
         raise ValueError(f"spectra.source must be 'upcycled' or 'rerouted', got {knobs['source']!r}")
     if parent_type in MOE_PARENTS and knobs["source"] != "rerouted":
         raise ValueError(f"spectra.source must be 'rerouted' for the MoE parent {parent_type!r}")
+
+
+def active_ffn_fraction(knobs: dict[str, Any]) -> float:
+    """Share of the parent's FFN neurons a token runs in a carved model: (shared + k * expert width) / total."""
+    shared = int(knobs.get("shared_intermediate_size") or 0) if knobs.get("shared_expert") else 0
+    width = int(knobs["intermediate_size"])
+    return (shared + knobs["top_k"] * width) / (shared + knobs["num_experts"] * width)
+
+
+def skipped_estimate_share(knobs: dict[str, Any]) -> float:
+    """The skipped-experts estimate's multiply-adds per token as a share of the parent FFN's: ``2 r H`` against
+    ``3 H`` per neuron (gate, up, down; ``2 H`` for gpt2's MLP), so the width H cancels. 0 without an estimate or
+    at top-k = E (where the block skips it)."""
+    rank = int(knobs.get("skipped_estimate_rank") or 0)
+    if not rank or knobs["top_k"] >= knobs["num_experts"]:
+        return 0.0
+    shared = int(knobs.get("shared_intermediate_size") or 0) if knobs.get("shared_expert") else 0
+    neurons = shared + knobs["num_experts"] * int(knobs["intermediate_size"])
+    per_neuron = 2 if knobs.get("expert_kind") == "mlp" else 3
+    return 2 * rank / (per_neuron * neurons)
 
 
 class SpectraConfig(PretrainedConfig):

@@ -25,8 +25,9 @@ from ..modelio.config import read_parent_config
 from ..modelio.outdir import atomic_output_dir
 from ..modelio.parent import load_dense_parent
 from ..modelio.side_files import write_runtime_files, write_spectra_config
-from .carve import (GROUPINGS, carve_tensors, contributions, expert_outputs, intermediate_activations, plan_carve,
-                    refit_scales, shared_size)
+from .carve import (GROUPINGS, SKIPPED_ESTIMATE_RANK, carve_tensors, contributions, expert_outputs,
+                    fit_skipped_estimate, intermediate_activations, plan_carve, refit_scales, shared_size,
+                    skipped_output)
 
 #: Default share of the parent's FFN neurons kept in the always-on shared expert (measured on SmolLM2-135M, see
 #: README "Carving"): 12.5% of the neurons ~ one routed expert's width at E = 8.
@@ -54,6 +55,7 @@ class CarveOptions:
     refit: str = "none"
     router_steps: int = 60
     active_fraction: float = 0.25
+    skipped_rank: int = SKIPPED_ESTIMATE_RANK
 
     def check(self) -> None:
         if not 0.0 < self.shared_fraction < 1.0:
@@ -64,6 +66,8 @@ class CarveOptions:
             raise UserError(f"--carve-refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
         if self.router_steps < 0:
             raise UserError(f"--router-steps must be >= 0, got {self.router_steps}")
+        if self.skipped_rank < 0:
+            raise UserError(f"--skipped-estimate-rank must be >= 0, got {self.skipped_rank}")
 
 
 @dataclass
@@ -80,26 +84,30 @@ _PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_b
           "down_bias": "down_bias"}
 
 
-def carve_knobs(intermediate: int, experts: int, shared_fraction: float) -> dict[str, Any]:
+def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_k: int, skipped_rank: int,
+                hidden: int) -> dict[str, Any]:
     """The ``spectra`` config knobs a carve sets: widths of the routed and shared experts, the sum combine rule,
     the per-sequence balance off (it would run neurons that should stay off; README "Carving" measures it), and
     the projector-orthogonality loss off: a carved router's projector holds the ridge fit to the oracle, whose
     rows are not orthonormal (||P P^T - I||^2 was 67-1352 per layer on SmolLM2, mean 381), so at the default
     coefficient the penalty dominated fine-tuning's router loss and pulled the fit apart (docs/ARCHITECTURE.md,
-    carving)."""
+    carving). With ``skipped_rank`` > 0 and some experts unselected (top_k < E), blocks carry the skipped-experts
+    estimate of that rank (at most ``hidden``), fitted at ``top_k``."""
     shared = shared_size(intermediate, experts, shared_fraction)
+    rank = min(skipped_rank, hidden) if top_k < experts else 0
     return {"intermediate_size": (intermediate - shared) // experts, "shared_expert": True,
             "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": 0.0,
-            "ortho_loss_coef": 0.0}
+            "ortho_loss_coef": 0.0, "skipped_estimate_rank": rank, "skipped_estimate_top_k": top_k if rank else None}
 
 
 @torch.no_grad()
 def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tensor, act_fn: Any, options: CarveOptions,
                 *, seed: int) -> CarvedLayer:
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
-    ``SpectraRouter`` to the oracle, optionally refit the expert scales; returns the block's tensors."""
-    from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, oracle_topk, router_selection,
-                                     selection_cv, topk_recall)
+    ``SpectraRouter`` to the oracle, optionally refit the expert scales, fit the skipped-experts estimate to what
+    the router's selections drop; returns the block's tensors."""
+    from ..router.oracle_fit import (_rows, calibrate_carved_bias, fit_spectra_router, holdout_split, oracle_topk,
+                                     router_selection, selection_cv, topk_recall)
 
     experts, top_k = router.num_experts, router.top_k
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -120,7 +128,15 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     scale = torch.ones(experts)
     if options.refit == "scale":
         scale = refit_scales(outputs, selected)
-    tensors = {f"experts.{_PARAM[n]}": t for n, t in routed.items()}
+    tensors = {}
+    rank = min(options.skipped_rank, flat.shape[1]) if top_k < experts else 0  # as carve_knobs sets it
+    if rank:
+        held = torch.zeros(flat.shape[0], dtype=torch.bool)
+        held[_rows(holdout_split(inputs.shape[0], 0.125)[1], inputs.shape[1])] = True
+        estimate, stats["skipped_explained_heldout"] = fit_skipped_estimate(
+            flat, skipped_output(outputs, selected, scale), rank, holdout=held)
+        tensors.update({f"skipped_estimate.{n}": t for n, t in estimate.items()})
+    tensors.update({f"experts.{_PARAM[n]}": t for n, t in routed.items()})
     tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})
     tensors["expert_scale"] = scale
     tensors.update({f"gate.{n}": t.detach().clone() for n, t in router.state_dict().items()})
@@ -159,6 +175,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                   router_dim: int, options: CarveOptions, calibration_tokens: int, out_dtype: torch.dtype,
                   gguf_file: str | None, seed: int, force: bool, overrides: dict) -> Any:
     """The carve branch of ``upcycle`` (arguments already checked there). Returns an ``UpcycleResult``."""
+    from ..modeling.configuration_spectra import skipped_estimate_share
     from ..modeling.modeling_spectra import decoder_layers
     from ..router.calibrate import calibration_batches
     from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, capture_ffn_inputs, router_param_count,
@@ -169,7 +186,8 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         parent_config = read_parent_config(model_dir, gguf_file=gguf_file)
         inter = adapter.intermediate_size(parent_config)
         try:
-            knobs = carve_knobs(inter, experts, options.shared_fraction)
+            knobs = carve_knobs(inter, experts, options.shared_fraction, top_k=top_k, skipped_rank=options.skipped_rank,
+                                hidden=int(parent_config.hidden_size))
         except ValueError as exc:
             raise UserError(f"--shared-fraction: {exc}") from exc
         torch.manual_seed(seed)
@@ -203,9 +221,11 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         width, shared = knobs["intermediate_size"], knobs["shared_intermediate_size"]
         per_neuron = sum(math.prod(s) for s in adapter.ffn_shapes(parent_config).values() if len(s) == 2) // inter
         non_ffn_params = sum(t.numel() for t in non_ffn.values())
-        router_params = router_param_count(spectra_config) + experts
-        total = non_ffn_params + num_layers * (per_neuron * inter + router_params)
-        active = non_ffn_params + num_layers * (per_neuron * (shared + top_k * width) + router_params)
+        rank, hidden = knobs["skipped_estimate_rank"], spectra_config.text_config.hidden_size
+        # per block beyond the neurons: router, expert scales, the estimate (in/out weights and output bias)
+        block_params = router_param_count(spectra_config) + experts + (rank * 2 * hidden + hidden if rank else 0)
+        total = non_ffn_params + num_layers * (per_neuron * inter + block_params)
+        active = non_ffn_params + num_layers * (per_neuron * (shared + top_k * width) + block_params)
         output_bytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     layer_cv = [layer.calibration_cv for layer in layers]
     recall = [layer.calibration_recall for layer in layers]
@@ -216,7 +236,11 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         f"carved {model} -> {out}",
         ["", "value"],
         [["experts / top-k", f"{experts} / {top_k} (+ shared {shared} neurons, {width} per expert)"],
-         ["active FFN neurons", f"{result.active_ffn_fraction:.1%}"], ["MoE layers", num_layers],
+         ["active FFN neurons", f"{result.active_ffn_fraction:.1%}"],
+         ["skipped-experts estimate: rank / FFN compute / held-out share explained",
+          f"{rank} / +{skipped_estimate_share(knobs | {'top_k': top_k, 'num_experts': experts}):.1%} / "
+          f"{_mean(layers, 'skipped_explained_heldout'):.3f}" if rank else "none"],
+         ["MoE layers", num_layers],
          ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],
          ["output size", human_bytes(output_bytes)],
          ["oracle top-k recall (calibration) mean", f"{result.calibration_recall:.3f}"],

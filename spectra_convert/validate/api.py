@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ThresholdFailed, UserError
+from ..modeling.configuration_spectra import active_ffn_fraction, skipped_estimate_share
 from ..textdata import domains_of, load_texts
 from ..router import metrics as M
 from ..router.find import find_routers
@@ -205,12 +206,6 @@ def base_report(collection: Collection, *, model: str | Path, data: str | Path, 
     return report
 
 
-def active_ffn_fraction(knobs: dict[str, Any]) -> float:
-    """Share of the parent's FFN neurons a token runs in a carved model: (shared + k * expert width) / total."""
-    shared = int(knobs.get("shared_intermediate_size") or 0) if knobs.get("shared_expert") else 0
-    width = int(knobs["intermediate_size"])
-    return (shared + knobs["top_k"] * width) / (shared + knobs["num_experts"] * width)
-
 
 def carve_report(report: dict[str, Any], knobs: dict[str, Any], collection: Collection) -> None:
     """For carved models (``expert_combine: sum``): the active FFN fraction and the routers' oracle top-k recall
@@ -219,7 +214,9 @@ def carve_report(report: dict[str, Any], knobs: dict[str, Any], collection: Coll
         return
     fraction = active_ffn_fraction(knobs)
     recall = collection.oracle_recall
-    report["carve"] = {"active_ffn_fraction": fraction, "oracle_recall": float(np.mean(recall))}
+    report["carve"] = {"active_ffn_fraction": fraction, "oracle_recall": float(np.mean(recall)),
+                       "skipped_estimate_share": skipped_estimate_share(knobs),
+                       "skipped_estimate_rank": int(knobs.get("skipped_estimate_rank") or 0)}
     report["summary"]["active_ffn_fraction"] = fraction
     report["summary"]["oracle_recall"] = float(np.mean(recall))
     for row, value in zip(report["layers"], recall):

@@ -191,8 +191,10 @@ def check_lines(report: dict[str, Any]) -> list[str]:
                          f"{fmt(parent.get('routing_consistency'))}")
     carve = report.get("carve")
     if carve:
-        lines.append(f"carved experts: {carve['active_ffn_fraction']:.1%} of the parent's FFN neurons active per token, "
-                     f"oracle top-k recall {fmt(carve['oracle_recall'])}")
+        estimate = (f" (+{carve['skipped_estimate_share']:.1%} of its FFN multiply-adds in the rank-"
+                    f"{carve['skipped_estimate_rank']} skipped-experts estimate)") if carve.get("skipped_estimate_share") else ""
+        lines.append(f"carved experts: {carve['active_ffn_fraction']:.1%} of the parent's FFN neurons active per token"
+                     f"{estimate}, oracle top-k recall {fmt(carve['oracle_recall'])}")
     inv = report.get("batch_invariance")
     if inv:
         verdict = "agree" if inv.get("agree") else "DISAGREE"

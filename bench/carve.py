@@ -492,8 +492,8 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true",
                         help="only the time-per-token section (for a quiet machine; pair with --carved)")
     parser.add_argument("--carved", type=Path, default=None,
-                        help="time / fine-tune this carved folder (e.g. WORK/carved of an earlier run) instead of "
-                             "carving again (--timing-only, --lora-minutes)")
+                        help="measure / time / fine-tune this carved folder (e.g. WORK/carved of an earlier run) "
+                             "instead of carving again")
     parser.add_argument("--recalibration-tokens", type=int, default=8192,
                         help="training tokens finetune re-corrects the dual biases on after training")
     parser.add_argument("--lora-minutes", type=float, default=0.0,
@@ -542,12 +542,14 @@ def main() -> None:
         del parent
         print_curve(lora_curve(carved_dir, unseen, parent_ppl, args))
         return
-    if args.carved is not None:
-        sys.exit("--carved is for --timing-only, --balance-only and --lora-minutes (the full run carves its own folder under --work)")
-    carved_dir = args.work / "carved"
-    started = time.perf_counter()
-    result = carve_parent(gguf, carved_dir, args)
-    carve_seconds = time.perf_counter() - started
+    carve_seconds, calibration_recall = None, None
+    if args.carved is not None:  # an earlier run's WORK/carved (the carve takes minutes and does not depend on k)
+        carved_dir = args.carved
+    else:
+        carved_dir = args.work / "carved"
+        started = time.perf_counter()
+        calibration_recall = carve_parent(gguf, carved_dir, args).calibration_recall
+        carve_seconds = time.perf_counter() - started
     parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
     parent.to(device)
     unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
@@ -561,7 +563,7 @@ def main() -> None:
 
     native = routed_eval(model, unseen, device)  # the converter's own routers, as written (top-k = finetune_k)
     report["converter_routers"] = {"k": args.finetune_k, "ppl_ratio": native[0] / parent_ppl, "recall": native[1],
-                                   "calibration_recall": result.calibration_recall}
+                                   "calibration_recall": calibration_recall}
     for k in ks:
         active = (shared + k * width) / (shared + 8 * width)
         gates = fit_routers(model, inputs, k, args.router_steps, 0.0, device)
@@ -603,7 +605,8 @@ def main() -> None:
         report["timing"] = timing(parent, carved_dir, unseen, args)
 
     (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2))
-    print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; carve took {carve_seconds:.0f} s")
+    took = f"carve took {carve_seconds:.0f} s" if carve_seconds is not None else f"carve given: {carved_dir}"
+    print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; {took}")
     print("| active FFN | k | oracle | SPECTRA router | linear gate | random | SPECTRA, no estimate | "
           "recall SPECTRA / linear / random |")
     print("|---|---|---|---|---|---|---|---|")

@@ -377,9 +377,11 @@ def test_validate_reports_active_fraction_recall_and_parent_ratio(tiny_carved, t
     from spectra_convert.validate.api import validate
 
     report = validate(tiny_carved, CORPUS / "heldout.jsonl", parent=tiny_parents["llama"], max_tokens=1024,
-                      report_dir=tmp_path / "report")
+                      report_dir=tmp_path / "report", baselines=True)  # baselines swap the gates: the estimate copes
     summary = report["summary"]
     assert summary["active_ffn_fraction"] == pytest.approx((16 + 2 * 16) / 80)
+    assert report["carve"]["skipped_estimate_rank"] > 0 and report["carve"]["skipped_estimate_share"] > 0
+    assert report["baselines"], "every baseline router ran on the carved blocks"
     assert 0.5 <= summary["oracle_recall"] <= 1.0  # top-2 of 4: chance is 0.5
     assert all(0.0 <= row["oracle_recall"] <= 1.0 for row in report["layers"])
     assert summary["ppl_ratio"] == pytest.approx(summary["perplexity"] / summary["parent_perplexity"])

@@ -878,7 +878,7 @@ class SpectraMoeBlock(nn.Module):
         if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
             out = out + self.shared_expert.expert(0, flat).to(out.dtype)
         if self.skipped_estimate is not None:
-            estimate = self.skipped_estimate(flat, self.gate.top_k)
+            estimate = self.skipped_estimate(flat, selected.shape[-1])  # any gate (validate's baselines too)
             if estimate is not None:
                 out = out + estimate.to(out.dtype)
         return self.dropout(out.reshape(shape))

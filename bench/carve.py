@@ -604,7 +604,7 @@ def main() -> None:
     if args.timing_repeats > 0:
         report["timing"] = timing(parent, carved_dir, unseen, args)
 
-    (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2))
+    (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2, default=str))
     took = f"carve took {carve_seconds:.0f} s" if carve_seconds is not None else f"carve given: {carved_dir}"
     print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; {took}")
     print("| active FFN | k | oracle | SPECTRA router | linear gate | random | SPECTRA, no estimate | "

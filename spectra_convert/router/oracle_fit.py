@@ -166,6 +166,14 @@ def _rows(split: torch.Tensor, steps: int) -> torch.Tensor:
     return (split.unsqueeze(1) * steps + torch.arange(steps)).reshape(-1)
 
 
+def heldout_token_mask(sequences: int, steps: int, fraction: float = 0.125) -> torch.Tensor:
+    """``[sequences * steps]`` booleans: the flat token rows of ``holdout_split``'s held-out sequences (what the
+    router's fit holds out, so the carve's other fits can report on the same tokens)."""
+    mask = torch.zeros(sequences * steps, dtype=torch.bool)
+    mask[_rows(holdout_split(sequences, fraction)[1], steps)] = True
+    return mask
+
+
 @torch.no_grad()
 def _score_recall(router: SpectraRouter, features: torch.Tensor, oracle: torch.Tensor) -> float:
     return topk_recall(_scores(router, features).topk(router.top_k, dim=-1).indices, oracle)

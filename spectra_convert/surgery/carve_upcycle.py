@@ -106,7 +106,7 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales, fit the skipped-experts estimate to what
     the router's selections drop; returns the block's tensors."""
-    from ..router.oracle_fit import (_rows, calibrate_carved_bias, fit_spectra_router, holdout_split, oracle_topk,
+    from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, heldout_token_mask, oracle_topk,
                                      router_selection, selection_cv, topk_recall)
 
     experts, top_k = router.num_experts, router.top_k
@@ -131,10 +131,8 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     tensors = {}
     rank = min(options.skipped_rank, flat.shape[1]) if top_k < experts else 0  # as carve_knobs sets it
     if rank:
-        held = torch.zeros(flat.shape[0], dtype=torch.bool)
-        held[_rows(holdout_split(inputs.shape[0], 0.125)[1], inputs.shape[1])] = True
         estimate, stats["skipped_explained_heldout"] = fit_skipped_estimate(
-            flat, skipped_output(outputs, selected, scale), rank, holdout=held)
+            flat, skipped_output(outputs, selected, scale), rank, holdout=heldout_token_mask(*inputs.shape[:2]))
         tensors.update({f"skipped_estimate.{n}": t for n, t in estimate.items()})
     tensors.update({f"experts.{_PARAM[n]}": t for n, t in routed.items()})
     tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})

@@ -283,13 +283,16 @@ def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
 
 
 def bias_mode_study(model, tokenizer, inputs: list[torch.Tensor], unseen: torch.Tensor, parent_ppl: float,
-                    device: str) -> dict[str, dict]:
-    """Item 8: every ``BIAS_MODES`` variant of the model's routers, measured on unseen text (perplexity ratio,
+                    device: str, modes: tuple[str, ...] = BIAS_MODES) -> dict[str, dict]:
+    """Item 8: the ``BIAS_MODES`` variants of the model's routers, measured on unseen text (perplexity ratio,
     oracle recall) and on the 4-domain mix (load CV overall / worst layer / per domain, domain NMI). The biases
-    are recalibrated on ``inputs`` (the calibration text's block inputs); the routers themselves are not touched."""
+    are recalibrated on ``inputs`` (the calibration text's block inputs), and the skipped-experts estimate (if any)
+    refitted to each variant's selections, as a carve with that rule would write it; the routers' fitted
+    parameters are not touched."""
     study = {}
-    for mode in BIAS_MODES:
+    for mode in modes:
         set_bias_mode(model, mode, inputs)
+        fit_estimates(model, inputs, model.config.spectra["top_k"], "spectra", [None] * len(inputs))
         ppl, recall = routed_eval(model, unseen, device)
         study[mode] = {"ppl_ratio": ppl / parent_ppl, "recall": recall, **balance_study(model, tokenizer, device)}
         print(mode, json.dumps(study[mode]), flush=True)
@@ -318,9 +321,12 @@ def balance_only(gguf: Path, args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.carved, trust_remote_code=True).eval().to(args.device)
     calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)
     inputs = capture_block_inputs(model, calibration, args.device)
-    study = bias_mode_study(model, tokenizer, inputs, unseen, parent_ppl, args.device)
+    modes = tuple(m for m in args.bias_modes.split(",") if m)
+    if unknown := sorted(set(modes) - set(BIAS_MODES)):
+        sys.exit(f"--bias-modes: unknown {', '.join(unknown)}; choose from {', '.join(BIAS_MODES)}")
+    study = bias_mode_study(model, tokenizer, inputs, unseen, parent_ppl, args.device, modes)
     report = {"parent_ppl": parent_ppl, "carved": str(args.carved), "k": model.config.spectra["top_k"], "balance": study}
-    (args.work / "balance_study.json").write_text(json.dumps(report, indent=2))
+    (args.work / "balance_study.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"\nbias variants, carved {args.carved} (k={report['k']}), parent perplexity {parent_ppl:.3f}")
     print_bias_modes(study)
 
@@ -487,6 +493,7 @@ def main() -> None:
     parser.add_argument("--timing-repeats", type=int, default=3, help="0 skips timing")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--skip-balance", action="store_true")
+    parser.add_argument("--bias-modes", default=",".join(BIAS_MODES), help="--balance-only: variants to measure")
     parser.add_argument("--balance-only", action="store_true",
                         help="only the bias-variant study (item 8) on --carved DIR as written")
     parser.add_argument("--timing-only", action="store_true",

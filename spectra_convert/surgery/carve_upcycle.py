@@ -102,10 +102,11 @@ def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_
 
 @torch.no_grad()
 def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tensor, act_fn: Any, options: CarveOptions,
-                *, seed: int) -> CarvedLayer:
+                *, seed: int, skipped_rank: int = 0) -> CarvedLayer:
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales, fit the skipped-experts estimate to what
-    the router's selections drop; returns the block's tensors."""
+    the router's selections drop (``skipped_rank``: the config's ``skipped_estimate_rank``, 0 = none); returns the
+    block's tensors."""
     from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, heldout_token_mask, oracle_topk,
                                      router_selection, selection_cv, topk_recall)
 
@@ -129,10 +130,9 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     if options.refit == "scale":
         scale = refit_scales(outputs, selected)
     tensors = {}
-    rank = min(options.skipped_rank, flat.shape[1]) if top_k < experts else 0  # as carve_knobs sets it
-    if rank:
+    if skipped_rank:
         estimate, stats["skipped_explained_heldout"] = fit_skipped_estimate(
-            flat, skipped_output(outputs, selected, scale), rank, holdout=heldout_token_mask(*inputs.shape[:2]))
+            flat, skipped_output(outputs, selected, scale), skipped_rank, holdout=heldout_token_mask(*inputs.shape[:2]))
         tensors.update({f"skipped_estimate.{n}": t for n, t in estimate.items()})
     tensors.update({f"experts.{_PARAM[n]}": t for n, t in routed.items()})
     tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})
@@ -154,7 +154,8 @@ def carve_into(writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, f
     task = bar.add_task("carving experts + fitting routers", total=len(ffn_inputs))
     for i in sorted(ffn_inputs):
         router = SpectraRouter(spectra_config.text_config.hidden_size, spectra_config.spectra, i, context)
-        layer = carve_layer(router, adapter.ffn_tensors(get_dense, i), ffn_inputs.pop(i), act_fn, options, seed=seed + i)
+        layer = carve_layer(router, adapter.ffn_tensors(get_dense, i), ffn_inputs.pop(i), act_fn, options, seed=seed + i,
+                            skipped_rank=spectra_config.spectra["skipped_estimate_rank"])
         prefix = adapter.mlp_prefix(i)
         for name, tensor in layer.tensors.items():
             writer.add(prefix + name, tensor.to(out_dtype).contiguous())
@@ -236,7 +237,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
         [["experts / top-k", f"{experts} / {top_k} (+ shared {shared} neurons, {width} per expert)"],
          ["active FFN neurons", f"{result.active_ffn_fraction:.1%}"],
          ["skipped-experts estimate: rank / FFN compute / held-out share explained",
-          f"{rank} / +{skipped_estimate_share(knobs | {'top_k': top_k, 'num_experts': experts}):.1%} / "
+          f"{rank} / +{skipped_estimate_share(spectra_config.spectra):.1%} / "
           f"{_mean(layers, 'skipped_explained_heldout'):.3f}" if rank else "none"],
          ["MoE layers", num_layers],
          ["params total", f"{total / 1e6:.1f}M"], ["params active per token", f"{active / 1e6:.1f}M"],

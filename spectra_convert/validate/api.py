@@ -206,7 +206,6 @@ def base_report(collection: Collection, *, model: str | Path, data: str | Path, 
     return report
 
 
-
 def carve_report(report: dict[str, Any], knobs: dict[str, Any], collection: Collection) -> None:
     """For carved models (``expert_combine: sum``): the active FFN fraction and the routers' oracle top-k recall
     (per layer and mean) go into the summary, so the model card states them."""

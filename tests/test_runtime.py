@@ -586,3 +586,16 @@ def test_a_router_replaced_by_a_deep_copy_gets_the_models_routing_context() -> N
         assert layer.mlp.gate.context is model.routing_context
         without_cache = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(with_cache, without_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_rows_equals_f_normalize_bit_for_bit(dtype: torch.dtype) -> None:
+    """The router normalizes with ``unit_rows`` (fewer Python-level ops than ``F.normalize``); every routing
+    decision depends on these values, so they must be ``F.normalize``'s to the bit, zero rows included."""
+    from spectra_convert.modeling.modeling_spectra import unit_rows
+
+    generator = torch.Generator().manual_seed(3)
+    for shape in ((1, 32), (512, 32), (4, 7, 128)):
+        x = (torch.randn(*shape, generator=generator) * 30).to(dtype)
+        x.view(-1, shape[-1])[0] = 0
+        assert torch.equal(unit_rows(x), torch.nn.functional.normalize(x, dim=-1))

@@ -184,6 +184,14 @@ class SequenceGRU(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)``, the same values, in three ops: ``F.normalize`` reaches the norm through
+    ``Tensor.norm`` and ``torch.norm``, Python-level argument handling that cost ~25 us per router call at
+    decoding (docs/ARCHITECTURE.md, "Runtime speed"). Both end in ``linalg.vector_norm``, ``clamp_min(1e-12)``
+    and a division (broadcast instead of ``expand_as``: the same quotients)."""
+    return x / torch.linalg.vector_norm(x, 2, -1, True).clamp_min(1e-12)
+
+
 class SpectraRouter(nn.Module):
     """SPECTRA router: returns ``(router_logits [N,E], routing_weights [N,k], selected_experts [N,k])``.
 
@@ -381,16 +389,16 @@ class SpectraRouter(nn.Module):
         With a projector, P [h; r] = P_h h + P_r r: two GEMMs, no [N, H+d] concatenation copy.
         """
         if not self.use_projector:
-            return F.normalize(torch.cat([h, r], dim=-1) if r is not None else h, dim=-1)
+            return unit_rows(torch.cat([h, r], dim=-1) if r is not None else h)
         lead = h.shape[:-1]  # rows flattened: the ``mm`` that ``F.linear`` folds a [B, T, H] input into, called directly
         x = _linear(h.reshape(-1, h.shape[-1]), self.projector[:, : self.hidden_size])
         if r is not None:
             x = x + _linear(r.reshape(-1, r.shape[-1]), self.projector[:, self.hidden_size :])
-        return F.normalize(x, dim=-1).view(*lead, -1)
+        return unit_rows(x).view(*lead, -1)
 
     def unit_expert_vectors(self) -> torch.Tensor:
         """``mu [E, d]``, a fresh tensor the caller may keep or change (routing itself uses ``expert_geometry``)."""
-        return F.normalize(self.expert_vectors, dim=-1)
+        return unit_rows(self.expert_vectors)
 
     def expert_geometry(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unit expert vectors ``mu [E, d]`` and the OSR repulsion weights ``(G ⊙ (1 - I))² [E, E]`` (None when
@@ -408,7 +416,7 @@ class SpectraRouter(nn.Module):
             cached = self.__dict__.get("_geometry")
             if cached is not None and cached[0] == flags and cached[1].shape == vectors.shape and torch.equal(cached[1], vectors):
                 return cached[2]
-        mu = F.normalize(vectors, dim=-1)
+        mu = unit_rows(vectors)
         repulsion = None
         if self.repulsion != 0.0:
             gram = mu @ mu.T
@@ -424,7 +432,10 @@ class SpectraRouter(nn.Module):
         ``selection_logits`` subtracts from ``S``. ``geometry``: ``expert_geometry()`` when the caller already has
         it (one check per routing call)."""
         repulsion = (geometry or self.expert_geometry())[1]
-        return None if repulsion is None else (self.repulsion * scores.abs()) @ repulsion
+        if repulsion is None:
+            return None
+        weighted = self.repulsion * scores.abs()
+        return torch.mm(weighted, repulsion) if weighted.dim() == 2 else weighted @ repulsion  # what ``@`` runs for 2-D
 
     def osr_cost(self, scores: torch.Tensor,
                  geometry: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -687,7 +698,7 @@ class SpectraExperts(nn.Module):
         (``peft_expert_lora``) and passing them here as ``extra``. Any other parametrization is read as the full
         tensor it produces.
         """
-        parametrizations = getattr(self, "parametrizations", None)
+        parametrizations = self._modules.get("parametrizations")  # where torch registers them; no getattr miss
         if parametrizations is not None and name in parametrizations:
             chain = parametrizations[name]
             if all(hasattr(p, "lhs") and hasattr(p, "rhs") and hasattr(p, "scaling") for p in chain):
@@ -865,7 +876,7 @@ class SpectraMoeBlock(nn.Module):
         """
         if self.expert_scale is None:
             return weights
-        scale = self.expert_scale[selected].to(weights.dtype)
+        scale = self.expert_scale.index_select(0, selected.reshape(-1)).view_as(selected).to(weights.dtype)
         if weights.requires_grad:
             scale = scale * (1.0 + weights - weights.detach())
         return scale
@@ -881,7 +892,8 @@ class SpectraMoeBlock(nn.Module):
             estimate = self.skipped_estimate(flat, selected.shape[-1])  # any gate (validate's baselines too)
             if estimate is not None:
                 out = out + estimate.to(out.dtype)
-        return self.dropout(out.reshape(shape))
+        out = out.reshape(shape)
+        return self.dropout(out) if self.training and self.dropout.p > 0 else out  # identity otherwise: no call
 
 
 # --------------------------------------------------------------------------------------------------------------

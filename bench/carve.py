@@ -137,7 +137,7 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_
         mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
         router.reset_parameters()
         fit_spectra_router(router, x, mass, steps=steps, seed=index)
-        calibrate_carved_bias(router, x, mass)
+        calibrate_carved_bias(router, x, mass, rule=router.carve_bias)  # the rule the folder was carved with
         gates.append(LinearGate(x, mass))
         block.to(device)
     return gates
@@ -256,13 +256,14 @@ def balance_study(model, tokenizer, device: str) -> dict:
             "cv_per_domain": {d: float(np.mean(v)) for d, v in per_domain.items()}}
 
 
-BIAS_MODES = ("seq+bias", "seq", "bias", "chosen", "none")
+BIAS_MODES = ("seq+bias", "seq", "bias", "recall", "none")
 
 
 def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
     """Item-8 variants: ``seq+bias`` (sequence correction on, full balancing bias recalibrated with it), ``seq``
-    (sequence correction alone), ``bias`` (full balancing dual bias alone), ``chosen`` (the converter's default:
-    no sequence correction, balancing bias at the strength held-out recall allows), ``none`` (fitted scores alone)."""
+    (sequence correction alone), ``bias`` (full balancing dual bias alone: the converter's default,
+    ``carve_bias="balance"``), ``recall`` (``carve_bias="recall"``: no sequence correction, balancing bias at the
+    strength held-out recall allows; the default until 2026-12-05), ``none`` (fitted scores alone)."""
     from spectra_convert.router.calibrate import calibrate_bias
     from spectra_convert.router.oracle_fit import block_oracle_mass, calibrate_carved_bias, carved_blocks
 
@@ -273,7 +274,7 @@ def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
         router.cpu()
         if mode in ("none", "seq"):
             router.dual_bias.zero_()
-        elif mode == "chosen":
+        elif mode == "recall":
             experts = block.experts.cpu()
             calibrate_carved_bias(router, x, block_oracle_mass(experts, x.reshape(-1, x.shape[-1])))
             experts.to(device)
@@ -351,29 +352,49 @@ def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[
     return forward, (time.perf_counter() - start) / decode
 
 
+def batch_forward_seconds(model, ids: torch.Tensor, device: str) -> float:
+    """Seconds per token of one forward over a ``[B, T]`` batch (no cache)."""
+    with torch.inference_mode():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / ids.numel()
+
+
 def timing(parent, carved_dir: Path, unseen: torch.Tensor, args: argparse.Namespace) -> dict[str, float]:
-    """Whole-model time per token, carved (its converter's top-k) vs the parent, interleaved, medians."""
+    """Whole-model time per token, carved (its converter's top-k) vs the parent, interleaved, medians: a 512-token
+    forward at batch 1 and 4, and greedy decoding. Batch 4 shows what the GRU recurrence costs at batch 1: its
+    ~512 sequential steps per layer are the same for 1 or 4 rows (docs/ARCHITECTURE.md, "Runtime speed")."""
     from transformers import AutoModelForCausalLM
 
     timed = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(args.device)
     ids = unseen[:1, :256].repeat(1, 2).to(args.device)  # 512 tokens
+    batch = unseen[:4, :256].repeat(1, 2).to(args.device)  # 4 x 512 tokens
     for model in (parent, timed):  # warm-up, not timed
         time_per_token(model, ids[:, :64], 2, args.device)
     samples: dict[str, list] = {"parent": [], "carved": []}
     for _ in range(args.timing_repeats):  # interleaved: both see the same machine state
         for name, model in (("parent", parent), ("carved", timed)):
-            samples[name].append(time_per_token(model, ids, args.decode_tokens, args.device))
-    med = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for n, v in samples.items()}
+            samples[name].append((*time_per_token(model, ids, args.decode_tokens, args.device),
+                                  batch_forward_seconds(model, batch, args.device)))
+    med = {n: [statistics.median(s[i] for s in v) for i in range(3)] for n, v in samples.items()}
     return {"k": timed.config.spectra["top_k"], "threads": torch.get_num_threads(),
             "parent_forward_s_per_token": med["parent"][0], "carved_forward_s_per_token": med["carved"][0],
             "parent_decode_s_per_token": med["parent"][1], "carved_decode_s_per_token": med["carved"][1],
-            "forward_ratio": med["carved"][0] / med["parent"][0], "decode_ratio": med["carved"][1] / med["parent"][1]}
+            "parent_forward_b4_s_per_token": med["parent"][2], "carved_forward_b4_s_per_token": med["carved"][2],
+            "forward_ratio": med["carved"][0] / med["parent"][0], "decode_ratio": med["carved"][1] / med["parent"][1],
+            "forward_b4_ratio": med["carved"][2] / med["parent"][2]}
 
 
 def print_timing(t: dict[str, float], device: str) -> None:
     print(f"time per token (k={t['k']}, {device}, {t['threads']} threads): forward {t['carved_forward_s_per_token'] * 1e3:.2f} "
-          f"vs {t['parent_forward_s_per_token'] * 1e3:.2f} ms = {t['forward_ratio']:.2f}x of the parent, greedy decode "
-          f"{t['carved_decode_s_per_token'] * 1e3:.1f} vs {t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x")
+          f"vs {t['parent_forward_s_per_token'] * 1e3:.2f} ms = {t['forward_ratio']:.2f}x of the parent, batch-4 forward "
+          f"{t['carved_forward_b4_s_per_token'] * 1e3:.2f} vs {t['parent_forward_b4_s_per_token'] * 1e3:.2f} ms = "
+          f"{t['forward_b4_ratio']:.2f}x, greedy decode {t['carved_decode_s_per_token'] * 1e3:.1f} vs "
+          f"{t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x")
 
 
 def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):
@@ -531,7 +552,7 @@ def main() -> None:
     if args.timing_only:
         parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
         carved_dir = given_or_carved(gguf, args)
-        t = timing(parent.to(device), carved_dir, blocks_of(tokenizer, CORPUS / "unseen.jsonl", 512), args)
+        t = timing(parent.to(device), carved_dir, blocks_of(tokenizer, CORPUS / "unseen.jsonl", 1024), args)
         (args.work / "carve_timing.json").write_text(json.dumps(t, indent=2))
         print_timing(t, device)
         return

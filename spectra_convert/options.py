@@ -64,6 +64,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "carve_refit": Rule("choice", choices="spectra_convert.surgery.carve_upcycle:REFITS"),
         "router_steps": Rule(_INT, min=0),
         "skipped_estimate_rank": Rule(_INT, min=0, optional=True),
+        "carve_bias": Rule("choice", choices="spectra_convert.modeling.configuration_spectra:CARVE_BIAS_RULES",
+                           optional=True),
         "router_dim": _POSITIVE,
         "router_init": Rule("choice", choices="spectra_convert.surgery.upcycle:ROUTER_INITS"),
         "calibration": _INPUT,

@@ -230,6 +230,7 @@ def test_drop_reinitialises_a_different_share_of_each_expert(tiny_parents, tmp_p
     ({"method": "carve", "shared_fraction": 1.0}, "--shared-fraction"),
     ({"method": "carve", "carve_grouping": "hash"}, "--carve-grouping"),
     ({"method": "drop", "drop_ratio": 1.5}, "--drop-ratio"),
+    ({"method": "carve", "carve_bias": "max"}, "--carve-bias"),
 ])
 def test_bad_carve_options_are_one_line_errors(tiny_parents, tmp_path, kwargs, message) -> None:
     with pytest.raises(UserError, match=message):
@@ -496,10 +497,12 @@ def _block_inputs_and_mass(model, blocks: torch.Tensor):
     return carved, inputs, [block_oracle_mass(b.experts, x.reshape(-1, x.shape[-1])) for b, x in zip(carved, inputs)]
 
 
-def test_closing_recalibration_gives_a_carved_model_the_recall_aware_bias(tiny_carved) -> None:
+@pytest.mark.parametrize("rule", ["recall", "balance"])
+def test_closing_recalibration_gives_a_carved_model_its_carve_bias_rule(tiny_carved, rule: str) -> None:
     """finetune's closing bias re-correction (``recalibrate_model_bias``) gives a carved router what the converter
-    does -- the balancing bias at the strongest share that keeps held-out oracle recall -- not the full balancing
-    bias, which runs experts the tokens do not need (the LoRA curve lost recall 0.733 -> 0.638 with it)."""
+    does under the folder's ``carve_bias``: the whole balancing bias (``balance``), or its strongest share that
+    keeps held-out oracle recall (``recall``; a carve fine-tuned under it must not get the full bias, which lost
+    the LoRA curve recall 0.733 -> 0.638)."""
     import copy
 
     from transformers import AutoTokenizer
@@ -509,7 +512,9 @@ def test_closing_recalibration_gives_a_carved_model_the_recall_aware_bias(tiny_c
     from spectra_convert.router.oracle_fit import calibrate_carved_bias_on_scores
     from spectra_convert.textdata import load_texts
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_carved, trust_remote_code=True).eval()
+    config = AutoConfig.from_pretrained(tiny_carved, trust_remote_code=True)
+    config.spectra["carve_bias"] = rule
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, config=config, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
     blocks = calibration_batches(tokenizer, [r.text for r in load_texts(CORPUS / "heldout.jsonl")], max_tokens=2048,
                                  seq_len=64, seed=1)
@@ -517,9 +522,13 @@ def test_closing_recalibration_gives_a_carved_model_the_recall_aware_bias(tiny_c
     expected, strengths = [], []
     for block, x, mass in zip(carved, inputs, masses):
         twin = copy.deepcopy(block.gate)
-        strengths.append(calibrate_carved_bias_on_scores(twin, twin.selection_scores(x), mass, x.shape[1])["bias_strength"])
+        fit = calibrate_carved_bias_on_scores(twin, twin.selection_scores(x), mass, x.shape[1], rule=rule)
+        strengths.append(fit["bias_strength"])
         expected.append(twin.dual_bias.clone())
-    assert min(strengths) < 1.0, "the test needs a router whose recall-aware share is not the full bias"
+    if rule == "recall":
+        assert min(strengths) < 1.0, "the test needs a router whose recall-aware share is not the full bias"
+    else:
+        assert set(strengths) == {1.0}
     cvs = recalibrate_model_bias(model, blocks)
     assert len(cvs) == len(carved) and all(cv >= 0 for cv in cvs)
     for block, bias in zip(carved, expected):
@@ -635,3 +644,17 @@ def test_distillation_keeps_the_router_aux_gradient(tiny_carved, tiny_parents) -
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b)
+
+
+def test_carve_writes_its_bias_rule_and_balance_is_the_default(tiny_carved, tiny_parents, tmp_path) -> None:
+    """``carve_bias`` is written for the re-correction after fine-tuning; the default is the whole balancing bias
+    (README "Carving": with the skipped-experts estimate it costs 6% perplexity for load CV 0.263 -> 0.144), and
+    ``carve_bias="recall"`` writes a weaker share where held-out recall asks for it."""
+    assert json.loads((tiny_carved / "config.json").read_text())["spectra"]["carve_bias"] == "balance"
+    recall = tmp_path / "recall"
+    upcycle(str(tiny_parents["llama"]), recall, experts=4, top_k=2, method="carve", shared_fraction=0.2, router_dim=16,
+            router_steps=5, calibration=str(CORPUS / "train.jsonl"), calibration_tokens=512, carve_bias="recall")
+    assert json.loads((recall / "config.json").read_text())["spectra"]["carve_bias"] == "recall"
+    balanced, weaker = folder_weights(tiny_carved), folder_weights(recall)
+    biases = [name for name in balanced if name.endswith("gate.dual_bias")]
+    assert biases and any(not torch.equal(balanced[name], weaker[name]) for name in biases)

@@ -53,12 +53,15 @@ SPECTRA_DEFAULTS: dict[str, Any] = {
     # "sum": shared + sum of expert_scale[e] * expert_e (carved experts: disjoint neuron slices whose sum is the FFN)
     "skipped_estimate_rank": 0,  # carved blocks: rank of the linear estimate of the unselected experts' sum (0 = none)
     "skipped_estimate_top_k": None,  # the top_k that estimate was fitted at (it is scaled by (E - k) / (E - this))
+    "carve_bias": "recall",  # carved routers' dual bias, as the converter and post-fine-tune recalibration set it:
+    # "balance" (the hard-load balancing bias) | "recall" (its strongest share keeping held-out oracle recall)
     "source": "upcycled",  # "upcycled" (dense parent) | "rerouted" (MoE parent, experts kept)
 }
 
 _BALANCE_MODES = ("dual_bias", "in_batch")
 _EXPERT_KINDS = ("gated", "mlp")
 _COMBINES = ("softmax", "sum")
+CARVE_BIAS_RULES = ("balance", "recall")
 
 
 def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
@@ -94,6 +97,8 @@ def _validate_spectra(knobs: dict[str, Any], parent_type: str | None) -> None:
     if knobs["expert_combine"] == "sum" and parent_type in MOE_PARENTS:
         raise ValueError("spectra.expert_combine 'sum' is for carved dense parents, not the MoE parent "
                          f"{parent_type!r}")
+    if knobs["carve_bias"] not in CARVE_BIAS_RULES:
+        raise ValueError(f"spectra.carve_bias must be one of {CARVE_BIAS_RULES}, got {knobs['carve_bias']!r}")
     rank, fitted_k = knobs["skipped_estimate_rank"], knobs["skipped_estimate_top_k"]
     if not isinstance(rank, int) or rank < 0:
         raise ValueError(f"spectra.skipped_estimate_rank must be an integer >= 0, got {rank!r}")

@@ -217,6 +217,8 @@ class SpectraRouter(nn.Module):
         self.bias_update_rate = float(knobs["bias_update_rate"])
         self.use_gru = bool(knobs["use_gru"])
         self.use_projector = bool(knobs["use_projector"])
+        # carved blocks: how the converter and the re-correction after fine-tuning set the dual bias (not used here)
+        self.carve_bias = knobs.get("carve_bias", "recall")
         # Not a submodule: one context object is shared by every router of the model.
         self.__dict__["context"] = context if context is not None else RoutingContext()
 
@@ -553,9 +555,11 @@ class SpectraRouter(nn.Module):
                     self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
             selected = torch.topk(unbiased + bias, self.top_k, dim=-1).indices
         if states is not None:
-            parts = [last if last is not None else h.new_zeros(batch, 0)]
-            parts.append(totals if totals is not None else h.new_zeros(batch, 2 * self.num_experts + 1))
-            states[self.layer_idx] = torch.cat([p.detach().float() for p in parts], dim=-1)
+            gru_state = (last if last is not None else h.new_zeros(batch, 0)).detach().float()
+            if totals is None:  # no sequence term: its counts stay zero (one op instead of zeros + cat)
+                states[self.layer_idx] = F.pad(gru_state, (0, 2 * self.num_experts + 1))
+            else:
+                states[self.layer_idx] = torch.cat([gru_state, totals.detach().float()], dim=-1)
         weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
 
         if self.training and self.bias_update_rate > 0 and self.balance_mode == "dual_bias":
@@ -778,9 +782,10 @@ class SpectraExperts(nn.Module):
         (~11 small ops, ~25 us per layer at SmolLM2 size)."""
         tensors = tensors or self.expert_weights()
         ids = experts.tolist()
+        weights = weights.to(x.dtype)
         out = None
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
-            term = self.expert(ids[slot], x, tensors) * weights[slot].to(x.dtype)
+            term = self.expert(ids[slot], x, tensors) * weights[slot]
             out = term if out is None else out + term
         return out
 

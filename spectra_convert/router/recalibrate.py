@@ -24,9 +24,9 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
     ends with a hard-load correction; this is it. Only each router's selection scores are kept (E floats
     a token), so many tokens fit: on SmolLM2 8x a bias corrected on 8k training tokens left held-out CV at
     0.077, on 54k tokens 0.046. A router of a carved block gets what the converter gives it
-    (``calibrate_carved_bias``): the balancing bias at the strongest share that keeps oracle recall on the last
-    eighth of ``blocks``; the full bias would run experts the tokens do not need. Returns the per-router load CV
-    of the bias it set, on ``blocks``.
+    (``calibrate_carved_bias``) under the rule it was carved with (knob ``carve_bias``, read by the router): the
+    whole balancing bias, or its strongest share that keeps oracle recall on the last eighth of ``blocks``.
+    Returns the per-router load CV of the bias it set, on ``blocks``.
     """
     routers = find_routers(model)
     scores: dict[int, list[torch.Tensor]] = {id(r): [] for r in routers}
@@ -60,7 +60,8 @@ def recalibrate_model_bias(model: torch.nn.Module, blocks: torch.Tensor, *, batc
         if id(router) not in carved:
             cvs.append(calibrate_bias_on_scores(router, logits, seq_len=blocks.shape[1]))
             continue
-        calibrate_carved_bias_on_scores(router, logits, torch.cat(masses[id(router)]), blocks.shape[1])
+        calibrate_carved_bias_on_scores(router, logits, torch.cat(masses[id(router)]), blocks.shape[1],
+                                        rule=router.carve_bias)
         selected = (logits + router.dual_bias.float()).topk(router.top_k, dim=-1).indices
         cvs.append(selection_cv(selected, router.num_experts))
     return cvs

@@ -282,6 +282,7 @@ def upcycle(
     carve_refit: str = "none",
     router_steps: int = 60,
     skipped_estimate_rank: int | None = None,
+    carve_bias: str | None = None,
     router_dim: int | None = None,
     router_init: str = "orthogonal",
     calibration: str | Path | None = None,
@@ -297,7 +298,8 @@ def upcycle(
     ``method``: ``copy`` (E copies + ``noise``), ``drop`` (copies with ``drop_ratio`` of each expert's neurons
     re-initialised, for continued pre-training) or ``carve`` (a cheaper MoE of the parent's own neurons:
     ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps``, ``skipped_estimate_rank`` (default
-    ``SKIPPED_ESTIMATE_RANK``, 0 = none); see ``carve_upcycle``).
+    ``SKIPPED_ESTIMATE_RANK``, 0 = none), ``carve_bias`` (default ``CARVE_BIAS``: "balance"; or "recall"); see
+    ``carve_upcycle``).
 
     ``router_dim``: the router's GRU / expression width; default 128, and 32 for ``carve`` (``CARVE_ROUTER_DIM``).
     ``calibration_tokens``: default 8192, and 32768 for ``carve`` (``CARVE_CALIBRATION_TOKENS``).
@@ -327,6 +329,8 @@ def upcycle(
                                grouping=carve_grouping, refit=carve_refit, router_steps=router_steps)
         if skipped_estimate_rank is not None:
             options.skipped_rank = skipped_estimate_rank
+        if carve_bias is not None:
+            options.bias_rule = carve_bias
         return carve_upcycle(model, out, model_dir=plan.model_dir, adapter=plan.adapter, texts=plan.texts,
                              experts=experts, top_k=top_k, router_dim=router_dim, options=options,
                              calibration_tokens=calibration_tokens, out_dtype=plan.out_dtype, gguf_file=gguf_file,

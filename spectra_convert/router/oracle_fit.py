@@ -15,7 +15,8 @@ A carved layer's router is fitted in three steps:
 2. gradient steps on projector and expert vectors (GRU frozen: its states are computed once) with a listwise
    loss -- softmax cross-entropy against the oracle's top-k set -- which optimises the ranking, not the masses;
    as many as improve oracle recall on a held-out part of the calibration sequences;
-3. ``calibrate_carved_bias``: the balancing dual bias at the strongest share held-out recall allows.
+3. ``calibrate_carved_bias``: the balancing dual bias, whole (``carve_bias="balance"``, the default) or at the
+   strongest share held-out recall allows (``"recall"``).
 
 Imports torch, the runtime (``spectra_convert.modeling``) and ``router.loads``.
 """

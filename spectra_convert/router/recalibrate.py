@@ -1,7 +1,7 @@
 """Re-correcting every router's dual bias of a whole model after fine-tuning (finetune's closing step).
 
 Why its own module: it applies both bias rules -- the hard-load balancing bias of ``calibrate`` for copied or
-rerouted experts and the recall-aware share of ``oracle_fit`` for carved ones -- and ``oracle_fit`` itself
+rerouted experts and ``oracle_fit``'s rule for carved ones (``carve_bias``) -- and ``oracle_fit`` itself
 builds on ``calibrate``; here is the one place that uses both (docs/ARCHITECTURE.md, "Routing").
 """
 

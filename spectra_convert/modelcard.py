@@ -219,6 +219,11 @@ def _intro(knobs: dict, text_config: dict, base_model: str | None, source: str) 
             what += (f" Each block also adds a rank-{rank} linear estimate of what the {experts - top_k} unselected "
                      "experts would have contributed, fitted on the calibration text (a few percent of the FFN's "
                      "compute).")
+        if knobs.get("carve_bias") == "balance":
+            what += " The routers' bias evens out the experts' loads, trading a little perplexity for balance."
+        elif knobs.get("carve_bias") == "recall":
+            what += (" The routers' bias balances the experts' loads only as far as it keeps picking the slices "
+                     "that fire (the load can be uneven).")
     elif source == "upcycled":
         what = (
             f"This model is {base} **upcycled** into a mixture of experts: the feed-forward block of each of its "

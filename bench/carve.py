@@ -274,11 +274,12 @@ def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
         router.cpu()
         if mode in ("none", "seq"):
             router.dual_bias.zero_()
-        elif mode == "recall":
+        elif mode in ("recall", "bias"):  # the converter's own rules (carve_bias "recall" / "balance")
             experts = block.experts.cpu()
-            calibrate_carved_bias(router, x, block_oracle_mass(experts, x.reshape(-1, x.shape[-1])))
+            calibrate_carved_bias(router, x, block_oracle_mass(experts, x.reshape(-1, x.shape[-1])),
+                                  rule="recall" if mode == "recall" else "balance")
             experts.to(device)
-        else:
+        else:  # seq+bias: the balancing bias recalibrated with the sequence term on
             calibrate_bias(router, x)
         router.to(device)
 

@@ -257,7 +257,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
          ["oracle top-k recall (calibration) mean", f"{result.calibration_recall:.3f}"],
          ["  held-out calibration split: ridge start / fitted", f"{_mean(layers, 'heldout_recall_ridge'):.3f} / "
                                                              f"{_mean(layers, 'heldout_recall_fitted'):.3f}"],
-         [f"router steps / dual-bias strength mean (--carve-bias {options.bias_rule})",
+         [f"router steps / dual-bias strength mean (--carve-bias {spectra_config.spectra['carve_bias']})",
           f"{_mean(layers, 'router_steps'):.0f} / {_mean(layers, 'bias_strength'):.2f}"],
          ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
     )

@@ -305,22 +305,24 @@ def test_experts_keep_the_callers_threads_and_only_the_recurrence_runs_on_one(mo
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind, inter, k", [("gated", 168, 4), ("gated", 1536, 2), ("mlp", 512, 2)])
-def test_one_token_experts_equal_the_sorted_dispatch_bit_for_bit(kind: str, inter: int, k: int) -> None:
-    """A decoding step skips the sort/gather/scatter; the sum must be the dispatch's, to the bit (SmolLM2 sizes:
-    carved slices, copy experts; a gpt2-style expert with biases)."""
+@pytest.mark.parametrize("kind, inter, k, dtype", [("gated", 168, 4, torch.float32), ("gated", 1536, 2, torch.float32),
+                                                   ("mlp", 512, 2, torch.float32), ("gated", 168, 4, torch.bfloat16)])
+def test_one_token_experts_equal_the_sorted_dispatch_bit_for_bit(kind: str, inter: int, k: int, dtype: torch.dtype) -> None:
+    """A decoding step skips the sort/gather/scatter (and multiplies by its weights as Python floats, skipping
+    weight 1); the sum must be the dispatch's, to the bit (SmolLM2 sizes: carved slices, copy experts; a
+    gpt2-style expert with biases; bf16, where a weight is rounded to the activations' dtype first)."""
     from spectra_convert.modeling.modeling_spectra import SpectraExperts
 
     torch.manual_seed(17)
-    experts = SpectraExperts(8, 576, inter, kind, "silu" if kind == "gated" else "gelu_new")
+    experts = SpectraExperts(8, 576, inter, kind, "silu" if kind == "gated" else "gelu_new").to(dtype)
     with torch.no_grad():
         if kind == "mlp":
             experts.up_bias.normal_()
             experts.down_bias.normal_()
         for trial in range(20):
-            x = torch.randn(1, 576) * (1 + trial)
+            x = (torch.randn(1, 576) * (1 + trial)).to(dtype)
             selected = torch.randperm(8)[:k].unsqueeze(0)
-            weights = torch.rand(1, k)
+            weights = torch.rand(1, k) if trial % 2 else torch.rand(1, k).index_fill_(1, torch.tensor([0]), 1.0)
             assert torch.equal(experts(x, selected, weights), experts.dispatch(x, selected, weights))
 
 
@@ -599,3 +601,96 @@ def test_unit_rows_equals_f_normalize_bit_for_bit(dtype: torch.dtype) -> None:
         x = (torch.randn(*shape, generator=generator) * 30).to(dtype)
         x.view(-1, shape[-1])[0] = 0
         assert torch.equal(unit_rows(x), torch.nn.functional.normalize(x, dim=-1))
+
+
+# -- decoding step and the always-on part beside the recurrence ---------------------------------------------------
+
+
+def build_carved_like(seed: int = 0, **knobs) -> SpectraForCausalLM:
+    """A tiny model with a carve's block layout: ``sum`` combine, shared expert, skipped-experts estimate, random
+    expert scales (one left at exactly 1: the step skips that multiply) and a non-zero estimate."""
+    model = build("llama", seed=seed, expert_combine="sum", shared_expert=True, shared_intermediate_size=24,
+                  skipped_estimate_rank=4, skipped_estimate_top_k=2, **knobs)
+    with torch.no_grad():
+        for layer in model.parent.model.layers:
+            block = layer.mlp
+            block.expert_scale.uniform_(0.5, 1.5)
+            block.expert_scale[1] = 1.0
+            for param in block.skipped_estimate.parameters():
+                param.normal_(0, 0.2)
+    return model
+
+
+def decode_trace(model: SpectraForCausalLM, ids: torch.Tensor, prompt: int):
+    """Every router output (logits, weights, selected), the logits and the router states of a cached decode."""
+    routed: list[tuple[torch.Tensor, ...]] = []
+    hooks = [r.register_forward_hook(lambda m, a, out: routed.append(out)) for r in model.routers()]
+    try:
+        with torch.no_grad():
+            cache = SpectraCache(config=model.config.text_config)
+            out = model(ids[:, :prompt], past_key_values=cache, use_cache=True)
+            logits = [out.logits]
+            for t in range(prompt, ids.shape[1]):
+                out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return routed, logits, cache.spectra_router_states
+
+
+@pytest.mark.parametrize("sequence_balance", [0.0, 1.0])
+def test_a_decoding_step_routes_bit_for_bit_like_the_general_path(sequence_balance: float, monkeypatch) -> None:
+    """``_route_step`` (a plain decoding step) must give the general ``_route``'s logits, weights, choices and
+    router state to the bit, with the sequence term on and off and for several rows at once."""
+    model = build_carved_like(sequence_balance=sequence_balance)
+    ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(21))
+    steps_taken = []
+    fast_step = SpectraRouter._route_step
+    monkeypatch.setattr(SpectraRouter, "_route_step", lambda self, *a: steps_taken.append(1) or fast_step(self, *a))
+    fast = decode_trace(model, ids, prompt=5)
+    assert len(steps_taken) == 2 * 9  # 2 layers x 9 decoding steps took the step path
+    monkeypatch.setattr(SpectraRouter, "_is_plain_step", lambda self, steps: False)
+    general = decode_trace(model, ids, prompt=5)
+    assert len(steps_taken) == 2 * 9
+    for one, other in zip(fast[0], general[0]):
+        assert all(torch.equal(a, b) for a, b in zip(one, other))
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], general[1]))
+    assert fast[2].keys() == general[2].keys() and all(torch.equal(fast[2][i], general[2][i]) for i in fast[2])
+
+
+def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monkeypatch) -> None:
+    """Without autograd, a block's shared expert and estimate run on a helper thread while the router's GRU runs
+    (docs/ARCHITECTURE.md, "Runtime speed"); the output must be the serial one to the bit. Under autograd they
+    stay on the caller's thread and gradients reach them."""
+    import threading
+
+    from spectra_convert.modeling import modeling_spectra
+
+    model = build_carved_like()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(22))  # 80 rows >= OVERLAP_MIN_TOKENS
+    where: list[str] = []
+    hooks = [layer.mlp.skipped_estimate.register_forward_hook(lambda *a: where.append(threading.current_thread().name))
+             for layer in model.parent.model.layers]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            beside = model(ids).logits
+        assert len(where) == 2 and all(name.startswith("spectra-beside") for name in where)
+        with torch.inference_mode():
+            assert torch.equal(model(ids).logits, beside)
+        where.clear()
+        monkeypatch.setattr(modeling_spectra, "overlaps_recurrence", lambda flat: False)
+        with torch.no_grad():
+            serial = model(ids).logits
+        assert torch.equal(beside, serial) and where == ["MainThread"] * 2
+        monkeypatch.undo()
+        where.clear()
+        model(ids).logits.sum().backward()  # autograd on: serial, and the estimate is trained like everything else
+        assert where == ["MainThread"] * 2
+        assert all(layer.mlp.skipped_estimate.in_weight.grad.abs().sum() > 0 for layer in model.parent.model.layers)
+    finally:
+        torch.set_num_threads(threads)
+        for hook in hooks:
+            hook.remove()

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -392,6 +394,9 @@ class SpectraRouter(nn.Module):
         """
         if not self.use_projector:
             return unit_rows(torch.cat([h, r], dim=-1) if r is not None else h)
+        if h.dim() == 2:  # rows already (a decoding step): no reshape and view ops
+            x = _linear(h, self.projector[:, : self.hidden_size])
+            return unit_rows(x if r is None else x + _linear(r, self.projector[:, self.hidden_size :]))
         lead = h.shape[:-1]  # rows flattened: the ``mm`` that ``F.linear`` folds a [B, T, H] input into, called directly
         x = _linear(h.reshape(-1, h.shape[-1]), self.projector[:, : self.hidden_size])
         if r is not None:
@@ -499,17 +504,73 @@ class SpectraRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._route(hidden_states)
 
-    def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ctx = self.context
-        batch, steps = self.input_shape(hidden_states)
-        h = hidden_states.reshape(batch, steps, self.hidden_size).to(self._param_dtype())
-        mask = ctx.token_mask if ctx.token_mask is not None and tuple(ctx.token_mask.shape) == (batch, steps) else None
-
-        # Router state per layer in the cache: [GRU state (d) | committed counts (E) | pending counts (E) | tokens (1)].
-        states = router_states_of(ctx.cache) if ctx.cache is not None else None
+    def _cached_state(self, batch: int) -> tuple[dict[int, torch.Tensor] | None, torch.Tensor | None]:
+        """The cache's per-layer router states (None without a cache) and this layer's ``[B, d + 2E + 1]`` row:
+        ``[GRU state (d) | committed counts (E) | pending counts (E) | tokens (1)]`` (None before the first call)."""
+        cache = self.context.cache
+        states = router_states_of(cache) if cache is not None else None
         state0 = states.get(self.layer_idx) if states is not None else None
         if state0 is not None and state0.shape[0] != batch:
             raise ValueError(f"router state of layer {self.layer_idx} has batch {state0.shape[0]} but the input has {batch}")
+        return states, state0
+
+    def _store_state(self, states: dict[int, torch.Tensor], last: torch.Tensor | None, totals: torch.Tensor | None,
+                     batch: int, like: torch.Tensor) -> None:
+        """Write this layer's router state after the call (see ``_cached_state``)."""
+        gru_state = (last if last is not None else like.new_zeros(batch, 0)).detach().float()
+        if totals is None:  # no sequence term: its counts stay zero (one op instead of zeros + cat)
+            states[self.layer_idx] = F.pad(gru_state, (0, 2 * self.num_experts + 1))
+        else:
+            states[self.layer_idx] = torch.cat([gru_state, totals.detach().float()], dim=-1)
+
+    def _is_plain_step(self, steps: int) -> bool:
+        """A decoding step that ``_route_step`` may take: one token per row, no padding in it, no autograd, no
+        training update, no records, the dual bias (``in_batch`` needs the batch's potentials), a GRU."""
+        ctx = self.context
+        return (steps == 1 and ctx.token_mask is None and ctx.records is None and not self.training
+                and not torch.is_grad_enabled() and self.use_gru and self.balance_mode == "dual_bias")
+
+    def _route_step(self, hidden_states: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_route`` for a plain decoding step (``_is_plain_step``): the same kernels on the same values, so the
+        same bits (tests/test_runtime.py), without the general path's masks, reshapes and branches: ~45 small ops
+        per layer and token became ~25 (docs/ARCHITECTURE.md, "Runtime speed")."""
+        h = hidden_states.reshape(batch, self.hidden_size)
+        dtype = self._param_dtype()
+        if h.dtype != dtype:  # dtype and layout checked in Python: each skipped no-op call saves ~1-2 us
+            h = h.to(dtype)
+        if not h.is_contiguous():
+            h = h.contiguous()
+        states, state0 = self._cached_state(batch)
+        d = self.router_dim
+        h0 = state0[:, :d].to(dtype).contiguous() if state0 is not None else h.new_zeros(batch, d)
+        gru = self.gru
+        last = torch._VF.gru_cell(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+        geometry = self.expert_geometry()
+        scores = torch.mm(self.express(h, last), geometry[0].t())
+        router_logits = self.selection_logits(scores, geometry)
+        totals = None
+        if self.sequence_balance > 0:
+            totals0 = state0[:, d:].float() if state0 is not None else router_logits.new_zeros(
+                batch, 2 * self.num_experts + 1, dtype=torch.float32)
+            biased = router_logits.float().view(batch, 1, -1) + self.dual_bias.float()  # [B, 1, E], as the chunked path
+            selected, _, totals = self._decode_select(biased, totals0)
+            selected = selected.view(batch, -1)
+        else:
+            selected = torch.topk(router_logits + self.dual_bias, self.top_k, dim=-1).indices
+        if states is not None:
+            self._store_state(states, last, totals, batch, h)
+        weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
+        return router_logits, weights if weights.dtype == hidden_states.dtype else weights.to(hidden_states.dtype), selected
+
+    def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx = self.context
+        batch, steps = self.input_shape(hidden_states)
+        if self._is_plain_step(steps):
+            return self._route_step(hidden_states, batch)
+        h = hidden_states.reshape(batch, steps, self.hidden_size).to(self._param_dtype())
+        mask = ctx.token_mask if ctx.token_mask is not None and tuple(ctx.token_mask.shape) == (batch, steps) else None
+
+        states, state0 = self._cached_state(batch)
         width = self.router_dim if self.use_gru else 0
         gru0, totals0 = (state0[:, :width], state0[:, width:]) if state0 is not None else (None, None)
         r = last = None
@@ -555,11 +616,7 @@ class SpectraRouter(nn.Module):
                     self.dual_bias.lerp_(potentials.to(self.dual_bias.dtype), self.bias_ema)
             selected = torch.topk(unbiased + bias, self.top_k, dim=-1).indices
         if states is not None:
-            gru_state = (last if last is not None else h.new_zeros(batch, 0)).detach().float()
-            if totals is None:  # no sequence term: its counts stay zero (one op instead of zeros + cat)
-                states[self.layer_idx] = F.pad(gru_state, (0, 2 * self.num_experts + 1))
-            else:
-                states[self.layer_idx] = torch.cat([gru_state, totals.detach().float()], dim=-1)
+            self._store_state(states, last, totals, batch, h)
         weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
 
         if self.training and self.bias_update_rate > 0 and self.balance_mode == "dual_bias":
@@ -608,6 +665,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x.dim() != 2:
         return F.linear(x, weight, bias)
     return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global ``nn.Module`` forward hook is registered (then module calls must stay module calls)."""
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 #: Low-rank updates of a fused ``[E, out, in]`` tensor: ``(lhs [E, out, r], rhs [E, r, in], scale)`` each.
@@ -720,15 +783,24 @@ class SpectraExperts(nn.Module):
             out = out + scale * _linear(_linear(x, rhs[index].to(x.dtype)), lhs[index].to(x.dtype))
         return out
 
+    def activation(self) -> Any:
+        """The activation as a callable: its module's ``forward`` when no hook watches it (a module call costs
+        ~1.6 us more than the function, five times per layer at decoding), else the module itself."""
+        act = self.act_fn
+        if isinstance(act, nn.Module) and not (act._forward_hooks or act._forward_pre_hooks or _global_module_hooks()):
+            return act.forward
+        return act
+
     def expert(self, index: int, x: torch.Tensor, weights: dict[str, Any] | None = None) -> torch.Tensor:
         """One expert's FFN on the rows ``x`` routed to it (``weights``: ``fused_weight`` of each tensor, read
         once per forward by the caller)."""
         weights = weights or self.expert_weights()
+        act = self.activation()
         if self.kind == "gated":
             projected = self._expert_linear(x, weights["gate_up_proj"], index)
             half = projected.shape[-1] // 2  # gate | up: two views, as ``chunk(2)`` makes them, in two ops instead of six
-            return self._expert_linear(self.act_fn(projected[..., :half]) * projected[..., half:], weights["down_proj"], index)
-        hidden = self.act_fn(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
+            return self._expert_linear(act(projected[..., :half]) * projected[..., half:], weights["down_proj"], index)
+        hidden = act(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
         return self._expert_linear(hidden, weights["down_proj"], index, self.down_bias[index])
 
     def expert_weights(self, low_rank: dict[str, LowRankTerms] | None = None) -> dict[str, Any]:
@@ -782,10 +854,12 @@ class SpectraExperts(nn.Module):
         (~11 small ops, ~25 us per layer at SmolLM2 size)."""
         tensors = tensors or self.expert_weights()
         ids = experts.tolist()
-        weights = weights.to(x.dtype)
+        scales = weights.to(x.dtype).tolist()  # the weights' values in x's dtype, as Python floats: no per-slot select
         out = None
         for slot in sorted(range(len(ids)), key=ids.__getitem__):
-            term = self.expert(ids[slot], x, tensors) * weights[slot]
+            term = self.expert(ids[slot], x, tensors)
+            if scales[slot] != 1.0:  # times 1 changes no bit: a carved expert's scale before fine-tuning
+                term = term * scales[slot]
             out = term if out is None else out + term
         return out
 
@@ -793,6 +867,36 @@ class SpectraExperts(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # 5. MoE block (replaces the FFN of a dense parent)
 # --------------------------------------------------------------------------------------------------------------
+
+#: Fewest tokens in a call for which the block computes its always-on part beside the router (thread hand-off
+#: costs ~50 us; a GRU recurrence costs ~20 us per step).
+OVERLAP_MIN_TOKENS = 64
+_helper: tuple[int, ThreadPoolExecutor] | None = None  # (process id, one-thread pool), made on first use
+
+
+def overlaps_recurrence(flat: torch.Tensor) -> bool:
+    """Whether a block call on these rows computes its shared expert and estimate on a helper thread while the
+    router runs its GRU recurrence on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"): CPU, several
+    threads, enough tokens, no autograd (the helper would not see the caller's graph) and no autocast (a
+    thread-local mode the helper would not share)."""
+    return (flat.device.type == "cpu" and flat.shape[0] >= OVERLAP_MIN_TOKENS and not torch.is_grad_enabled()
+            and torch.get_num_threads() > 1 and not torch.is_autocast_enabled("cpu"))
+
+
+def run_beside(fn: Callable[..., Any], *args: Any) -> Future:
+    """Start ``fn(*args)`` on the runtime's helper thread under the caller's no-grad / inference mode (both are
+    thread-local). The pool is remade after a fork: a forked child inherits the pool object but not its thread."""
+    global _helper
+    if _helper is None or _helper[0] != os.getpid():
+        _helper = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-beside"))
+    inference = torch.is_inference_mode_enabled()
+
+    def call() -> Any:
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(*args)
+
+    return _helper[1].submit(call)
+
 
 
 def ffn_shape(text_config: Any, knobs: dict[str, Any]) -> tuple[int, int, str, str]:
@@ -881,22 +985,37 @@ class SpectraMoeBlock(nn.Module):
         """
         if self.expert_scale is None:
             return weights
-        scale = self.expert_scale.index_select(0, selected.reshape(-1)).view_as(selected).to(weights.dtype)
+        scale = self.expert_scale.index_select(0, selected.reshape(-1)).view_as(selected)
+        if scale.dtype != weights.dtype:
+            scale = scale.to(weights.dtype)
         if weights.requires_grad:
             scale = scale * (1.0 + weights - weights.detach())
         return scale
 
+    def always_on(self, flat: torch.Tensor, top_k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What every token gets whatever its route: the shared expert's output (weight 1: no dispatch, the same
+        values as routing all tokens to it) and the skipped-experts estimate for ``top_k`` selected experts."""
+        shared = self.shared_expert.expert(0, flat) if self.shared_expert is not None else None
+        estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
+        return shared, estimate
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
+        expected_k = getattr(self.gate, "top_k", None)
+        beside = None
+        if expected_k is not None and (self.shared_expert is not None or self.skipped_estimate is not None) \
+                and overlaps_recurrence(flat):
+            beside = run_beside(self.always_on, flat, expected_k)
         _, weights, selected = self.gate(hidden_states)
         out = run_experts(self.experts, flat, selected, self.combine_weights(weights, selected))
-        if self.shared_expert is not None:  # every token, weight 1: no dispatch (same values as routing all to it)
-            out = out + self.shared_expert.expert(0, flat).to(out.dtype)
-        if self.skipped_estimate is not None:
-            estimate = self.skipped_estimate(flat, selected.shape[-1])  # any gate (validate's baselines too)
-            if estimate is not None:
-                out = out + estimate.to(out.dtype)
+        top_k = selected.shape[-1]  # any gate (validate's baselines too)
+        parts = beside.result() if beside is not None else None
+        if parts is None or top_k != expected_k:
+            parts = self.always_on(flat, top_k)
+        for part in parts:  # shared expert, then estimate: the order the sum has always had
+            if part is not None:
+                out = out + (part if part.dtype == out.dtype else part.to(out.dtype))
         out = out.reshape(shape)
         return self.dropout(out) if self.training and self.dropout.p > 0 else out  # identity otherwise: no call
 

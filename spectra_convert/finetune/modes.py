@@ -8,6 +8,9 @@
   ``train_routers=False`` the routers stay in ``modules_to_save`` (their re-calibrated dual bias is saved with
   an unmerged adapter) but their parameters are frozen: for carved models, whose routers were fitted to the
   oracle by the converter, training them during LoRA lowers oracle recall and quality (README, "Carving").
+  A carved block's skipped-experts estimate (a rank-r linear map, ridge-fitted by the converter) trains fully
+  too, also through ``modules_to_save`` (``ESTIMATE_MODULE``): it is the block's stand-in for the experts a
+  token skips, which LoRA on the experts cannot adapt, and costs ~2% of the trainable parameters.
 
 A mode prepares the model, tells the trainer its parameter groups (routers that train use ``--lr-router``),
 names the tensors a resumable checkpoint must hold, and writes the final output folder.
@@ -27,6 +30,8 @@ from ..router.find import find_routers, is_router
 
 #: Where SPECTRA routers sit in every parent (dense parents: our MoE block; MoE parents: the parent's gate).
 ROUTER_MODULE = "mlp.gate"
+#: A carved block's skipped-experts estimate (trained fully in lora mode; see the module doc).
+ESTIMATE_MODULE = "mlp.skipped_estimate"
 
 
 @dataclass
@@ -82,6 +87,10 @@ class RouterMode:
         model.to(dtype).save_pretrained(out, state_dict=state_dict)
 
 
+def _has_estimate(model: nn.Module) -> bool:
+    return any(name.endswith(ESTIMATE_MODULE) for name, _ in model.named_modules())
+
+
 class LoraMode:
     """PEFT LoRA on attention and expert projections; routers trained fully via ``modules_to_save``."""
 
@@ -98,7 +107,7 @@ class LoraMode:
             lora_dropout=0.0,  # keeps a resumed run bit-identical to an uninterrupted one
             target_modules=modules or None,
             target_parameters=parameters or None,
-            modules_to_save=[ROUTER_MODULE],
+            modules_to_save=[ROUTER_MODULE] + ([ESTIMATE_MODULE] if _has_estimate(model) else []),
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, config)

@@ -341,6 +341,8 @@ def test_finetune_trains_a_carved_or_dropped_model(request, tmp_path, method: st
         assert "model.layers.0.mlp.gate.projector" in changed, "the LM loss must reach the block's router"
     if mode == "lora":
         assert "model.layers.0.mlp.experts.down_proj" in changed
+    if mode == "lora" and method == "carved":  # the shared expert is a default LoRA target too
+        assert "model.layers.0.mlp.shared_expert.down_proj" in changed
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert model.config.spectra["expert_combine"] == ("sum" if method == "carved" else "softmax")
 
@@ -352,6 +354,7 @@ def test_finetune_routers_flag_trains_or_freezes_carved_routers(tiny_carved, tmp
     from peft import PeftModel
 
     from spectra_convert.finetune import finetune
+    from spectra_convert.finetune.modes import rebind_router_context
 
     kw = dict(mode="lora", steps=2, seq_len=64, batch_size=2, save_every=0, max_records=12, recalibration_tokens=512,
               log_every=1, lr=1e-2, lr_router=1e-2, lora_r=4, lora_alpha=8)
@@ -366,6 +369,16 @@ def test_finetune_routers_flag_trains_or_freezes_carved_routers(tiny_carved, tmp
     gates = {n: p for n, p in tuned.named_parameters() if "mlp.gate.modules_to_save" in n}
     assert gates, "the routers' copies travel with the adapter"
     assert any("mlp.skipped_estimate.modules_to_save" in n for n, _ in tuned.named_parameters()), "so does the estimate"
+    # The unmerged adapter computes what its merge does, shared-expert LoRA included (the block calls a wrapped
+    # shared expert through the wrapper, not past it).
+    assert any("shared_expert" in n and "lora_B" in n for n, _ in tuned.named_parameters())
+    ids = torch.arange(3, 67).view(2, 32) % base.config.text_config.vocab_size
+    with torch.no_grad():
+        unmerged = tuned.eval()(input_ids=ids, use_cache=False).logits
+        merged_model = tuned.merge_and_unload()
+        rebind_router_context(merged_model)
+        merged = merged_model.eval()(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(unmerged, merged, atol=1e-4, rtol=1e-4)
     for name, param in gates.items():
         original = before[name.split("base_model.model.", 1)[1].replace(".modules_to_save.default", "")]
         torch.testing.assert_close(param.detach(), original.to(param.dtype), rtol=0, atol=0)

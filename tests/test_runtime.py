@@ -694,3 +694,27 @@ def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monk
         torch.set_num_threads(threads)
         for hook in hooks:
             hook.remove()
+
+
+def test_a_lora_wrapped_shared_expert_runs_through_its_adapter() -> None:
+    """``finetune --mode lora`` targets a carved block's shared expert too; PEFT then wraps it, and the block must
+    call it through the wrapper (which applies the adapter), never past it: unmerged == merged, beside the
+    recurrence (80 rows) and serially (3 rows)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_carved_like()
+    config = LoraConfig(r=4, lora_alpha=8, target_parameters=["mlp.shared_expert.gate_up_proj", "mlp.shared_expert.down_proj"])
+    tuned = get_peft_model(model, config)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(23))
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+        unmerged = [tuned(ids).logits, tuned(ids[:, :3]).logits]
+        with tuned.disable_adapter():
+            plain = tuned(ids).logits
+        merged = tuned.merge_and_unload()
+        merged_logits = [merged(ids).logits, merged(ids[:, :3]).logits]
+    assert (unmerged[0] - plain).abs().max() > 1e-2, "the adapter must matter for this test to mean anything"
+    for got, want in zip(unmerged, merged_logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

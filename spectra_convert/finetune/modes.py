@@ -175,7 +175,9 @@ def get_mode(name: str) -> RouterMode | LoraMode:
 
 
 def lora_candidates(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(linear module names, 3-D expert parameter names) a LoRA adapter can target, routers excluded.
+    """(linear module names, 3-D expert parameter names) a LoRA adapter can target, routers excluded. The 3-D
+    names include a carved block's shared expert (one fused expert, ``mlp.shared_expert.gate_up_proj``): every
+    token runs it, so it is the first place an adapter can recover what the skipped experts took.
 
     Module candidates are leaf names (``q_proj``); expert parameters are dotted suffixes
     (``mlp.experts.gate_up_proj``) because PEFT's ``target_parameters`` matches on them.
@@ -193,7 +195,7 @@ def lora_candidates(model: nn.Module) -> tuple[list[str], list[str]]:
             if leaf not in linear:
                 linear.append(leaf)
         for pname, param in module.named_parameters(recurse=False):
-            if param.dim() == 3 and "experts" in name:
+            if param.dim() == 3 and ("experts" in name or name.endswith("shared_expert")):
                 suffix = ".".join(name.split(".")[-2:] + [pname])
                 if suffix not in params:
                     params.append(suffix)

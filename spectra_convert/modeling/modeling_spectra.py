@@ -995,7 +995,13 @@ class SpectraMoeBlock(nn.Module):
     def always_on(self, flat: torch.Tensor, top_k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What every token gets whatever its route: the shared expert's output (weight 1: no dispatch, the same
         values as routing all tokens to it) and the skipped-experts estimate for ``top_k`` selected experts."""
-        shared = self.shared_expert.expert(0, flat) if self.shared_expert is not None else None
+        shared = None
+        if isinstance(self.shared_expert, SpectraExperts):
+            shared = self.shared_expert.expert(0, flat)
+        elif self.shared_expert is not None:  # wrapped (PEFT LoRA on its tensors): through the wrapper's forward
+            every = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=flat.device)
+            shared = run_experts(self.shared_expert, flat, every, torch.ones(flat.shape[0], 1, dtype=flat.dtype,
+                                                                                 device=flat.device))
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 

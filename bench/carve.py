@@ -415,7 +415,7 @@ def given_or_carved(gguf: Path, args: argparse.Namespace) -> Path:
     return args.work / "carved"
 
 
-LORA = dict(mode="lora", seq_len=256, batch_size=4, lr=2e-4, lr_router=1e-3, merge=True)  # every LoRA run here
+LORA = dict(mode="lora", seq_len=256, batch_size=4, lr=None, lr_router=1e-3, merge=True)  # every LoRA run here (lr None: finetune's default)
 
 
 def training_seconds(log_file: Path, tokens_per_step: int) -> float:
@@ -533,7 +533,7 @@ def main() -> None:
                              "scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--lora-router-lr", type=float, default=LORA["lr_router"],
                         help="LoRA curve: the routers' learning rate when they train")
-    parser.add_argument("--lora-lr", type=float, default=LORA["lr"], help="LoRA curve: the adapters' learning rate")
+    parser.add_argument("--lora-lr", type=float, default=LORA["lr"], help="LoRA curve: the adapters' learning rate (default: finetune's, 1e-3 for a carve)")
     parser.add_argument("--lora-routers", choices=("auto", "train", "freeze"), default="auto",
                         help="LoRA curve: finetune --routers (auto: a carved model's routers stay frozen)")
     parser.add_argument("--distill", action="store_true",

@@ -695,3 +695,16 @@ def test_carve_writes_its_bias_rule_and_balance_is_the_default(tiny_carved, tiny
     balanced, weaker = folder_weights(tiny_carved), folder_weights(recall)
     biases = [name for name in balanced if name.endswith("gate.dual_bias")]
     assert biases and any(not torch.equal(balanced[name], weaker[name]) for name in biases)
+
+
+def test_the_lora_rate_defaults_higher_for_a_carve(tiny_carved, tiny_dropped, tmp_path) -> None:
+    """``--lr`` unset: 1e-3 for a carved model (a recovery; README "Carving"), 2e-4 for the others; a given rate
+    wins; the resolved rate is what the run records."""
+    from spectra_convert.finetune import finetune
+    from spectra_convert.finetune.modes import CARVED_LORA_LR, LORA_LR, resolve_lora_lr
+
+    assert (resolve_lora_lr(None, tiny_carved), resolve_lora_lr(None, tiny_dropped)) == (CARVED_LORA_LR, LORA_LR) == (1e-3, 2e-4)
+    assert resolve_lora_lr(5e-5, tiny_carved) == 5e-5
+    finetune(tiny_carved, CORPUS / "train.jsonl", tmp_path / "out", mode="lora", steps=1, seq_len=64, batch_size=2,
+             save_every=0, max_records=4, recalibration_tokens=256, lora_r=4, lora_alpha=8)
+    assert json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]["lr"] == 1e-3

@@ -26,7 +26,8 @@ from . import checked, output_option
               help="lora mode: train or freeze the routers; auto freezes a carved model's (fitted by the converter) "
                    "and trains the others.")
 @click.option("--lr-router", default=5e-5, type=checked("finetune", "lr_router"), help="Learning rate of the routers.")
-@click.option("--lr", default=2e-4, type=checked("finetune", "lr"), help="Learning rate of the LoRA adapters.")
+@click.option("--lr", default=None, type=checked("finetune", "lr"),
+              help="Learning rate of the LoRA adapters; default 1e-3 for carved models (recovery), 2e-4 otherwise.")
 @click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
 @click.option("--lora-alpha", default=32, type=checked("finetune", "lora_alpha"))
 @click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "
@@ -52,7 +53,7 @@ from . import checked, output_option
               help="Share of the LM loss replaced by the KL to the teacher (1: KL only).")
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
-            grad_accum: int, lr_router: float, lr: float, lora_r: int, lora_alpha: int,
+            grad_accum: int, lr_router: float, lr: float | None, lora_r: int, lora_alpha: int,
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
             max_grad_norm: float, recalibration_tokens: int, distill_from: str | None, distill_gguf_file: str | None,

@@ -23,7 +23,7 @@ from ..modelio.resolve import resolve_model_dir
 from ..router.recalibrate import recalibrate_model_bias
 from ..router.loads import RouterMonitor
 from .data import pack, read_texts, split_validation
-from .modes import ModeOptions, get_mode, resolve_router_training
+from .modes import ModeOptions, get_mode, resolve_lora_lr, resolve_router_training
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -120,7 +120,7 @@ def finetune(
     batch_size: int = 4,
     grad_accum: int = 1,
     lr_router: float = 5e-5,
-    lr: float = 2e-4,
+    lr: float | None = None,
     lora_r: int = 16,
     lora_alpha: int = 32,
     target_modules: tuple[str, ...] | list[str] | None = None,
@@ -157,7 +157,8 @@ def finetune(
 
     ``routers`` (lora mode): ``train`` trains them with ``lr_router``, ``freeze`` keeps their parameters fixed,
     ``auto`` (default) freezes carved models' routers (fitted to the oracle by the converter: training them
-    during LoRA costs quality, see ``resolve_router_training``) and trains everyone else's.
+    during LoRA costs quality, see ``resolve_router_training``) and trains everyone else's. ``lr`` (the LoRA
+    adapters' rate) defaults by model, see ``resolve_lora_lr``.
 
     Steps: check (every user error, before any training time), load (data, model, teacher, resume state), train
     (then re-calibrate the biases), save.
@@ -177,6 +178,7 @@ def finetune(
     set_seed(seed)
     tokenizer, train_blocks, val_blocks = _load_data(run, data, eval_data, seq_len, max_records)
     train_routers = resolve_router_training(routers, mode, run.model_path)
+    lr = resolve_lora_lr(lr, run.model_path)
     options = ModeOptions(lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
                           target_modules=tuple(target_modules) if target_modules else None,
                           train_routers=train_routers)

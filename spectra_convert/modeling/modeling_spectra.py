@@ -532,8 +532,8 @@ class SpectraRouter(nn.Module):
 
     def _route_step(self, hidden_states: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_route`` for a plain decoding step (``_is_plain_step``): the same kernels on the same values, so the
-        same bits (tests/test_runtime.py), without the general path's masks, reshapes and branches: ~45 small ops
-        per layer and token became ~25 (docs/ARCHITECTURE.md, "Runtime speed")."""
+        same bits (tests/test_runtime.py), without the general path's masks, reshapes, branches and no-op calls
+        (docs/ARCHITECTURE.md, "Runtime speed")."""
         h = hidden_states.reshape(batch, self.hidden_size)
         dtype = self._param_dtype()
         if h.dtype != dtype:  # dtype and layout checked in Python: each skipped no-op call saves ~1-2 us
@@ -896,7 +896,6 @@ def run_beside(fn: Callable[..., Any], *args: Any) -> Future:
             return fn(*args)
 
     return _helper[1].submit(call)
-
 
 
 def ffn_shape(text_config: Any, knobs: dict[str, Any]) -> tuple[int, int, str, str]:

@@ -289,11 +289,17 @@ class SpectraRouter(nn.Module):
                 out = SequenceGRU.apply(h, h0, *weights)
             return out, out[:, -1]
         if h.shape[1] == 1:
-            last = torch._VF.gru_cell(h[:, 0].contiguous(), h0.contiguous(), *weights)
+            last = self._gru_cell(h[:, 0].contiguous(), h0.contiguous())
             return last.unsqueeze(1), last
         with single_cpu_thread(h):
             out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
+
+    def _gru_cell(self, h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        """One GRU step of contiguous rows ``h [B, H]`` from ``h0 [B, d]``, no autograd: ATen's GRU cell, the same ops
+        in the same order as one step of the sequence kernel (bit-identical states, tests/test_runtime.py)."""
+        gru = self.gru
+        return torch._VF.gru_cell(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
 
     def sequence_select(
         self, logits: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
@@ -543,8 +549,7 @@ class SpectraRouter(nn.Module):
         states, state0 = self._cached_state(batch)
         d = self.router_dim
         h0 = state0[:, :d].to(dtype).contiguous() if state0 is not None else h.new_zeros(batch, d)
-        gru = self.gru
-        last = torch._VF.gru_cell(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+        last = self._gru_cell(h, h0)
         geometry = self.expert_geometry()
         scores = torch.mm(self.express(h, last), geometry[0].t())
         router_logits = self.selection_logits(scores, geometry)

@@ -14,7 +14,8 @@ corpus for about M minutes of training, evaluated at step 0 and ``--lora-evals``
 cut into segments: each segment is a ``finetune(..., steps=S_i, checkpoint_dir=WORK/lora-checkpoints,
 resume=True, merge=True)`` call, and a kept checkpoint folder holds the final step, so the next call with a
 larger S continues the same run (same data order, optimizer and RNG state: identical to one run of S steps;
-the learning rates are constant). Each segment's output is what a run stopped at S_i writes: LoRA merged, dual
+the learning rates are a function of the step alone; a decaying ``--lora-schedule`` spans ``--lora-decay-steps``
+fixed up front, and the curve stops there). Each segment's output is what a run stopped at S_i writes: LoRA merged, dual
 biases re-corrected on ``--recalibration-tokens`` training tokens (default 8192, not the library's 65536, which
 takes over 20 minutes on 2 busy cores; the corrected biases never flow back into training). The first segment is
 ``--lora-first-steps`` long; the later targets are spread evenly over the time left at the measured speed.
@@ -442,7 +443,10 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
-    lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers}
+    lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
+            "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps}
+    if args.lora_schedule != "constant" and args.lora_decay_steps is None:
+        raise SystemExit("--lora-schedule cosine/linear needs --lora-decay-steps (the segments are one run)")
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
               "lora": lora, "tokens_per_step": tokens_per_step, "points": []}
 
@@ -479,9 +483,11 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
         del tuned
         left = args.lora_evals - (len(report["points"]) - 1)
         remaining = int((budget - trained) * target / trained)  # steps that fit in the time left at this speed
-        if left <= 0 or remaining < 1:
+        if left <= 0 or remaining < 1 or target == args.lora_decay_steps:
             break
         target += max(1, remaining // left)
+        if args.lora_decay_steps is not None:  # a decaying schedule ends there: its last steps train at rate ~0
+            target = min(target, args.lora_decay_steps)
     return report
 
 
@@ -539,6 +545,10 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true",
                         help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
+    parser.add_argument("--lora-schedule", default="constant", help="LoRA curve: finetune --lr-schedule")
+    parser.add_argument("--lora-decay-steps", type=int, default=None,
+                        help="LoRA curve with a decaying schedule: the steps it spans (fixed up front, so the segments "
+                             "are one run; the curve stops there)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM

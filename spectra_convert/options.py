@@ -90,6 +90,8 @@ RULES: dict[str, dict[str, Rule]] = {
         "grad_accum": _POSITIVE,
         "lr_router": Rule(_FLOAT, above=0),
         "lr": Rule(_FLOAT, above=0),
+        "lr_schedule": Rule("choice", choices="spectra_convert.finetune.schedule:SCHEDULES"),
+        "lr_decay_steps": Rule(_INT, min=1, optional=True),
         "lora_r": _POSITIVE,
         "lora_alpha": _POSITIVE,
         "target_modules": Rule("strings", optional=True),

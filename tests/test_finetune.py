@@ -249,6 +249,53 @@ def test_kept_checkpoint_dir_extends_a_finished_run_exactly(work):
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
 
 
+def test_a_decaying_schedule_decays_and_extends_in_segments_exactly(work):
+    """--lr-schedule cosine: the logged rate follows the half cosine over --lr-decay-steps, the run differs from a
+    constant-rate one, segments with a fixed decay length equal one run, and a resume under another decay length is
+    refused (the schedule is part of the run config)."""
+    import math
+
+    from spectra_convert.errors import UserError
+
+    kw = dict(mode="router", seq_len=64, batch_size=4, log_every=1, lr_router=1e-2, seed=3, save_every=3, force=True)
+    data = work / "train.jsonl"
+    cosine = dict(lr_schedule="cosine", lr_decay_steps=6)
+    log = work / "cos-log.jsonl"
+    log.unlink(missing_ok=True)
+    straight = finetune(work / "model", data, work / "cos-straight", steps=6, log_file=log, **kw, **cosine)
+    rates = [json.loads(line)["lr"][0] for line in log.read_text().splitlines()]
+    assert rates == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)], rel=1e-9)
+    constant = finetune(work / "model", data, work / "cos-constant", steps=6, **kw)
+    assert constant.losses[0] == pytest.approx(straight.losses[0], abs=1e-7)  # the same first step
+    assert constant.losses[-1] != pytest.approx(straight.losses[-1], abs=1e-7)  # then the rates differ
+
+    ckpt = work / "cos-ckpt"
+    finetune(work / "model", data, work / "cos-a", steps=4, checkpoint_dir=ckpt, **kw, **cosine)
+    with pytest.raises(UserError, match="different config"):
+        finetune(work / "model", data, work / "cos-x", steps=6, checkpoint_dir=ckpt, resume=True, **kw,
+                 lr_schedule="cosine", lr_decay_steps=8)
+    longer = finetune(work / "model", data, work / "cos-b", steps=6, checkpoint_dir=ckpt, resume=True, **kw, **cosine)
+    assert longer.resumed_from_step == 4
+    assert longer.losses == pytest.approx(straight.losses, abs=1e-6)
+    wa, wb = folder_weights(work / "cos-straight"), folder_weights(work / "cos-b")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
+
+
+def test_schedule_factors():
+    from spectra_convert.errors import UserError
+    from spectra_convert.finetune.schedule import lr_factor, resolve_decay_steps
+
+    assert [lr_factor("linear", s, 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
+    assert lr_factor("constant", 99, None) == 1.0
+    assert resolve_decay_steps("cosine", None, 7) == 7 and resolve_decay_steps("constant", None, 7) is None
+    with pytest.raises(UserError, match="below --steps"):
+        resolve_decay_steps("linear", 3, 7)
+    with pytest.raises(UserError, match="needs a decaying"):
+        resolve_decay_steps("constant", 3, 7)
+
+
 # -- bad input: one line on stderr, non-zero exit --------------------------------------------------------------
 
 
@@ -280,6 +327,15 @@ def test_bad_inputs_are_one_line_errors(work, capsys, tmp_path):
     msg = _one_line_error(capsys, ["finetune", str(work / "model"), "--data", str(short), "-o", str(tmp_path / "o2"),
                                    "--mode", "router", "--seq-len", "256"])
     assert "fewer than one block" in msg
+
+    msg = _one_line_error(capsys, [*base, "-o", str(tmp_path / "o6"), "--mode", "router", "--lr-schedule", "cosine",
+                                   "--lr-decay-steps", "0"])
+    assert "--lr-decay-steps" in msg
+    msg = _one_line_error(capsys, [*base, "-o", str(tmp_path / "o7"), "--mode", "router", "--lr-schedule", "step"])
+    assert "--lr-schedule 'step': expected one of" in msg and "cosine" in msg
+    msg = _one_line_error(capsys, [*base, "-o", str(tmp_path / "o8"), "--mode", "router", "--lr-schedule", "cosine",
+                                   "--steps", "4", "--lr-decay-steps", "2"])
+    assert "below --steps" in msg
 
     msg = _one_line_error(capsys, [*base, "-o", str(tmp_path / "o3"), "--mode", "adapter"])
     assert "--mode 'adapter': expected one of" in msg and "router" in msg

@@ -28,6 +28,10 @@ from . import checked, output_option
 @click.option("--lr-router", default=5e-5, type=checked("finetune", "lr_router"), help="Learning rate of the routers.")
 @click.option("--lr", default=None, type=checked("finetune", "lr"),
               help="Learning rate of the LoRA adapters; default 1e-3 for carved models (recovery), 2e-4 otherwise.")
+@click.option("--lr-schedule", default="constant", type=checked("finetune", "lr_schedule"),
+              help="constant, or cosine / linear decay to 0 over --lr-decay-steps (all rates).")
+@click.option("--lr-decay-steps", default=None, type=checked("finetune", "lr_decay_steps"),
+              help="Steps the decaying schedule spans (default --steps; fix it to extend a run in segments).")
 @click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
 @click.option("--lora-alpha", default=32, type=checked("finetune", "lora_alpha"))
 @click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "
@@ -53,7 +57,8 @@ from . import checked, output_option
               help="Share of the LM loss replaced by the KL to the teacher (1: KL only).")
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
-            grad_accum: int, lr_router: float, lr: float | None, lora_r: int, lora_alpha: int,
+            grad_accum: int, lr_router: float, lr: float | None, lr_schedule: str,
+            lr_decay_steps: int | None, lora_r: int, lora_alpha: int,
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
             max_grad_norm: float, recalibration_tokens: int, distill_from: str | None, distill_gguf_file: str | None,
@@ -67,7 +72,7 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         raise UserError("--target-modules applies to --mode lora only")
     result = finetune(
         model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-        lr_router=lr_router, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
+        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
         recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,

@@ -24,6 +24,7 @@ from ..router.recalibrate import recalibrate_model_bias
 from ..router.loads import RouterMonitor
 from .data import pack, read_texts, split_validation
 from .modes import ModeOptions, get_mode, resolve_lora_lr, resolve_router_training
+from .schedule import resolve_decay_steps
 from .state import CheckpointDir
 from .trainer import (
     LoopConfig,
@@ -121,6 +122,8 @@ def finetune(
     grad_accum: int = 1,
     lr_router: float = 5e-5,
     lr: float | None = None,
+    lr_schedule: str = "constant",
+    lr_decay_steps: int | None = None,
     lora_r: int = 16,
     lora_alpha: int = 32,
     target_modules: tuple[str, ...] | list[str] | None = None,
@@ -158,7 +161,8 @@ def finetune(
     ``routers`` (lora mode): ``train`` trains them with ``lr_router``, ``freeze`` keeps their parameters fixed,
     ``auto`` (default) freezes carved models' routers (fitted to the oracle by the converter: training them
     during LoRA costs quality, see ``resolve_router_training``) and trains everyone else's. ``lr`` (the LoRA
-    adapters' rate) defaults by model, see ``resolve_lora_lr``.
+    adapters' rate) defaults by model, see ``resolve_lora_lr``. ``lr_schedule`` scales every rate by a function of
+    the step (``schedule.SCHEDULES``); a decaying one spans ``lr_decay_steps`` (default ``steps``).
 
     Steps: check (every user error, before any training time), load (data, model, teacher, resume state), train
     (then re-calibrate the biases), save.
@@ -168,6 +172,7 @@ def finetune(
     run = _check(model, data, out, eval_data, mode=mode, merge=merge, force=force, steps=steps, seq_len=seq_len,
                  batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, log_every=log_every,
                  lora_r=lora_r, recalibration_tokens=recalibration_tokens)
+    lr_decay_steps = resolve_decay_steps(lr_schedule, lr_decay_steps, steps)
     if distill_from is not None and not 0.0 < distill_weight <= 1.0:
         raise UserError(f"--distill-weight must be in (0, 1], got {distill_weight}")
     if distill_from is None and distill_gguf_file is not None:
@@ -190,6 +195,8 @@ def finetune(
         "world_size": accelerator.num_processes, "lr_router": lr_router, "seed": seed,
         "max_grad_norm": max_grad_norm, "mixed_precision": str(accelerator.mixed_precision),
     }
+    if lr_schedule != "constant":  # absent for constant: checkpoints of constant-rate runs keep resuming
+        run_config.update(lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps)
     if mode == "lora":
         run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets,
                           routers="train" if train_routers else "freeze")
@@ -212,7 +219,7 @@ def finetune(
     loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
                       log_every=log_every, max_grad_norm=max_grad_norm,
                       log_file=Path(log_file) if log_file else None, checkpoint_last=checkpoint_dir is not None,
-                      teacher=teacher)
+                      teacher=teacher, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps)
     start_step = state.step
     state, eval_after = _train(accelerator, model_p, optimizer, train_blocks, val_blocks, loop, ckpt, state,
                                eval_batch=max(1, batch_size), recalibration_tokens=recalibration_tokens)

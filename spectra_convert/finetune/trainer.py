@@ -35,6 +35,7 @@ from ..console import err_console, progress
 from ..router.find import find_routers
 from ..router.loads import RouterMonitor
 from .data import block_indices
+from .schedule import apply_lr
 from .state import CheckpointDir
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -52,6 +53,8 @@ class LoopConfig:
     log_file: Path | None = None
     checkpoint_last: bool = False  # also checkpoint the final step (kept checkpoint folders: a later, longer run resumes)
     teacher: Any = None  # a ``distill.Teacher``: its KL term replaces a share of the LM loss
+    lr_schedule: str = "constant"  # ``schedule.SCHEDULES``: the rates are a function of the step alone
+    lr_decay_steps: int | None = None  # the steps a decaying schedule spans (None for constant)
 
 
 @dataclass
@@ -227,6 +230,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     with bar as live:
         task = live.add_task("fine-tuning", total=cfg.steps, completed=state.step) if live is not None else None
         for step in range(state.step, cfg.steps):
+            apply_lr(optimizer.param_groups, cfg.lr_schedule, step, cfg.lr_decay_steps)
             total, aux, lm, kl = (torch.zeros((), device=device) for _ in range(4))
             for micro in range(cfg.grad_accum):
                 idx = block_indices(step, micro, rank, n_blocks=train_blocks.shape[0], batch_size=cfg.batch_size,
@@ -261,6 +265,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                     **({"kl_to_teacher": step_kl} if cfg.teacher is not None else {}),
                     "load_cv": monitor.cvs(loads), "gram_orthogonality": monitor.gram_orthogonality(),
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "lr": [group["lr"] for group in optimizer.param_groups],
                 }
                 record["mean_cv"] = sum(record["load_cv"]) / len(record["load_cv"])
                 _log(accelerator, record, cfg.log_file)

@@ -444,7 +444,8 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     log.unlink(missing_ok=True)
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
     lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
-            "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps}
+            "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps,
+            "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}
     if args.lora_schedule != "constant" and args.lora_decay_steps is None:
         raise SystemExit("--lora-schedule cosine/linear needs --lora-decay-steps (the segments are one run)")
     report = {"parent_ppl": parent_ppl, "carved": str(carved_dir), "settings": vars(args) | {"work": str(args.work)},
@@ -545,6 +546,7 @@ def main() -> None:
     parser.add_argument("--distill", action="store_true",
                         help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA curve: the adapters' rank (alpha 2r, finetune's ratio)")
     parser.add_argument("--lora-schedule", default="constant", help="LoRA curve: finetune --lr-schedule")
     parser.add_argument("--lora-decay-steps", type=int, default=None,
                         help="LoRA curve with a decaying schedule: the steps it spans (fixed up front, so the segments "

@@ -294,6 +294,8 @@ def test_schedule_factors():
         resolve_decay_steps("linear", 3, 7)
     with pytest.raises(UserError, match="needs a decaying"):
         resolve_decay_steps("constant", 3, 7)
+    with pytest.raises(UserError, match="expected one of constant, cosine, linear"):
+        resolve_decay_steps("step", None, 7)
 
 
 # -- bad input: one line on stderr, non-zero exit --------------------------------------------------------------

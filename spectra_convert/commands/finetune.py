@@ -72,7 +72,8 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         raise UserError("--target-modules applies to --mode lora only")
     result = finetune(
         model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
+        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps, lora_r=lora_r,
+        lora_alpha=lora_alpha, target_modules=targets or None,
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
         recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,

@@ -37,6 +37,8 @@ def lr_factor(schedule: str, step: int, decay_steps: int) -> float:
 def resolve_decay_steps(schedule: str, decay_steps: int | None, steps: int) -> int | None:
     """The steps a decaying schedule spans (default: ``steps``); None for ``constant``. A schedule shorter than the
     run is refused: its last steps would train at rate 0."""
+    if schedule not in SCHEDULES:
+        raise UserError(f"--lr-schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
     if schedule == "constant":
         if decay_steps is not None:
             raise UserError("--lr-decay-steps needs a decaying --lr-schedule (cosine or linear)")

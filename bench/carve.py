@@ -445,6 +445,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
     lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
             "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps,
+            "lr_decay_start": args.lora_decay_start,
             "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}
     if args.lora_schedule != "constant" and args.lora_decay_steps is None:
         raise SystemExit("--lora-schedule cosine/linear needs --lora-decay-steps (the segments are one run)")
@@ -548,6 +549,7 @@ def main() -> None:
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA curve: the adapters' rank (alpha 2r, finetune's ratio)")
     parser.add_argument("--lora-schedule", default="constant", help="LoRA curve: finetune --lr-schedule")
+    parser.add_argument("--lora-decay-start", type=int, default=0, help="LoRA curve: finetune --lr-decay-start")
     parser.add_argument("--lora-decay-steps", type=int, default=None,
                         help="LoRA curve with a decaying schedule: the steps it spans (fixed up front, so the segments "
                              "are one run; the curve stops there)")

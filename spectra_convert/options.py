@@ -92,6 +92,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "lr": Rule(_FLOAT, above=0),
         "lr_schedule": Rule("choice", choices="spectra_convert.finetune.schedule:SCHEDULES"),
         "lr_decay_steps": Rule(_INT, min=1, optional=True),
+        "lr_decay_start": Rule(_INT, min=0),
         "lora_r": _POSITIVE,
         "lora_alpha": _POSITIVE,
         "target_modules": Rule("strings", optional=True),

@@ -289,10 +289,15 @@ def test_schedule_factors():
     assert [lr_factor("linear", s, 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 5, 10) == pytest.approx(0.5)
     assert lr_factor("constant", 99, None) == 1.0
+    assert [lr_factor("linear", s, 6, decay_start=2) for s in range(7)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(UserError, match="--lr-decay-start 7 must be"):
+        resolve_decay_steps("cosine", 7, 7, decay_start=7)
+    with pytest.raises(UserError, match="need a decaying"):
+        resolve_decay_steps("constant", None, 7, decay_start=2)
     assert resolve_decay_steps("cosine", None, 7) == 7 and resolve_decay_steps("constant", None, 7) is None
     with pytest.raises(UserError, match="below --steps"):
         resolve_decay_steps("linear", 3, 7)
-    with pytest.raises(UserError, match="needs a decaying"):
+    with pytest.raises(UserError, match="need a decaying"):
         resolve_decay_steps("constant", 3, 7)
     with pytest.raises(UserError, match="expected one of constant, cosine, linear"):
         resolve_decay_steps("step", None, 7)

@@ -31,7 +31,9 @@ from . import checked, output_option
 @click.option("--lr-schedule", default="constant", type=checked("finetune", "lr_schedule"),
               help="constant, or cosine / linear decay to 0 over --lr-decay-steps (all rates).")
 @click.option("--lr-decay-steps", default=None, type=checked("finetune", "lr_decay_steps"),
-              help="Steps the decaying schedule spans (default --steps; fix it to extend a run in segments).")
+              help="The step a decaying schedule reaches 0 at (default --steps; fix it to extend a run in segments).")
+@click.option("--lr-decay-start", default=0, type=checked("finetune", "lr_decay_start"),
+              help="The step a decaying schedule starts at; the rates are constant before (stable, then decay).")
 @click.option("--lora-r", default=16, type=checked("finetune", "lora_r"))
 @click.option("--lora-alpha", default=32, type=checked("finetune", "lora_alpha"))
 @click.option("--target-modules", multiple=True, help="LoRA targets (repeat or comma-separate); default: attention "
@@ -58,7 +60,7 @@ from . import checked, output_option
 @click.option("--force", is_flag=True, help="Overwrite OUT and discard earlier checkpoints.")
 def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: int, batch_size: int,
             grad_accum: int, lr_router: float, lr: float | None, lr_schedule: str,
-            lr_decay_steps: int | None, lora_r: int, lora_alpha: int,
+            lr_decay_steps: int | None, lr_decay_start: int, lora_r: int, lora_alpha: int,
             target_modules: tuple[str, ...], merge: bool, eval_data: Path | None, save_every: int,
             checkpoint_dir: Path | None, resume: bool, seed: int, log_every: int, log_file: Path | None,
             max_grad_norm: float, recalibration_tokens: int, distill_from: str | None, distill_gguf_file: str | None,
@@ -72,8 +74,8 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
         raise UserError("--target-modules applies to --mode lora only")
     result = finetune(
         model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps, lora_r=lora_r,
-        lora_alpha=lora_alpha, target_modules=targets or None,
+        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps,
+        lr_decay_start=lr_decay_start, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
         eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
         checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
         recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,

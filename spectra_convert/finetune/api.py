@@ -124,6 +124,7 @@ def finetune(
     lr: float | None = None,
     lr_schedule: str = "constant",
     lr_decay_steps: int | None = None,
+    lr_decay_start: int = 0,
     lora_r: int = 16,
     lora_alpha: int = 32,
     target_modules: tuple[str, ...] | list[str] | None = None,
@@ -162,7 +163,8 @@ def finetune(
     ``auto`` (default) freezes carved models' routers (fitted to the oracle by the converter: training them
     during LoRA costs quality, see ``resolve_router_training``) and trains everyone else's. ``lr`` (the LoRA
     adapters' rate) defaults by model, see ``resolve_lora_lr``. ``lr_schedule`` scales every rate by a function of
-    the step (``schedule.SCHEDULES``); a decaying one spans ``lr_decay_steps`` (default ``steps``).
+    the step (``schedule.SCHEDULES``); a decaying one runs from ``lr_decay_start`` (default 0) to 0 at
+    ``lr_decay_steps`` (default ``steps``).
 
     Steps: check (every user error, before any training time), load (data, model, teacher, resume state), train
     (then re-calibrate the biases), save.
@@ -172,7 +174,7 @@ def finetune(
     run = _check(model, data, out, eval_data, mode=mode, merge=merge, force=force, steps=steps, seq_len=seq_len,
                  batch_size=batch_size, grad_accum=grad_accum, save_every=save_every, log_every=log_every,
                  lora_r=lora_r, recalibration_tokens=recalibration_tokens)
-    lr_decay_steps = resolve_decay_steps(lr_schedule, lr_decay_steps, steps)
+    lr_decay_steps = resolve_decay_steps(lr_schedule, lr_decay_steps, steps, lr_decay_start)
     if distill_from is not None and not 0.0 < distill_weight <= 1.0:
         raise UserError(f"--distill-weight must be in (0, 1], got {distill_weight}")
     if distill_from is None and distill_gguf_file is not None:
@@ -196,7 +198,7 @@ def finetune(
         "max_grad_norm": max_grad_norm, "mixed_precision": str(accelerator.mixed_precision),
     }
     if lr_schedule != "constant":  # absent for constant: checkpoints of constant-rate runs keep resuming
-        run_config.update(lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps)
+        run_config.update(lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps, lr_decay_start=lr_decay_start)
     if mode == "lora":
         run_config.update(lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, targets=options.resolved_targets,
                           routers="train" if train_routers else "freeze")
@@ -219,7 +221,8 @@ def finetune(
     loop = LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed, save_every=save_every,
                       log_every=log_every, max_grad_norm=max_grad_norm,
                       log_file=Path(log_file) if log_file else None, checkpoint_last=checkpoint_dir is not None,
-                      teacher=teacher, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps)
+                      teacher=teacher, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps,
+                      lr_decay_start=lr_decay_start)
     start_step = state.step
     state, eval_after = _train(accelerator, model_p, optimizer, train_blocks, val_blocks, loop, ckpt, state,
                                eval_batch=max(1, batch_size), recalibration_tokens=recalibration_tokens)

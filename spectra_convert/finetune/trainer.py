@@ -54,7 +54,8 @@ class LoopConfig:
     checkpoint_last: bool = False  # also checkpoint the final step (kept checkpoint folders: a later, longer run resumes)
     teacher: Any = None  # a ``distill.Teacher``: its KL term replaces a share of the LM loss
     lr_schedule: str = "constant"  # ``schedule.SCHEDULES``: the rates are a function of the step alone
-    lr_decay_steps: int | None = None  # the steps a decaying schedule spans (None for constant)
+    lr_decay_steps: int | None = None  # the step a decaying schedule reaches 0 at (None for constant)
+    lr_decay_start: int = 0  # the step the decay starts at (the rate is constant before)
 
 
 @dataclass
@@ -230,7 +231,7 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
     with bar as live:
         task = live.add_task("fine-tuning", total=cfg.steps, completed=state.step) if live is not None else None
         for step in range(state.step, cfg.steps):
-            apply_lr(optimizer.param_groups, cfg.lr_schedule, step, cfg.lr_decay_steps)
+            apply_lr(optimizer.param_groups, cfg.lr_schedule, step, cfg.lr_decay_steps, cfg.lr_decay_start)
             total, aux, lm, kl = (torch.zeros((), device=device) for _ in range(4))
             for micro in range(cfg.grad_accum):
                 idx = block_indices(step, micro, rank, n_blocks=train_blocks.shape[0], batch_size=cfg.batch_size,

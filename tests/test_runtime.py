@@ -326,6 +326,46 @@ def test_one_token_experts_equal_the_sorted_dispatch_bit_for_bit(kind: str, inte
             assert torch.equal(experts(x, selected, weights), experts.dispatch(x, selected, weights))
 
 
+@pytest.mark.parametrize("kind, act", [("gated", "silu"), ("mlp", "gelu_new"), ("gated", "gelu_new")])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_recorded_dispatch_has_the_loops_values_and_autograds_gradients(kind: str, act: str, train_base: bool) -> None:
+    """A fine-tuning step dispatches through ``SortedExpertsFunction`` (hand-written backward). Its outputs must
+    be the no-grad dispatch's to the bit, and every gradient -- tokens, routing weights, LoRA factors, and the
+    expert tensors when they train -- autograd's through ``SpectraExperts.expert`` token by token (an expert
+    that gets no token must get zero gradients). The SiLU path uses ATen's backward, others the activation's."""
+    from spectra_convert.modeling.modeling_spectra import SpectraExperts
+
+    torch.manual_seed(5)
+    experts = SpectraExperts(8, 48, 40, kind, act)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.normal_(0.0, 0.3)
+    experts.requires_grad_(train_base)
+    names = ("gate_up_proj", "down_proj") if kind == "gated" else ("up_proj", "down_proj")
+    low_rank = {name: [(torch.randn(8, getattr(experts, name).shape[1], 4, requires_grad=True),
+                        torch.randn(8, 4, getattr(experts, name).shape[2], requires_grad=True), 0.5)] for name in names}
+    x = torch.randn(24, 48, requires_grad=True)
+    selected = torch.stack([torch.randperm(7)[:2] for _ in range(24)])  # expert 7 gets no token
+    weights = torch.rand(24, 2, requires_grad=True)
+    leaves = [x, weights] + [t for name in names for lhs, rhs, _ in low_rank[name] for t in (lhs, rhs)]
+    leaves += list(experts.parameters()) if train_base else []
+
+    out = experts(x, selected, weights, low_rank=low_rank)
+    with torch.no_grad():
+        assert torch.equal(out, experts(x, selected, weights, low_rank=low_rank))
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
+
+    tensors = experts.expert_weights(low_rank)
+    reference = torch.stack([sum(weights[n, j] * experts.expert(int(selected[n, j]), x[n:n + 1], tensors)[0]
+                                 for j in range(2)) for n in range(24)])
+    want = torch.autograd.grad(reference, leaves, upstream, allow_unused=True)
+    for name, a, b in zip(["x", "weights"] + [f"leaf{i}" for i in range(len(leaves))], got, want):
+        b = torch.zeros_like(a) if b is None else b
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (name, (a - b).abs().max())
+    assert got[2][7].abs().max() == 0  # the unused expert's factor
+
+
 def test_cached_expert_geometry_follows_parameter_updates() -> None:
     """Without autograd the unit expert vectors and the repulsion matrix are reused between calls; any in-place
     update of the expert vectors (an optimizer step, ``load_state_dict``, ``.data``) must reach the next call."""

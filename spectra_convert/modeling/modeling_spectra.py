@@ -724,6 +724,165 @@ def run_experts(experts: nn.Module, hidden: torch.Tensor, selected: torch.Tensor
     return base(hidden, selected, weights, low_rank=low_rank)
 
 
+@dataclass
+class FactoredLinear:
+    """One linear of every expert, as the sorted-rows function reads it: ``base [E, out, in]``, an optional
+    ``bias [E, out]`` and low-rank terms ``(lhs [E, out, r], rhs [E, r, in], scale)`` (``W_e = base_e +
+    sum scale * lhs_e @ rhs_e``). For gradients the same structure holds each tensor's gradient, or ``None``."""
+
+    base: torch.Tensor | None
+    bias: torch.Tensor | None
+    terms: list[tuple[torch.Tensor | None, torch.Tensor | None, float]]
+
+
+@dataclass
+class SortedExpertsSpec:
+    """What ``SortedExpertsFunction`` needs besides tensors: the experts module (kind, activation), the rows
+    per expert in the sorted order, and per linear whether it has a bias and its low-rank scales."""
+
+    experts: nn.Module
+    counts: list[int]
+    layout: list[tuple[bool, list[float]]]
+
+    def unpack(self, tensors: Sequence[torch.Tensor | None]) -> list[FactoredLinear]:
+        """The flat tensor list of ``SortedExpertsFunction.apply`` (or its gradients) as one ``FactoredLinear``
+        per linear."""
+        linears, at = [], 0
+        for has_bias, scales in self.layout:
+            base, at = tensors[at], at + 1
+            bias = None
+            if has_bias:
+                bias, at = tensors[at], at + 1
+            terms = []
+            for scale in scales:
+                terms.append((tensors[at], tensors[at + 1], scale))
+                at += 2
+            linears.append(FactoredLinear(base, bias, terms))
+        return linears
+
+
+def _factored_linear(x: torch.Tensor, linear: FactoredLinear, expert: int,
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Expert ``expert``'s linear on rows ``x``: the ops of ``SpectraExperts._expert_linear`` in the same order
+    (bit-identical), into ``out`` when given; also each low-rank term's ``x @ rhs_e.T`` (its backward needs it)."""
+    if not linear.terms:
+        if linear.bias is None:
+            return torch.mm(x, linear.base[expert].t(), out=out), []
+        return torch.addmm(linear.bias[expert], x, linear.base[expert].t(), out=out), []
+    y = _linear(x, linear.base[expert], None if linear.bias is None else linear.bias[expert])
+    inner = []
+    for lhs, rhs, scale in linear.terms:
+        u = torch.mm(x, rhs[expert].t())
+        y = y + scale * torch.mm(u, lhs[expert].t())
+        inner.append(u)
+    if out is not None:
+        out.copy_(y)
+        y = out
+    return y, inner
+
+
+def _factored_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, inner: list[torch.Tensor], linear: FactoredLinear,
+                              grads: FactoredLinear, expert: int, need_input: bool = True,
+                              out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Backward of ``_factored_linear`` for one expert: accumulates the weight gradients into expert
+    ``expert``'s slice of ``grads`` (zero tensors of the whole stacks, ``None`` where not needed) and returns
+    the input gradient (into ``out`` when given), or ``None`` when ``need_input`` is false."""
+    grad_x = torch.mm(grad_y, linear.base[expert], out=out) if need_input else None
+    if grads.base is not None:
+        grads.base[expert].addmm_(grad_y.t(), x)
+    if grads.bias is not None:
+        grads.bias[expert].add_(grad_y.sum(0))
+    for (lhs, rhs, scale), (grad_lhs, grad_rhs, _), u in zip(linear.terms, grads.terms, inner):
+        through_lhs = torch.mm(grad_y, lhs[expert])  # [n, r]
+        if grad_x is not None:
+            grad_x.addmm_(through_lhs, rhs[expert], alpha=scale)
+        if grad_lhs is not None:
+            grad_lhs[expert].addmm_(grad_y.t(), u, alpha=scale)
+        if grad_rhs is not None:
+            grad_rhs[expert].addmm_(through_lhs.t(), x, alpha=scale)
+    return grad_x
+
+
+def _activation_backward(act_fn: Any, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``d act(pre) / d pre`` applied to ``grad``: ATen's own SiLU backward (the kernel autograd runs for
+    llama-family experts), else the activation's autograd on a detached copy, whatever it is."""
+    if isinstance(act_fn, (nn.SiLU,)) or (type(act_fn).__name__ == "SiLUActivation" and not act_fn._forward_hooks
+                                          and not act_fn._forward_pre_hooks and not _global_module_hooks()):
+        return torch.ops.aten.silu_backward(grad, pre)
+    with torch.enable_grad():
+        leaf = pre.detach().requires_grad_()
+        activated = act_fn(leaf)
+    return torch.autograd.grad(activated, leaf, grad)[0]
+
+
+class SortedExpertsFunction(torch.autograd.Function):
+    """Every expert's FFN on its contiguous group of sorted rows, ``grouped [N*k, H] -> [N*k, H]`` (unweighted),
+    with a hand-written backward; used by ``SpectraExperts.dispatch`` when autograd records.
+
+    Why (docs/ARCHITECTURE.md, "Runtime speed"): under autograd each expert's rows, its gate/up halves and its
+    LoRA factors are views whose backward allocates a zero-filled tensor of the WHOLE base and copies the
+    slice's gradient into it -- per expert, per layer, per step (~5.5k ``fill_`` and ~21k ``copy_`` calls in a
+    2 x 128-token LoRA step of an 8x top-2 SmolLM2). Here the forward runs ``SpectraExperts.expert``'s ops
+    unrecorded (bit-identical outputs, written into one buffer); backward walks the experts once, writes each
+    one's input gradient into its rows of one buffer and each weight gradient into its expert's slice of one
+    zero tensor per parameter. Gradients equal autograd's to float rounding (tests/test_runtime.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, spec: SortedExpertsSpec, grouped: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        first_linear, second_linear = spec.unpack(tensors)
+        gated = spec.experts.kind == "gated"
+        act = spec.experts.activation()
+        outputs = torch.empty_like(grouped)
+        saved: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None] = []
+        start = 0
+        for expert, count in enumerate(spec.counts):
+            rows = slice(start, start + count)
+            start += count
+            if count == 0:
+                saved.append(None)
+                continue
+            first, first_inner = _factored_linear(grouped[rows], first_linear, expert)
+            pre = first[..., :first.shape[-1] // 2] if gated else first
+            activated = act(pre)
+            hidden = activated * first[..., first.shape[-1] // 2:] if gated else activated
+            _, second_inner = _factored_linear(hidden, second_linear, expert, out=outputs[rows])
+            saved.append((first, activated, first_inner, second_inner))
+        ctx.spec, ctx.per_expert = spec, saved
+        ctx.save_for_backward(grouped, *tensors)
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        spec: SortedExpertsSpec = ctx.spec
+        grouped, *tensors = ctx.saved_tensors
+        first_linear, second_linear = spec.unpack(tensors)
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, ctx.needs_input_grad[2:])]
+        first_grads, second_grads = spec.unpack(grads)
+        gated = spec.experts.kind == "gated"
+        need_input = ctx.needs_input_grad[1]
+        grad_grouped = torch.empty_like(grouped) if need_input else None
+        start = 0
+        for expert, count in enumerate(spec.counts):
+            rows = slice(start, start + count)
+            start += count
+            if count == 0:
+                continue
+            first, activated, first_inner, second_inner = ctx.per_expert[expert]
+            up = first[..., first.shape[-1] // 2:] if gated else None
+            hidden = activated * up if gated else activated
+            grad_hidden = _factored_linear_backward(grad_outputs[rows].contiguous(), hidden, second_inner, second_linear,
+                                                    second_grads, expert)
+            pre = first[..., :first.shape[-1] // 2] if gated else first
+            grad_pre = _activation_backward(spec.experts.act_fn, grad_hidden * up if gated else grad_hidden, pre)
+            grad_first = torch.cat([grad_pre, grad_hidden * activated], dim=-1) if gated else grad_pre
+            _factored_linear_backward(grad_first, grouped[rows], first_inner, first_linear, first_grads, expert,
+                                      need_input=need_input, out=grad_grouped[rows] if need_input else None)
+        ctx.per_expert = None
+        return (None, grad_grouped, *grads)
+
+
 class SpectraExperts(nn.Module):
     """E experts as fused 3-D tensors.
 
@@ -841,6 +1000,11 @@ class SpectraExperts(nn.Module):
         slot_weights = weights.reshape(-1)[order].unsqueeze(-1).to(hidden_states.dtype)
         tensors = tensors or self.expert_weights()
         out = torch.zeros_like(hidden_states)
+        recorded = self.recorded_call(grouped, tensors, counts)
+        if recorded is not None:
+            spec, flat = recorded
+            weighted = SortedExpertsFunction.apply(spec, grouped, *flat) * slot_weights
+            return out.index_add_(0, token_of_slot, weighted)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
@@ -850,6 +1014,29 @@ class SpectraExperts(nn.Module):
             out.index_add_(0, token_of_slot[rows], weighted.to(hidden_states.dtype))
             start += count
         return out
+
+    def recorded_call(self, grouped: torch.Tensor, tensors: dict[str, Any],
+                      counts: list[int]) -> tuple[SortedExpertsSpec, list[torch.Tensor]] | None:
+        """``(spec, tensors)`` for ``SortedExpertsFunction`` when autograd records this call (a fine-tuning step:
+        something upstream or in the experts trains) and every tensor has the rows' dtype; else ``None`` (then
+        the per-expert loop runs: without autograd it has nothing to save)."""
+        if not torch.is_grad_enabled():
+            return None
+        names = ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
+        biases = (None, None) if self.kind == "gated" else (self.up_bias, self.down_bias)
+        flat: list[torch.Tensor] = []
+        layout: list[tuple[bool, list[float]]] = []
+        for name, bias in zip(names, biases):
+            base, terms = tensors[name]
+            flat.append(base)
+            if bias is not None:
+                flat.append(bias)
+            for lhs, rhs, _ in terms:
+                flat += [lhs, rhs]
+            layout.append((bias is not None, [scale for _, _, scale in terms]))
+        if any(t.dtype != grouped.dtype for t in flat) or not (grouped.requires_grad or any(t.requires_grad for t in flat)):
+            return None
+        return SortedExpertsSpec(self, counts, layout), flat
 
     def one_token(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                   tensors: dict[str, Any] | None = None) -> torch.Tensor:

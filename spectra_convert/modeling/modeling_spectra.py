@@ -879,8 +879,7 @@ class SortedExpertsFunction(torch.autograd.Function):
             grad_first = torch.cat([grad_pre, grad_hidden * activated], dim=-1) if gated else grad_pre
             _factored_linear_backward(grad_first, grouped[rows], first_inner, first_linear, first_grads, expert,
                                       need_input=need_input, out=grad_grouped[rows] if need_input else None)
-        ctx.per_expert = None
-        return (None, grad_grouped, *grads)
+        return (None, grad_grouped, *grads)  # ctx keeps its tensors: a retained graph may run backward again
 
 
 class SpectraExperts(nn.Module):

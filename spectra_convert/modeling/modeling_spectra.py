@@ -781,12 +781,13 @@ def _factored_linear(x: torch.Tensor, linear: FactoredLinear, expert: int,
     return y, inner
 
 
-def _factored_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, inner: list[torch.Tensor], linear: FactoredLinear,
+def _factored_linear_backward(grad_y: torch.Tensor, x: torch.Tensor | None, inner: list[torch.Tensor], linear: FactoredLinear,
                               grads: FactoredLinear, expert: int, need_input: bool = True,
                               out: torch.Tensor | None = None) -> torch.Tensor | None:
     """Backward of ``_factored_linear`` for one expert: accumulates the weight gradients into expert
     ``expert``'s slice of ``grads`` (zero tensors of the whole stacks, ``None`` where not needed) and returns
-    the input gradient (into ``out`` when given), or ``None`` when ``need_input`` is false."""
+    the input gradient (into ``out`` when given), or ``None`` when ``need_input`` is false. ``x`` (the rows) may
+    be ``None`` where ``_reads_input(grads)`` is false."""
     grad_x = torch.mm(grad_y, linear.base[expert], out=out) if need_input else None
     if grads.base is not None:
         grads.base[expert].addmm_(grad_y.t(), x)
@@ -803,15 +804,31 @@ def _factored_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, inner: list
     return grad_x
 
 
-def _activation_backward(act_fn: Any, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """``d act(pre) / d pre`` applied to ``grad``: ATen's own SiLU backward (the kernel autograd runs for
-    llama-family experts), else the activation's autograd on a detached copy, whatever it is."""
-    if isinstance(act_fn, (nn.SiLU,)) or (type(act_fn).__name__ == "SiLUActivation" and not act_fn._forward_hooks
-                                          and not act_fn._forward_pre_hooks and not _global_module_hooks()):
+def _reads_input(grads: FactoredLinear) -> bool:
+    """Whether the backward of a linear needs its input rows: only for the base's or an ``rhs``'s gradient."""
+    return grads.base is not None or any(grad_rhs is not None for _, grad_rhs, _ in grads.terms)
+
+
+def _gate_and_up(first: torch.Tensor, gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first projection's output as (what the activation takes, what it multiplies): a gated expert's
+    gate | up halves as two views (as ``SpectraExperts.expert`` splits them), an ``mlp`` expert's whole output."""
+    if not gated:
+        return first, None
+    half = first.shape[-1] // 2
+    return first[..., :half], first[..., half:]
+
+
+def _activation_backward(act: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor,
+                         pre: torch.Tensor) -> torch.Tensor:
+    """``d act(pre) / d pre`` applied to ``grad``, for ``act`` as ``SpectraExperts.activation`` returned it: ATen's
+    own SiLU backward (the kernel autograd runs for llama-family experts) when it is an unhooked SiLU's
+    ``forward``, else the activation's autograd on a detached copy, whatever it is."""
+    owner = getattr(act, "__self__", None)
+    if isinstance(owner, nn.SiLU) or type(owner).__name__ == "SiLUActivation":
         return torch.ops.aten.silu_backward(grad, pre)
     with torch.enable_grad():
         leaf = pre.detach().requires_grad_()
-        activated = act_fn(leaf)
+        activated = act(leaf)
     return torch.autograd.grad(activated, leaf, grad)[0]
 
 
@@ -843,9 +860,9 @@ class SortedExpertsFunction(torch.autograd.Function):
                 saved.append(None)
                 continue
             first, first_inner = _factored_linear(grouped[rows], first_linear, expert)
-            pre = first[..., :first.shape[-1] // 2] if gated else first
+            pre, up = _gate_and_up(first, gated)
             activated = act(pre)
-            hidden = activated * first[..., first.shape[-1] // 2:] if gated else activated
+            hidden = activated * up if gated else activated
             _, second_inner = _factored_linear(hidden, second_linear, expert, out=outputs[rows])
             saved.append((first, activated, first_inner, second_inner))
         ctx.spec, ctx.per_expert = spec, saved
@@ -861,6 +878,8 @@ class SortedExpertsFunction(torch.autograd.Function):
         grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, ctx.needs_input_grad[2:])]
         first_grads, second_grads = spec.unpack(grads)
         gated = spec.experts.kind == "gated"
+        act = spec.experts.activation()
+        need_hidden = _reads_input(second_grads)  # a router-only step needs no expert's hidden rows
         need_input = ctx.needs_input_grad[1]
         grad_grouped = torch.empty_like(grouped) if need_input else None
         start = 0
@@ -870,12 +889,11 @@ class SortedExpertsFunction(torch.autograd.Function):
             if count == 0:
                 continue
             first, activated, first_inner, second_inner = ctx.per_expert[expert]
-            up = first[..., first.shape[-1] // 2:] if gated else None
-            hidden = activated * up if gated else activated
+            pre, up = _gate_and_up(first, gated)
+            hidden = (activated * up if gated else activated) if need_hidden else None
             grad_hidden = _factored_linear_backward(grad_outputs[rows].contiguous(), hidden, second_inner, second_linear,
                                                     second_grads, expert)
-            pre = first[..., :first.shape[-1] // 2] if gated else first
-            grad_pre = _activation_backward(spec.experts.act_fn, grad_hidden * up if gated else grad_hidden, pre)
+            grad_pre = _activation_backward(act, grad_hidden * up if gated else grad_hidden, pre)
             grad_first = torch.cat([grad_pre, grad_hidden * activated], dim=-1) if gated else grad_pre
             _factored_linear_backward(grad_first, grouped[rows], first_inner, first_linear, first_grads, expert,
                                       need_input=need_input, out=grad_grouped[rows] if need_input else None)
@@ -966,11 +984,14 @@ class SpectraExperts(nn.Module):
         hidden = act(self._expert_linear(x, weights["up_proj"], index, self.up_bias[index]))
         return self._expert_linear(hidden, weights["down_proj"], index, self.down_bias[index])
 
+    def weight_names(self) -> tuple[str, str]:
+        """The fused tensors in call order: the first projection, then ``down_proj``."""
+        return ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
+
     def expert_weights(self, low_rank: dict[str, LowRankTerms] | None = None) -> dict[str, Any]:
         """Each fused tensor as ``fused_weight`` reads it, plus the ``low_rank`` terms the caller adds per name."""
-        names = ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
         low_rank = low_rank or {}
-        return {name: self.fused_weight(name, low_rank.get(name, ())) for name in names}
+        return {name: self.fused_weight(name, low_rank.get(name, ())) for name in self.weight_names()}
 
     def forward(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
                 low_rank: dict[str, LowRankTerms] | None = None) -> torch.Tensor:
@@ -1021,11 +1042,10 @@ class SpectraExperts(nn.Module):
         the per-expert loop runs: without autograd it has nothing to save)."""
         if not torch.is_grad_enabled():
             return None
-        names = ("gate_up_proj", "down_proj") if self.kind == "gated" else ("up_proj", "down_proj")
         biases = (None, None) if self.kind == "gated" else (self.up_bias, self.down_bias)
         flat: list[torch.Tensor] = []
         layout: list[tuple[bool, list[float]]] = []
-        for name, bias in zip(names, biases):
+        for name, bias in zip(self.weight_names(), biases):
             base, terms = tensors[name]
             flat.append(base)
             if bias is not None:

@@ -6,11 +6,13 @@ their weights are random, so they test mechanics, not quality.
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import pytest
 import torch
 
+from spectra_convert.modeling import modeling_spectra
 from spectra_convert.modeling.configuration_spectra import SpectraConfig
 from spectra_convert.modeling.modeling_spectra import (
     SpectraCache,
@@ -242,43 +244,96 @@ def test_loss_is_the_lm_loss_unless_router_logits_are_asked_for(training: bool) 
         1.0, 0.1, 0.01)
 
 
-def test_sequence_gru_states_are_nn_grus_and_its_backward_is_autograds() -> None:
-    """The training GRU path: states bit-identical to ``nn.GRU``, gradients equal to autograd's (float64)."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
+def test_sequence_gru_states_are_nn_grus_and_its_backward_is_autograds(compiled: bool, monkeypatch) -> None:
+    """The training GRU path: states those of ``nn.GRU`` (ATen's loop: bit-identical; the compiled loop: the same
+    equations in another summation order), gradients equal to autograd's (float64)."""
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
     torch.manual_seed(14)
     gru = torch.nn.GRU(24, 8, batch_first=True).double()
     x = torch.randn(3, 17, 24, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     upstream = torch.randn(3, 17, 8, dtype=torch.float64)
+    assert (modeling_spectra.compiled_loops_for(x, h0, *gru.parameters()) is not None) is compiled
     expected, _ = gru(x, h0.unsqueeze(0))
     reference = torch.autograd.grad((expected * upstream).sum(), [x, h0, *gru.parameters()])
     states = SequenceGRU.apply(x, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-    assert torch.equal(states, expected)
+    if compiled:
+        assert torch.allclose(states, expected, rtol=0, atol=1e-14)
+    else:
+        assert torch.equal(states, expected)
     grads = torch.autograd.grad((states * upstream).sum(), [x, h0, *gru.parameters()])
     for ours, theirs in zip(grads, reference):
         assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
-def test_one_token_gru_step_is_bit_identical_to_nn_gru_on_strided_inputs() -> None:
-    """Decoding runs ATen's GRU cell instead of the sequence kernel; states must not move by one bit, also when
-    the token and the cached state are strided views (a batch's column, a slice of the router-state row).
-    Real SmolLM2 router sizes: at small sizes strided and contiguous GEMMs happen to agree."""
+def test_compiled_recurrence_is_nn_grus_row_by_row_at_router_size() -> None:
+    """Real SmolLM2 router sizes in float32: states within 1e-5 of ``nn.GRU`` over 200 steps, and a row's states do
+    not change by one bit when other rows share its call (the loop runs row by row; batch invariance)."""
+    torch.manual_seed(17)
+    gru = torch.nn.GRU(576, 128, batch_first=True)
+    weights = [p.detach() for p in gru.parameters()]
+    x, h0 = torch.randn(3, 200, 576), torch.randn(3, 128) * 0.5
+    loops = modeling_spectra.compiled_loops_for(x, h0, *weights)
+    assert loops is not None
+    gates_in = torch.nn.functional.linear(x, weights[0], weights[2])
+    together = torch.empty(3, 200, 128)
+    loops[0](gates_in.numpy(), h0.numpy(), weights[1].t().contiguous().numpy(), weights[3].numpy(), together.numpy())
+    with torch.no_grad():
+        expected, _ = gru(x, h0.unsqueeze(0))
+    assert (together - expected).abs().max() < 1e-5
+    for row in range(3):
+        alone = torch.empty(1, 200, 128)
+        loops[0](gates_in[row : row + 1].contiguous().numpy(), h0[row : row + 1].numpy(),
+                 weights[1].t().contiguous().numpy(), weights[3].numpy(), alone.numpy())
+        assert torch.equal(alone[0], together[row])
+
+
+def test_the_compiled_loops_sigmoid_is_within_1e_12_of_the_exact_function() -> None:
+    """The polynomial sigmoid the compiled GRU loop uses for its gates (so that they vectorise) against the exact
+    function over the whole clamped range and beyond, compiled as the loop compiles it."""
+    assert modeling_spectra.compiled_loops_for(torch.zeros(1)) is not None
+    for x in torch.linspace(-45, 45, 9001, dtype=torch.float64).tolist():
+        exact, ours = 1.0 / (1.0 + math.exp(-x)), modeling_spectra._sigmoid64(x)
+        assert abs(ours - exact) < 1e-12, x
+        assert abs(x) > 30 or abs(ours - exact) < 1e-9 * exact, x  # relative, where the clamp does not act
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
+def test_one_token_gru_step_is_one_step_of_the_sequence_path_on_strided_inputs(compiled: bool, monkeypatch) -> None:
+    """Decoding runs one step (ATen: its GRU cell; compiled: the loop with T = 1) instead of the sequence path;
+    states must be that path's to the bit, also when the token and the cached state are strided views (a
+    batch's column, a slice of the router-state row). Real SmolLM2 router sizes: at small sizes strided and
+    contiguous GEMMs happen to agree."""
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
     torch.manual_seed(16)
     knobs = {**SpectraConfig().spectra, "num_experts": 8, "top_k": 2, "router_dim": 128}
     router = SpectraRouter(576, knobs, layer_idx=0).eval()
     x = torch.randn(3, 9, 576)
     state_row = torch.randn(3, 128 + 9)  # [GRU state | running totals], as the cache stores it
+    weights = [p.detach() for p in router.gru.parameters()]
     for t in range(9):
         token, h0 = x[:, t : t + 1], state_row[:, :128]
         with torch.no_grad():
-            expected, expected_last = router.gru(token, h0.unsqueeze(0).contiguous())
             states, last = router._run_gru(token, h0)
+            if compiled:
+                expected = modeling_spectra.compiled_gru(token.contiguous(), h0.contiguous(), *weights,
+                                                         modeling_spectra.compiled_loops_for(token)[0])
+                expected_last = expected[:, -1].unsqueeze(0)
+                assert (expected - router.gru(token, h0.unsqueeze(0).contiguous())[0]).abs().max() < 1e-6
+            else:
+                expected, expected_last = router.gru(token, h0.unsqueeze(0).contiguous())
         assert torch.equal(states, expected) and torch.equal(last, expected_last[0])
 
 
-def test_experts_keep_the_callers_threads_and_only_the_recurrence_runs_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "aten"])
+def test_experts_keep_the_callers_threads_and_only_the_recurrence_runs_on_one(compiled: bool,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Decoding steps are bandwidth-bound GEMVs, which two threads read about twice as fast, so experts keep the
-    caller's threads at any length; a multi-token GRU recurrence (hundreds of tiny steps) runs on one thread, and
-    the caller's setting is back after every call (docs/ARCHITECTURE.md, "Runtime speed")."""
+    caller's threads at any length; a multi-token GRU recurrence (hundreds of tiny steps) runs on one thread (the
+    compiled loop is one thread by construction: ATen's loop is never called), and the caller's setting is back
+    after every call (docs/ARCHITECTURE.md, "Runtime speed")."""
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
     model = build("llama")
     experts = model.model.layers[0].mlp.experts
     inside: list[int] = []
@@ -299,7 +354,8 @@ def test_experts_keep_the_callers_threads_and_only_the_recurrence_runs_on_one(mo
             assert set(inside) == {2} and recurrence == []
             inside.clear()
             model(torch.randint(3, 128, (2, 40)))
-        assert set(inside) == {2} and recurrence and set(recurrence) == {1} and torch.get_num_threads() == 2
+        assert set(inside) == {2} and torch.get_num_threads() == 2
+        assert recurrence == [] if compiled else (recurrence and set(recurrence) == {1})
     finally:
         hook.remove()
         torch.set_num_threads(threads)
@@ -700,13 +756,12 @@ def test_a_decoding_step_routes_bit_for_bit_like_the_general_path(sequence_balan
 
 
 def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monkeypatch) -> None:
-    """Without autograd, a block's shared expert and estimate run on a helper thread while the router's GRU runs
-    (docs/ARCHITECTURE.md, "Runtime speed"); the output must be the serial one to the bit. Under autograd they
-    stay on the caller's thread and gradients reach them."""
+    """Without autograd, a block's shared expert and estimate run on a helper thread while the router runs ATen's
+    GRU loop (docs/ARCHITECTURE.md, "Runtime speed"); the output must be the serial one to the bit. Under
+    autograd, or with the compiled loop (too short to hide anything), they stay on the caller's thread."""
     import threading
 
-    from spectra_convert.modeling import modeling_spectra
-
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
     model = build_carved_like()
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(22))  # 80 rows >= OVERLAP_MIN_TOKENS
     where: list[str] = []
@@ -730,6 +785,11 @@ def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monk
         model(ids).logits.sum().backward()  # autograd on: serial, and the estimate is trained like everything else
         assert where == ["MainThread"] * 2
         assert all(layer.mlp.skipped_estimate.in_weight.grad.abs().sum() > 0 for layer in model.parent.model.layers)
+        where.clear()
+        monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+        with torch.no_grad():
+            model(ids)
+        assert where == ["MainThread"] * 2
     finally:
         torch.set_num_threads(threads)
         for hook in hooks:

@@ -19,7 +19,8 @@ column potentials, EMA-averaged in training and corrected on hard top-k loads at
 variant for ablations.
 
 This file imports only torch and transformers (never spectra_convert), so the folder it ships in loads with
-``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` anywhere.
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` anywhere; numba, when installed, only
+makes the router's GRU loops faster.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .configuration_spectra import MOE_PARENTS, SpectraConfig
+
+try:  # optional: compiles the GRU's sequential loops (see "Compiled recurrences" below); the file loads without it
+    import numba
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised by folders loaded where numba is not installed
+    numba = None
 
 # --------------------------------------------------------------------------------------------------------------
 # 1. Sinkhorn
@@ -119,6 +126,139 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
 
 SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads (SpectraRouter.sequence_select)
 
+# -- Compiled recurrences ---------------------------------------------------------------------------------------
+# docs/ARCHITECTURE.md, "Runtime speed": a GRU step is a [B, d] x [d, 3d] product and 3d gate functions, tiny
+# work that ATen's CPU loop spends ~10 us of op dispatch on (12 ops a step; 5 ms per layer for a 512-token
+# sequence at router_dim 32, as long as the parent's whole FFN). The two loops below are the only sequential
+# parts of the router; numba compiles them to plain machine code (12x faster than ATen's loop at router_dim 32,
+# 2.8x at 128, for one 512-token row). Rows are processed one at a time by the same code, so a row's recurrence
+# never depends on the other rows of its batch, and a decoding step is the loop with T = 1. Values follow
+# PyTorch's GRU equations, not its bits (another summation order, gates in float64): within 1e-5 of ``nn.GRU``
+# in float32 over 200 steps (tests/test_runtime.py). The input gates stay one GEMM, as in ATen's loop.
+# ``COMPILED_RECURRENCE = False`` (or no numba, or bfloat16 / GPU tensors) runs ATen's loop instead.
+
+COMPILED_RECURRENCE = True
+
+
+def _inlined(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """With numba: ``fn`` compiled into the compiled loops that call it (lazily, when they compile). Without: ``fn``."""
+    return numba.njit(inline="always", error_model="numpy")(fn) if numba is not None else fn
+
+
+@_inlined
+def _sigmoid64(x: float) -> float:
+    """``1 / (1 + exp(-x))`` in float64 from multiply-adds only, so that the loops calling it vectorise (a libm
+    ``exp`` call per gate would not: 5 ns a gate, 384 gates a step at router_dim 128). ``exp(-x) = (e^y)^32``
+    with ``y = -x / 32``: e^y by its Taylor series to y^12, squared five times; x clamped to [-30, 30] (where
+    sigmoid is 1e-13 from 0 or 1). Within 1e-12 of the exact function, 1e-9 relative (tests/test_runtime.py)."""
+    y = -min(max(x, -30.0), 30.0) * 0.03125
+    p = 1.0 + y * (1.0 + y * (1 / 2 + y * (1 / 6 + y * (1 / 24 + y * (1 / 120 + y * (1 / 720 + y * (
+        1 / 5040 + y * (1 / 40320 + y * (1 / 362880 + y * (1 / 3628800 + y * (1 / 39916800 + y / 479001600)))))))))))
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p
+    return 1.0 / (1.0 + p)
+
+
+def _gru_forward_loop(gates_in, h0, w_hh_t, b_hh, out):  # type: ignore[no-untyped-def]  (numba-compiled)
+    """``out[b, t] = h_t`` of every row from its input gates ``x W_ih^T + b_ih [B, T, 3d]`` (one GEMM, computed
+    by the caller) and ``h0 [B, d]``; ``w_hh_t = W_hh^T [d, 3d]``. PyTorch's equations, gate order r, z, n:
+    ``r, z = sigmoid(i_{r,z} + h_{r,z})``, ``n = tanh(i_n + r * h_n)``, ``h_t = (h_{t-1} - n) * z + n``; gates in
+    float64, ``tanh(a) = 2 sigmoid(2a) - 1``."""
+    batch, steps, width = gates_in.shape
+    d = width // 3
+    hidden_gates = np.empty(width, gates_in.dtype)
+    gates = np.empty(2 * d, np.float64)  # r | z
+    h = np.empty(d, gates_in.dtype)
+    for b in range(batch):
+        h[:] = h0[b]
+        for t in range(steps):
+            hidden_gates[:] = b_hh
+            for i in range(d):  # h W_hh^T one input unit at a time: the inner loop vectorises over 3d outputs
+                hi = h[i]
+                for j in range(width):
+                    hidden_gates[j] += hi * w_hh_t[i, j]
+            for j in range(2 * d):
+                gates[j] = _sigmoid64(float(gates_in[b, t, j] + hidden_gates[j]))
+            for j in range(d):
+                n = 2.0 * _sigmoid64(2.0 * (gates_in[b, t, 2 * d + j] + gates[j] * hidden_gates[2 * d + j])) - 1.0
+                h[j] = (h[j] - n) * gates[d + j] + n
+                out[b, t, j] = h[j]
+
+
+def _gru_backward_loop(grads, upstream, hidden_factor, keep, w_hh):  # type: ignore[no-untyped-def]  (numba-compiled)
+    """``grads[b, t] = dL/dh_t`` through time (``SequenceGRU.backward`` names the factors): ``g_T = upstream_T``,
+    ``g_{t-1} = upstream_{t-1} + g_t * z_t + (g_t * hidden_factor_t) W_hh``, ``hidden_factor [B, T, 3d]`` in W_hh's
+    row order (r, z, n), ``keep = z [B, T, d]``."""
+    batch, steps, d = upstream.shape
+    width = 3 * d
+    gate_grads = np.empty(width, upstream.dtype)
+    for b in range(batch):
+        grads[b, steps - 1] = upstream[b, steps - 1]
+        for t in range(steps - 1, 0, -1):
+            for j in range(width):
+                gate_grads[j] = grads[b, t, j % d] * hidden_factor[b, t, j]
+            for i in range(d):
+                grads[b, t - 1, i] = upstream[b, t - 1, i] + grads[b, t, i] * keep[b, t, i]
+            for j in range(width):  # one W_hh row at a time: the inner loop vectorises over d
+                g = gate_grads[j]
+                for i in range(d):
+                    grads[b, t - 1, i] += g * w_hh[j, i]
+
+
+_compiled_loops: tuple[Callable[..., None], Callable[..., None]] | None | bool = False  # False: not tried yet
+
+
+def _compile_loops() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """Both loops compiled for float32 and float64 C-contiguous arrays, once per process (cached on disk by
+    numba where it can write; ~1 s the first time), or ``None`` when numba is missing or cannot compile here."""
+    global _compiled_loops
+    if _compiled_loops is False:
+        _compiled_loops = None
+        if numba is not None:
+            signatures = [f"void({t}[:, :, ::1], {t}[:, ::1], {t}[:, ::1], {t}[::1], {t}[:, :, ::1])"
+                          for t in ("float32", "float64")]
+            backward = [f"void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1])"
+                        for t in ("float32", "float64")]
+            for cache in (True, False):  # no writable cache folder: compile in memory
+                try:
+                    options = {"nogil": True, "cache": cache, "error_model": "numpy", "fastmath": {"contract"}}  # numpy: no zero-division branch
+                    _compiled_loops = (numba.njit(signatures, **options)(_gru_forward_loop),
+                                       numba.njit(backward, **options)(_gru_backward_loop))
+                    break
+                except Exception:  # noqa: BLE001 - any failure means: ATen's loop
+                    continue
+    return _compiled_loops if isinstance(_compiled_loops, tuple) else None
+
+
+def compiled_loops_for(*tensors: torch.Tensor) -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The compiled loops when they apply to these tensors (CPU, all float32 or all float64, switch on)."""
+    if not COMPILED_RECURRENCE or numba is None:
+        return None
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+        return None
+    return _compile_loops()
+
+
+def _array(tensor: torch.Tensor) -> Any:
+    """A C-contiguous numpy view of ``tensor``'s values (a copy only when it is not contiguous)."""
+    return tensor.detach().contiguous().numpy()
+
+
+def compiled_gru(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                 b_hh: torch.Tensor, forward_loop: Callable[..., None]) -> torch.Tensor:
+    """GRU states ``[B, T, d]`` of ``x [B, T, H]`` from ``h0 [B, d]``: the input gates in one GEMM on the
+    caller's threads, then the compiled recurrence on one thread (it releases the GIL: a helper thread runs
+    beside it)."""
+    batch, steps, width = x.shape
+    gates_in = F.linear(x.detach().reshape(batch * steps, width), w_ih.detach(), b_ih.detach())
+    out = x.new_empty(batch, steps, w_hh.shape[1])
+    forward_loop(_array(gates_in.view(batch, steps, -1)), _array(h0), _array(w_hh.t()), _array(b_hh), out.numpy())
+    return out
+
 
 class SequenceGRU(torch.autograd.Function):
     """One batch-first GRU layer over whole sequences, with a hand-written backward through time.
@@ -134,9 +274,15 @@ class SequenceGRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                 b_ih: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
-        out, _ = torch._VF.gru(x, h0.unsqueeze(0), (w_ih, w_hh, b_ih, b_hh), True, 1, 0.0, False, False, True)
+        loops = compiled_loops_for(x, h0, w_ih, w_hh, b_ih, b_hh)
+        if loops is not None:
+            out = compiled_gru(x, h0, w_ih, w_hh, b_ih, b_hh, loops[0])
+        else:
+            with single_cpu_thread(x):
+                out, _ = torch._VF.gru(x, h0.unsqueeze(0), (w_ih, w_hh, b_ih, b_hh), True, 1, 0.0, False, False, True)
         ctx.save_for_backward(x, h0, w_ih, w_hh, out)
         ctx.biases = (b_ih, b_hh)
+        ctx.backward_loop = loops[1] if loops is not None else None
         return out
 
     @staticmethod
@@ -152,17 +298,23 @@ class SequenceGRU(torch.autograd.Function):
         a = (1 - z) * (1 - n * n)  # dL/d(n pre-activation) = g * a, with g = dL/dh_t
         b = (prev - n) * z * (1 - z)  # dL/d(z pre-activation) = g * b
         c = a * h_n * r * (1 - r)  # dL/d(r pre-activation) = g * c
-        hidden_factor = torch.stack([c, b, a * r], dim=2).transpose(0, 1).contiguous()  # [T, B, 3, d]
-        keep = z.transpose(0, 1).contiguous()  # [T, B, d]: h_{t-1} reaches h_t directly with factor z
-        upstream = grad_out.transpose(0, 1).contiguous()
-        g_all = torch.empty_like(upstream)  # g_t = dL/dh_t, written in place step by step
-        g_all[steps - 1] = upstream[steps - 1]
-        for t in range(steps - 1, 0, -1):
-            g = g_all[t]
-            d_hidden_gates = (g.unsqueeze(1) * hidden_factor[t]).view(batch, 3 * d)
-            torch.addmm(torch.addcmul(upstream[t - 1], g, keep[t]), d_hidden_gates, w_hh, out=g_all[t - 1])
-        g_all = g_all.transpose(0, 1)  # [B, T, d]
-        d_hidden = (g_all.unsqueeze(2) * hidden_factor.transpose(0, 1)).reshape(batch, steps, 3 * d)
+        if ctx.backward_loop is not None:  # the compiled loop, row by row ([B, T, ...] layouts)
+            hidden_factor = torch.stack([c, b, a * r], dim=2)  # [B, T, 3, d]
+            g_all = torch.empty_like(out)  # g_t = dL/dh_t
+            ctx.backward_loop(g_all.numpy(), _array(grad_out), hidden_factor.view(batch, steps, 3 * d).numpy(),
+                              _array(z), _array(w_hh))
+        else:  # ATen: a 2-op step over all rows ([T, B, ...] layouts)
+            hidden_factor = torch.stack([c, b, a * r], dim=2).transpose(0, 1).contiguous()  # [T, B, 3, d]
+            keep = z.transpose(0, 1).contiguous()  # [T, B, d]: h_{t-1} reaches h_t directly with factor z
+            upstream = grad_out.transpose(0, 1).contiguous()
+            g_steps = torch.empty_like(upstream)  # written in place step by step
+            g_steps[steps - 1] = upstream[steps - 1]
+            for t in range(steps - 1, 0, -1):
+                g = g_steps[t]
+                d_hidden_gates = (g.unsqueeze(1) * hidden_factor[t]).view(batch, 3 * d)
+                torch.addmm(torch.addcmul(upstream[t - 1], g, keep[t]), d_hidden_gates, w_hh, out=g_steps[t - 1])
+            g_all, hidden_factor = g_steps.transpose(0, 1), hidden_factor.transpose(0, 1)  # [B, T, ...]
+        d_hidden = (g_all.unsqueeze(2) * hidden_factor).reshape(batch, steps, 3 * d)
         d_input = (g_all.unsqueeze(2) * torch.stack([c, b, a], dim=2)).reshape(batch, steps, 3 * d)
         flat_hidden, flat_input = d_hidden.reshape(-1, 3 * d), d_input.reshape(-1, 3 * d)
         grads: list[torch.Tensor | None] = [None] * 6
@@ -285,12 +437,15 @@ class SpectraRouter(nn.Module):
         gru = self.gru
         weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
         if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
-            with single_cpu_thread(h):
-                out = SequenceGRU.apply(h, h0, *weights)
+            out = SequenceGRU.apply(h, h0, *weights)
             return out, out[:, -1]
         if h.shape[1] == 1:
             last = self._gru_cell(h[:, 0].contiguous(), h0.contiguous())
             return last.unsqueeze(1), last
+        loops = compiled_loops_for(h, h0, *weights)
+        if loops is not None:
+            out = compiled_gru(h, h0, *weights, loops[0])
+            return out, out[:, -1]
         with single_cpu_thread(h):
             out, last = torch._VF.gru(h, h0.unsqueeze(0).contiguous(), weights, True, 1, 0.0, False, False, True)
         return out, last[0]
@@ -299,7 +454,11 @@ class SpectraRouter(nn.Module):
         """One GRU step of contiguous rows ``h [B, H]`` from ``h0 [B, d]``, no autograd: ATen's GRU cell, the same ops
         in the same order as one step of the sequence kernel (bit-identical states, tests/test_runtime.py)."""
         gru = self.gru
-        return torch._VF.gru_cell(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+        weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+        loops = compiled_loops_for(h, h0, *weights)
+        if loops is not None:  # one step of the compiled loop: the sequence call's bits for this token
+            return compiled_gru(h.unsqueeze(1), h0, *weights, loops[0])[:, 0]
+        return torch._VF.gru_cell(h, h0, *weights)
 
     def sequence_select(
         self, logits: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None
@@ -1087,11 +1246,14 @@ _helper: tuple[int, ThreadPoolExecutor] | None = None  # (process id, one-thread
 
 def overlaps_recurrence(flat: torch.Tensor) -> bool:
     """Whether a block call on these rows computes its shared expert and estimate on a helper thread while the
-    router runs its GRU recurrence on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"): CPU, several
-    threads, enough tokens, no autograd (the helper would not see the caller's graph) and no autocast (a
-    thread-local mode the helper would not share)."""
+    router runs ATen's GRU loop on one CPU thread (docs/ARCHITECTURE.md, "Runtime speed"): CPU, several
+    threads, enough tokens, no autograd (the helper would not see the caller's graph), no autocast (a
+    thread-local mode the helper would not share), and no compiled recurrence: that loop is ~10x shorter than
+    ATen's, and a helper competing for the cores then costs more than it hides (a carve's 512-token forward:
+    561 ms with the helper, 515 ms without)."""
     return (flat.device.type == "cpu" and flat.shape[0] >= OVERLAP_MIN_TOKENS and not torch.is_grad_enabled()
-            and torch.get_num_threads() > 1 and not torch.is_autocast_enabled("cpu"))
+            and torch.get_num_threads() > 1 and not torch.is_autocast_enabled("cpu")
+            and compiled_loops_for(flat) is None)
 
 
 def run_beside(fn: Callable[..., Any], *args: Any) -> Future:

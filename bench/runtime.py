@@ -40,6 +40,8 @@ from rich.table import Table
 
 from moe_block import median_ms
 
+from spectra_convert.modeling import modeling_spectra
+
 console = Console(width=170)
 TARGETS = {"forward": 1.5, "decode": 1.4, "cached": 10.0, "router": 1.2, "lora": 1.5, "unmerged": 1.3}
 
@@ -193,8 +195,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
+    parser.add_argument("--aten-gru", action="store_true",
+                        help="ATen's GRU loop instead of the compiled one (the runtime before 2026-12-06)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    modeling_spectra.COMPILED_RECURRENCE = not args.aten_gru
     seq, batch4, new_tokens, ft_len, repeats, warmup = 512, 4, 64, 128, args.repeats, 1
     # The parent's full fine-tune step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh
     # memory): more repetitions and one more warm-up for the two fine-tune rows.
@@ -271,7 +276,7 @@ def main() -> None:
                          f"<= {TARGETS['unmerged']}x: {verdict(u / m, TARGETS['unmerged'])}"))
 
     table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats} (fine-tune rows: {ft_repeats})"
-                  + (", one core busy" if args.busy else "") + (" [QUICK: not a measurement]" if args.quick else ""))
+                  + (", one core busy" if args.busy else "") + (", ATen's GRU loop" if args.aten_gru else "") + (" [QUICK: not a measurement]" if args.quick else ""))
     for column in ("measurement", "dense parent", "SPECTRA", "Mixtral (same experts)", "SPECTRA / dense",
                    "Mixtral / dense", "target"):
         table.add_column(column)

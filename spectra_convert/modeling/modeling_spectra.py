@@ -132,7 +132,8 @@ SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads
 # sequence at router_dim 32, as long as the parent's whole FFN). The two loops below are the only sequential
 # parts of the router; numba compiles them to plain machine code (12x faster than ATen's loop at router_dim 32,
 # 2.8x at 128, for one 512-token row). Rows are processed one at a time by the same code, so a row's recurrence
-# never depends on the other rows of its batch, and a decoding step is the loop with T = 1. Values follow
+# never depends on the other rows of its batch (a decoding step keeps ATen's one-call GRU cell: faster for one
+# step, SpectraRouter._run_gru). Values follow
 # PyTorch's GRU equations, not its bits (another summation order, gates in float64): within 1e-5 of ``nn.GRU``
 # in float32 over 200 steps (tests/test_runtime.py). The input gates stay one GEMM, as in ATen's loop.
 # ``COMPILED_RECURRENCE = False`` (or no numba, or bfloat16 / GPU tensors) runs ATen's loop instead.
@@ -238,9 +239,9 @@ def compiled_loops_for(*tensors: torch.Tensor) -> tuple[Callable[..., None], Cal
     if not COMPILED_RECURRENCE or numba is None:
         return None
     dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype or t.device.type != "cpu" for t in tensors):
+    if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype or not t.is_cpu for t in tensors):
         return None
-    return _compile_loops()
+    return _compiled_loops if isinstance(_compiled_loops, tuple) else _compile_loops()
 
 
 def _array(tensor: torch.Tensor) -> Any:
@@ -256,7 +257,7 @@ def compiled_gru(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: to
     batch, steps, width = x.shape
     gates_in = F.linear(x.detach().reshape(batch * steps, width), w_ih.detach(), b_ih.detach())
     out = x.new_empty(batch, steps, w_hh.shape[1])
-    forward_loop(_array(gates_in.view(batch, steps, -1)), _array(h0), _array(w_hh.t()), _array(b_hh), out.numpy())
+    forward_loop(gates_in.view(batch, steps, -1).numpy(), _array(h0), _array(w_hh.t()), _array(b_hh), out.numpy())
     return out
 
 
@@ -432,8 +433,12 @@ class SpectraRouter(nn.Module):
         layer at SmolLM2 size), which two threads read about twice as fast (docs/ARCHITECTURE.md, "Runtime speed").
 
         Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every
-        call, ~25 us) and a one-token step (decoding) runs ATen's GRU cell: the same ops, in the same order, as
-        one step of the sequence kernel, so states are bit-identical (tests/test_runtime.py)."""
+        call, ~25 us). Several tokens run the compiled loop where it applies ("Compiled recurrences"), else
+        ATen's sequence kernel; a one-token step (decoding) always runs ATen's GRU cell: one fused call (18 us at
+        router_dim 32, 27 us at 128) where the compiled loop's call costs 22 and 105 us (its W_hh transpose and
+        array hand-over dominate a single step). The cell's states are ATen's sequence kernel's to the bit and the
+        compiled loop's to ~1e-7 -- what the input GEMM over one row instead of many already changed: a cached
+        decode equals a recompute to float rounding, as before (tests/test_runtime.py)."""
         gru = self.gru
         weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
         if torch.is_grad_enabled() and (h.requires_grad or h0.requires_grad or any(w.requires_grad for w in weights)):
@@ -454,11 +459,7 @@ class SpectraRouter(nn.Module):
         """One GRU step of contiguous rows ``h [B, H]`` from ``h0 [B, d]``, no autograd: ATen's GRU cell, the same ops
         in the same order as one step of the sequence kernel (bit-identical states, tests/test_runtime.py)."""
         gru = self.gru
-        weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
-        loops = compiled_loops_for(h, h0, *weights)
-        if loops is not None:  # one step of the compiled loop: the sequence call's bits for this token
-            return compiled_gru(h.unsqueeze(1), h0, *weights, loops[0])[:, 0]
-        return torch._VF.gru_cell(h, h0, *weights)
+        return torch._VF.gru_cell(h, h0, gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
 
     def sequence_select(
         self, logits: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None, state0: torch.Tensor | None

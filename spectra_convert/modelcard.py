@@ -281,7 +281,9 @@ def _usage(knobs: dict) -> str:
         "```\n\n"
         f"{note} Pass `output_router_logits=True` to get each layer's router logits. The tokenizer needs "
         "`trust_remote_code=True` too: `AutoTokenizer` reads `config.json` first, and this config's class ships "
-        "as code in the repository (without the flag transformers asks interactively)."
+        "as code in the repository (without the flag transformers asks interactively). On CPU, with `numba` "
+        "installed (`pip install numba`), the routers run their GRU recurrence as compiled code (prefill routing "
+        "several times faster); without it the same equations run in PyTorch's own GRU loop."
     )
 
 

@@ -132,11 +132,11 @@ SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads
 # sequence at router_dim 32, as long as the parent's whole FFN). The two loops below are the only sequential
 # parts of the router; numba compiles them to plain machine code (12x faster than ATen's loop at router_dim 32,
 # 2.8x at 128, for one 512-token row). Rows are processed one at a time by the same code, so a row's recurrence
-# never depends on the other rows of its batch (a decoding step keeps ATen's one-call GRU cell: faster for one
-# step, SpectraRouter._run_gru). Values follow
-# PyTorch's GRU equations, not its bits (another summation order, gates in float64): within 1e-5 of ``nn.GRU``
-# in float32 over 200 steps (tests/test_runtime.py). The input gates stay one GEMM, as in ATen's loop.
-# ``COMPILED_RECURRENCE = False`` (or no numba, or bfloat16 / GPU tensors) runs ATen's loop instead.
+# never depends on the other rows of its batch; a decoding step keeps ATen's one-call GRU cell, faster for one
+# step (SpectraRouter._run_gru). Values follow PyTorch's GRU equations, not its bits (another summation order,
+# gates in float64): within 1e-5 of ``nn.GRU`` in float32 over 200 steps (tests/test_runtime.py). The input gates
+# stay one GEMM, as in ATen's loop. ``COMPILED_RECURRENCE = False`` (or no numba, bfloat16 or GPU tensors,
+# CPU autocast) runs ATen's loop instead.
 
 COMPILED_RECURRENCE = True
 
@@ -225,7 +225,8 @@ def _compile_loops() -> tuple[Callable[..., None], Callable[..., None]] | None:
                         for t in ("float32", "float64")]
             for cache in (True, False):  # no writable cache folder: compile in memory
                 try:
-                    options = {"nogil": True, "cache": cache, "error_model": "numpy", "fastmath": {"contract"}}  # numpy: no zero-division branch
+                    # error_model numpy: no zero-division branch in the loops (it stopped them vectorising)
+                    options = {"nogil": True, "cache": cache, "error_model": "numpy", "fastmath": {"contract"}}
                     _compiled_loops = (numba.njit(signatures, **options)(_gru_forward_loop),
                                        numba.njit(backward, **options)(_gru_backward_loop))
                     break
@@ -235,8 +236,9 @@ def _compile_loops() -> tuple[Callable[..., None], Callable[..., None]] | None:
 
 
 def compiled_loops_for(*tensors: torch.Tensor) -> tuple[Callable[..., None], Callable[..., None]] | None:
-    """The compiled loops when they apply to these tensors (CPU, all float32 or all float64, switch on)."""
-    if not COMPILED_RECURRENCE or numba is None:
+    """The compiled loops when they apply to these tensors (CPU, all float32 or all float64, no CPU autocast,
+    switch on)."""
+    if not COMPILED_RECURRENCE or numba is None or torch.is_autocast_enabled("cpu"):
         return None
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64) or any(t.dtype != dtype or not t.is_cpu for t in tensors):
@@ -252,8 +254,7 @@ def _array(tensor: torch.Tensor) -> Any:
 def compiled_gru(x: torch.Tensor, h0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
                  b_hh: torch.Tensor, forward_loop: Callable[..., None]) -> torch.Tensor:
     """GRU states ``[B, T, d]`` of ``x [B, T, H]`` from ``h0 [B, d]``: the input gates in one GEMM on the
-    caller's threads, then the compiled recurrence on one thread (it releases the GIL: a helper thread runs
-    beside it)."""
+    caller's threads, then the compiled recurrence on one thread (without the GIL)."""
     batch, steps, width = x.shape
     gates_in = F.linear(x.detach().reshape(batch * steps, width), w_ih.detach(), b_ih.detach())
     out = x.new_empty(batch, steps, w_hh.shape[1])

@@ -430,7 +430,8 @@ class SpectraRouter(nn.Module):
     def _run_gru(self, h: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A recurrence over several tokens is hundreds of tiny sequential steps: on CPU extra threads only add
         sync overhead (measured 58 ms single-threaded vs 200-430 ms with 2 threads for 4x512 tokens), so it runs
-        on one. A one-token step keeps the caller's threads: it is one GEMV over the input weights (0.9 MB per
+        on one (the compiled loop by construction; its input-gate GEMM keeps the caller's threads). A one-token
+        step keeps the caller's threads: it is one GEMV over the input weights (0.9 MB per
         layer at SmolLM2 size), which two threads read about twice as fast (docs/ARCHITECTURE.md, "Runtime speed").
 
         Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every

@@ -734,9 +734,14 @@ def decode_trace(model: SpectraForCausalLM, ids: torch.Tensor, prompt: int):
 
 
 @pytest.mark.parametrize("sequence_balance", [0.0, 1.0])
-def test_a_decoding_step_routes_bit_for_bit_like_the_general_path(sequence_balance: float, monkeypatch) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch", "compiled"])
+def test_a_decoding_step_routes_like_the_general_path(sequence_balance: float, compiled: bool, monkeypatch) -> None:
     """``_route_step`` (a plain decoding step) must give the general ``_route``'s logits, weights, choices and
-    router state to the bit, with the sequence term on and off and for several rows at once."""
+    router state -- to the bit through torch's ops; through the compiled step (``_route_step_loop``: float64
+    sums) the same choices and sequence counts, logits, weights and GRU states within float rounding -- with the
+    sequence term on and off and for several rows at once. (Hooks on the routers keep the whole-block kernel
+    off: the router itself runs.)"""
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
     model = build_carved_like(sequence_balance=sequence_balance)
     ids = torch.randint(3, 128, (2, 14), generator=torch.Generator().manual_seed(21))
     steps_taken = []
@@ -747,10 +752,105 @@ def test_a_decoding_step_routes_bit_for_bit_like_the_general_path(sequence_balan
     monkeypatch.setattr(SpectraRouter, "_is_plain_step", lambda self, steps: False)
     general = decode_trace(model, ids, prompt=5)
     assert len(steps_taken) == 2 * 9
-    for one, other in zip(fast[0], general[0]):
-        assert all(torch.equal(a, b) for a, b in zip(one, other))
-    assert all(torch.equal(a, b) for a, b in zip(fast[1], general[1]))
-    assert fast[2].keys() == general[2].keys() and all(torch.equal(fast[2][i], general[2][i]) for i in fast[2])
+    if not compiled:
+        for one, other in zip(fast[0], general[0]):
+            assert all(torch.equal(a, b) for a, b in zip(one, other))
+        assert all(torch.equal(a, b) for a, b in zip(fast[1], general[1]))
+        assert fast[2].keys() == general[2].keys() and all(torch.equal(fast[2][i], general[2][i]) for i in fast[2])
+        return
+    for (logits, weights, chosen), (logits_g, weights_g, chosen_g) in zip(fast[0], general[0]):
+        assert torch.equal(chosen, chosen_g)
+        torch.testing.assert_close(logits, logits_g, rtol=0, atol=1e-5)
+        torch.testing.assert_close(weights, weights_g, rtol=0, atol=1e-5)
+    for a, b in zip(fast[1], general[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert fast[2].keys() == general[2].keys()
+    d = model.routers()[0].router_dim
+    for i in fast[2]:
+        torch.testing.assert_close(fast[2][i][:, :d], general[2][i][:, :d], rtol=0, atol=1e-6)
+        assert torch.equal(fast[2][i][:, d:], general[2][i][:, d:])  # the sequence term's counts: exact
+
+
+def spy_on_block_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch the compiled block step so that each call records numba's thread count at that moment."""
+    import numba
+
+    kernel = modeling_spectra.compiled_block_step()
+    assert kernel is not None, "numba is a dependency of the package"
+    calls: list[int] = []
+
+    def spy(*args: object) -> None:
+        calls.append(numba.get_num_threads())
+        kernel(*args)
+
+    monkeypatch.setattr(modeling_spectra, "_compiled_block", spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["carved", "copy"])
+@pytest.mark.parametrize("sequence_balance", [0.0, 1.0])
+def test_the_compiled_block_step_decodes_like_the_torch_path(layout: str, sequence_balance: float, monkeypatch) -> None:
+    """A whole block's decoding step through ``_gated_block_step`` (routing, experts, shared expert and estimate
+    in one call) must give the torch path's logits within float rounding, the same greedy tokens, and router
+    states whose counts are exact -- for a carve's layout (sum combine, scales, shared expert, estimate) and a
+    copy's (softmax weights, nothing always on), with the sequence term on and off."""
+    model = (build_carved_like(sequence_balance=sequence_balance) if layout == "carved"
+             else build("llama", sequence_balance=sequence_balance))
+    ids = torch.randint(3, 128, (1, 14), generator=torch.Generator().manual_seed(23))
+    calls = spy_on_block_kernel(monkeypatch)
+
+    def run() -> tuple[list[torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+        with torch.no_grad():
+            cache = SpectraCache(config=model.config.text_config)
+            out = model(ids[:, :5], past_key_values=cache, use_cache=True)
+            logits = [out.logits]
+            for t in range(5, ids.shape[1]):
+                out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits)
+            generated = model.generate(ids[:, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+        return logits, cache.spectra_router_states, generated
+
+    compiled = run()
+    assert len(calls) == 2 * 9 + 2 * 7  # 2 layers x (9 teacher-forced + 7 generated) one-token steps
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
+    reference = run()
+    assert len(calls) == 2 * 16
+    for a, b in zip(compiled[0], reference[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    d = model.routers()[0].router_dim
+    for i in reference[1]:
+        torch.testing.assert_close(compiled[1][i][:, :d], reference[1][i][:, :d], rtol=0, atol=1e-5)
+        assert torch.equal(compiled[1][i][:, d:], reference[1][i][:, d:])
+    assert torch.equal(compiled[2], reference[2])
+
+
+def test_the_compiled_block_step_keeps_the_callers_threads_and_steps_aside(monkeypatch) -> None:
+    """The block kernel runs on as many threads as torch's kernels are given (numba keeps its own count), and it
+    steps aside -- the torch path runs -- for anything it does not compute: a hook on a part, autograd, several
+    tokens, a PEFT-wrapped expert (tests of LoRA decoding) or another dtype."""
+    model = build_carved_like()
+    calls = spy_on_block_kernel(monkeypatch)
+    token = torch.randint(3, 128, (1, 1))
+    threads = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for count in (1, 2):
+                torch.set_num_threads(count)
+                model(token)
+                assert calls[-2:] == [count, count]
+            calls.clear()
+            hook = model.parent.model.layers[0].mlp.experts.act_fn.register_forward_hook(lambda *a: None)
+            model(token)
+            assert len(calls) == 1  # layer 0 ran the torch path, layer 1 the kernel
+            hook.remove()
+            model(torch.randint(3, 128, (1, 3)))
+            model(torch.randint(3, 128, (2, 1)))
+            model.double()(token)
+            assert len(calls) == 1
+        model.float()(token).logits.sum().backward()
+        assert len(calls) == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monkeypatch) -> None:

@@ -209,6 +209,235 @@ def _gru_backward_loop(grads, upstream, hidden_factor, keep, w_hh):  # type: ign
                     grads[b, t - 1, i] += g * w_hh[j, i]
 
 
+@_inlined
+def _route_row(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion, strength, temperature, bias, balance,  # type: ignore[no-untyped-def]
+               chunk, totals, hidden_out, state_out, logits_out, selected_out, weights_out):
+    """One token's decoding step of a router from its input gates ``x W_ih^T + b_ih [3d]`` and ``P_h x [d]``: the
+    GRU cell from ``h0`` (the compiled recurrence's equations, gates in float64), ``z = normalize(projected +
+    P_r h)``, cosine scores against the unit expert vectors ``mu [E, d]``, the logits ``(S - lambda |S| @ R) /
+    tau`` (``repulsion`` is ``R``, ``[0, 0]`` when off; ``strength`` is lambda), top-k of ``logits + bias`` (plus
+    the per-sequence correction from ``totals [2E + 1]`` when ``balance > 0``, ``SpectraRouter._decode_select``'s
+    rule; ties to the lower index), the softmax of the chosen scores / tau, and the new router state ``[GRU
+    state | committed | pending | tokens]``. Sums in float64; each value is rounded to its output's dtype where
+    the torch path rounds it (the state before ``z``, the logits before ranking)."""
+    d = h0.shape[0]
+    width = 3 * d
+    experts = mu.shape[0]
+    k = selected_out.shape[0]
+    hidden = np.empty(width, np.float64)
+    h = np.empty(d, np.float64)
+    z = np.empty(d, np.float64)
+    scores = np.empty(experts, np.float64)
+    ranked = np.empty(experts, np.float64)
+    taken = np.zeros(experts, np.bool_)
+    for j in range(width):
+        acc = 0.0
+        for i in range(d):
+            acc += w_hh[j, i] * h0[i]
+        hidden[j] = acc + b_hh[j]
+    for j in range(d):
+        r = _sigmoid64(gates_in[j] + hidden[j])
+        u = _sigmoid64(gates_in[d + j] + hidden[d + j])
+        n = 2.0 * _sigmoid64(2.0 * (gates_in[2 * d + j] + r * hidden[2 * d + j])) - 1.0
+        hidden_out[j] = (h0[j] - n) * u + n
+        h[j] = hidden_out[j]
+        state_out[j] = hidden_out[j]
+    norm = 0.0
+    for i in range(d):
+        acc = 0.0
+        for j in range(d):
+            acc += proj_r[i, j] * h[j]
+        z[i] = projected[i] + acc
+        norm += z[i] * z[i]
+    norm = max(math.sqrt(norm), 1e-12)
+    for e in range(experts):
+        acc = 0.0
+        for i in range(d):
+            acc += mu[e, i] * z[i]
+        scores[e] = acc / norm
+    for e in range(experts):
+        term = 0.0
+        for f in range(repulsion.shape[0]):
+            term += abs(scores[f]) * repulsion[f, e]
+        logits_out[e] = (scores[e] - strength * term) / temperature
+        ranked[e] = logits_out[e] + bias[e]
+    seen = totals[2 * experts]
+    before = seen - seen % chunk
+    if balance > 0 and before > 0:
+        for e in range(experts):
+            ranked[e] += -balance * experts * (totals[e] / max(before * k, 1.0) - 1.0 / experts)
+    for slot in range(k):
+        best = -1
+        for e in range(experts):
+            if not taken[e] and (best < 0 or ranked[e] > ranked[best]):
+                best = e
+        taken[best] = True
+        selected_out[slot] = best
+    top = scores[selected_out[0]] / temperature
+    total = 0.0
+    for slot in range(k):
+        total += math.exp(scores[selected_out[slot]] / temperature - top)
+    for slot in range(k):
+        weights_out[slot] = math.exp(scores[selected_out[slot]] / temperature - top) / total
+    for e in range(2 * experts + 1):
+        state_out[d + e] = 0.0
+    if balance > 0:
+        finished = (seen + 1) % chunk == 0
+        for e in range(experts):
+            count = totals[experts + e] + (1.0 if taken[e] else 0.0)
+            state_out[d + e] = totals[e] + (count if finished else 0.0)
+            state_out[d + experts + e] = 0.0 if finished else count
+        state_out[d + 2 * experts] = seen + 1
+
+
+def _route_step_loop(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion, strength, temperature,  # type: ignore[no-untyped-def]
+                     bias, balance, chunk, totals, hidden_out, state_out, logits_out, selected_out, weights_out):
+    """``_route_row`` for each row of a ``[B, ...]`` decoding step (``SpectraRouter._compiled_step`` computes the
+    two input GEMMs ``gates_in [B, 3d]`` and ``projected [B, d]`` on the caller's threads)."""
+    for b in range(gates_in.shape[0]):
+        _route_row(gates_in[b], projected[b], h0[b], w_hh, b_hh, proj_r, mu, repulsion, strength, temperature, bias,
+                   balance, chunk, totals[b], hidden_out[b], state_out[b], logits_out[b], selected_out[b], weights_out[b])
+
+
+@_inlined
+def _silu64(x: float) -> float:
+    """``x * sigmoid(x)`` in float64."""
+    return x * _sigmoid64(x)
+
+
+def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, strength, temperature, bias, balance,  # type: ignore[no-untyped-def]
+                      chunk, state_in, gate_up, down, scale, shared_gate_up, shared_down, est_in, est_out, est_bias,
+                      share, scratch, selected_out, state_out, out):
+    """A gated (SwiGLU) MoE block's whole decoding step for one token ``x [H]``, on the cores numba's threading layer
+    gives it (OpenMP: the pool torch's kernels use). Three parallel passes over the weights, each row read once:
+    (1) everything that reads ``x`` -- the router's input gates and ``P_h x``, the shared expert's gate and up
+    rows, the estimate's inner rank; then the router step (``_route_row``) on one thread; (2) the selected
+    experts' gate and up rows, times their coefficient (``scale[e]`` for a carve's sum, else the softmax
+    weight); (3) per output unit, the down rows of the selected experts, the shared expert and the estimate.
+    ``state_in``: the router's cached state row ``[GRU state (d) | totals (2E + 1)]`` (zeros before the first
+    token); ``scratch``: at least ``d + E + k`` floats for the new GRU state, the logits and the weights.
+    ``SpectraMoeBlock._compiled_step`` says when it runs and why (docs/ARCHITECTURE.md, "Runtime speed")."""
+    hidden = x.shape[0]
+    d = w_hh.shape[1]
+    experts = mu.shape[0]
+    width = 3 * d
+    inter = gate_up.shape[1] // 2
+    shared_inter = shared_gate_up.shape[0] // 2
+    rank = est_in.shape[0]
+    k = selected_out.shape[0]
+    firsts = width + d + shared_inter + rank
+    reads = np.empty(firsts, np.float32)  # input gates | P_h x | shared expert's activations | estimate's inner rank
+    for row in numba.prange(firsts):
+        if row < width + d:
+            acc = np.float32(0.0)
+            if row < width:
+                for c in range(hidden):
+                    acc += w_ih[row, c] * x[c]
+                reads[row] = acc + b_ih[row]
+            else:
+                for c in range(hidden):
+                    acc += projector[row - width, c] * x[c]
+                reads[row] = acc
+        elif row < width + d + shared_inter:
+            i = row - width - d
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for c in range(hidden):
+                g += shared_gate_up[i, c] * x[c]
+                u += shared_gate_up[shared_inter + i, c] * x[c]
+            reads[row] = np.float32(_silu64(g)) * u
+        else:
+            acc = np.float32(0.0)
+            for c in range(hidden):
+                acc += est_in[row - width - d - shared_inter, c] * x[c]
+            reads[row] = acc
+    _route_row(reads[:width], reads[width:width + d], state_in[:d], w_hh, b_hh, projector[:, hidden:], mu, repulsion,
+               strength, temperature, bias, balance, chunk, state_in[d:], scratch[:d], state_out,
+               scratch[d:d + experts], selected_out, scratch[d + experts:d + experts + k])
+    coefficient = np.empty(k, np.float32)
+    for slot in range(k):
+        coefficient[slot] = scale[selected_out[slot]] if scale.shape[0] > 0 else scratch[d + experts + slot]
+    act = np.empty(k * inter, np.float32)
+    for row in numba.prange(k * inter):
+        slot = row // inter
+        i = row - slot * inter
+        e = selected_out[slot]
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for c in range(hidden):
+            g += gate_up[e, i, c] * x[c]
+            u += gate_up[e, inter + i, c] * x[c]
+        act[row] = np.float32(_silu64(g)) * u * coefficient[slot]
+    shared_at = width + d
+    estimate_at = shared_at + shared_inter
+    for unit in numba.prange(hidden):
+        total = np.float32(0.0)
+        for slot in range(k):
+            e = selected_out[slot]
+            for i in range(inter):
+                total += down[e, unit, i] * act[slot * inter + i]
+        acc = np.float32(0.0)
+        for i in range(shared_inter):
+            acc += shared_down[unit, i] * reads[shared_at + i]
+        total += acc
+        if rank > 0:
+            acc = np.float32(0.0)
+            for j in range(rank):
+                acc += est_out[unit, j] * reads[estimate_at + j]
+            total += (acc + est_bias[unit]) * np.float32(share)
+        out[unit] = total
+
+
+_compiled_block: Callable[..., None] | None | bool = False  # False: not tried yet
+SILU_TYPES = (nn.SiLU, type(ACT2FN["silu"]))  # the activations ``_gated_block_step`` computes (x * sigmoid(x))
+
+
+def compiled_block_step() -> Callable[..., None] | None:
+    """``_gated_block_step`` compiled for float32 once per process (parallel, cached on disk by numba where it can
+    write), or ``None`` when numba is missing, switched off or cannot compile here."""
+    global _compiled_block
+    if not COMPILED_RECURRENCE or numba is None:
+        return None
+    if _compiled_block is False:
+        _compiled_block = None
+        m, v, a = "float32[:, ::1]", "float32[::1]", "float32[:]"
+        signature = (f"void({v}, {m}, {v}, {m}, {v}, {m}, {m}, {m}, float64, float64, {v}, float64, float64, {a}, "
+                     f"float32[:, :, ::1], float32[:, :, ::1], {v}, {m}, {m}, {m}, {m}, {v}, float64, {v}, int64[::1], "
+                     f"{v}, {v})")
+        for cache in (True, False):  # no writable cache folder: compile in memory
+            try:
+                _compiled_block = numba.njit(signature, nogil=True, parallel=True, cache=cache, error_model="numpy",
+                                             fastmath={"reassoc", "contract"})(_gated_block_step)
+                break
+            except Exception:  # noqa: BLE001 - any failure means: the torch path
+                continue
+    return _compiled_block if callable(_compiled_block) else None
+
+
+_compiled_step: Callable[..., None] | None | bool = False  # False: not tried yet
+
+
+def compiled_route_step(*tensors: torch.Tensor) -> Callable[..., None] | None:
+    """The compiled decoding step when it applies to these tensors (the conditions of ``compiled_loops_for``),
+    compiled for float32 and float64 once per process on first use (cached on disk by numba where it can
+    write), else ``None``."""
+    global _compiled_step
+    if compiled_loops_for(*tensors) is None:
+        return None
+    if _compiled_step is False:
+        _compiled_step = None
+        signatures = [f"void({t}[:, :], {t}[:, :], {t}[:, :], {t}[:, :], {t}[:], {t}[:, :], {t}[:, :], {t}[:, :], "
+                      f"float64, float64, {t}[:], float64, float64, float32[:, :], {t}[:, :], float32[:, :], {t}[:, :], "
+                      f"int64[:, :], {t}[:, :])" for t in ("float32", "float64")]
+        for cache in (True, False):  # no writable cache folder: compile in memory
+            try:
+                _compiled_step = numba.njit(signatures, nogil=True, cache=cache, error_model="numpy")(_route_step_loop)
+                break
+            except Exception:  # noqa: BLE001 - any failure means: the torch step
+                continue
+    return _compiled_step if callable(_compiled_step) else None
+
+
 _compiled_loops: tuple[Callable[..., None], Callable[..., None]] | None | bool = False  # False: not tried yet
 
 
@@ -709,6 +938,9 @@ class SpectraRouter(nn.Module):
         if not h.is_contiguous():
             h = h.contiguous()
         states, state0 = self._cached_state(batch)
+        step = compiled_route_step(h, self.expert_vectors) if self.use_projector else None
+        if step is not None:
+            return self._compiled_step(step, h, hidden_states.dtype, states, state0, batch)
         d = self.router_dim
         h0 = state0[:, :d].to(dtype).contiguous() if state0 is not None else h.new_zeros(batch, d)
         last = self._gru_cell(h, h0)
@@ -728,6 +960,33 @@ class SpectraRouter(nn.Module):
             self._store_state(states, last, totals, batch, h)
         weights = torch.softmax(scores.gather(1, selected) / self.temperature, dim=-1)
         return router_logits, weights if weights.dtype == hidden_states.dtype else weights.to(hidden_states.dtype), selected
+
+    def _compiled_step(self, step: Callable[..., None], h: torch.Tensor, out_dtype: torch.dtype,
+                       states: dict[int, torch.Tensor] | None, state0: torch.Tensor | None,
+                       batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_route_step`` through the compiled decoding step (``_route_step_loop``): the two GEMVs over the token's
+        input on the caller's threads, everything after them in one call instead of ~20 small ops (docs/
+        ARCHITECTURE.md, "Runtime speed"). Not the torch step's bits (sums in float64, as the compiled
+        recurrence that a recompute runs): the same choices up to near-ties, logits within ~1e-6
+        (tests/test_runtime.py)."""
+        gru, d, experts, top_k = self.gru, self.router_dim, self.num_experts, self.top_k
+        gates_in = torch.addmm(gru.bias_ih_l0, h, gru.weight_ih_l0.t())
+        projected = torch.mm(h, self.projector[:, : self.hidden_size].t())
+        h0 = state0[:, :d].to(h.dtype) if state0 is not None else h.new_zeros(batch, d)
+        balance = self.sequence_balance
+        totals = state0[:, d:] if state0 is not None and balance > 0 else torch.zeros(batch, 2 * experts + 1)
+        mu, repulsion = self.expert_geometry()
+        state = torch.empty(batch, d + 2 * experts + 1)  # float32, as the cache keeps router states
+        last, logits, weights = h.new_empty(batch, d), h.new_empty(batch, experts), h.new_empty(batch, top_k)
+        selected = torch.empty(batch, top_k, dtype=torch.long)
+        step(gates_in.numpy(), projected.numpy(), h0.numpy(), gru.weight_hh_l0.detach().numpy(),
+             gru.bias_hh_l0.detach().numpy(), self.projector.detach()[:, self.hidden_size :].numpy(), mu.numpy(),
+             (repulsion if repulsion is not None else h.new_zeros(0, 0)).numpy(), float(self.repulsion),
+             float(self.temperature), self.dual_bias.to(h.dtype).numpy(), float(balance), float(SEQUENCE_CHUNK),
+             totals.numpy(), last.numpy(), state.numpy(), logits.numpy(), selected.numpy(), weights.numpy())
+        if states is not None:
+            states[self.layer_idx] = state
+        return logits, weights if weights.dtype == out_dtype else weights.to(out_dtype), selected
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx = self.context
@@ -1380,9 +1639,99 @@ class SpectraMoeBlock(nn.Module):
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 
+    def _compiled_parts(self) -> list[torch.Tensor | None] | None:
+        """The block's tensors in ``_gated_block_step``'s order (None where a part is absent) when its parts suit the
+        compiled decoding step, else ``None``: a SPECTRA router with a GRU and a projector, plain gated SiLU
+        experts (a PEFT-wrapped or parametrized tensor, another activation or a gpt2-style expert runs the torch
+        path), a plain estimate, no hook on any part (a hook must see its module called), float32 contiguous CPU
+        tensors. Parts are read through the module dicts: ``nn.Module.__getattr__`` costs ~0.5 us a name."""
+        modules = self._modules
+        gate, experts = modules["gate"], modules["experts"]
+        shared, estimate = modules.get("shared_expert"), modules.get("skipped_estimate")  # absent parts: plain None
+        if type(gate) is not SpectraRouter or not gate.use_projector or not gate.use_gru:
+            return None
+        gru = gate._modules["gru"]
+        if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in (gate, gru, experts, shared, estimate)):
+            return None
+        for part in (experts, shared):
+            if part is None:
+                continue
+            act = part._modules.get("act_fn")
+            if (type(part) is not SpectraExperts or part.kind != "gated" or type(act) not in SILU_TYPES
+                    or act._forward_hooks or act._forward_pre_hooks or "parametrizations" in part._modules):
+                return None
+        if estimate is not None and type(estimate) is not SkippedExpertsEstimate:
+            return None
+        g, r, e = gru._parameters, gate._parameters, experts._parameters
+        mu, repulsion = gate.expert_geometry()
+        tensors = [g["weight_ih_l0"], g["bias_ih_l0"], g["weight_hh_l0"], g["bias_hh_l0"], r["projector"], mu,
+                   repulsion, gate._buffers["dual_bias"], e["gate_up_proj"], e["down_proj"], self._parameters.get("expert_scale")]
+        tensors += [shared._parameters["gate_up_proj"], shared._parameters["down_proj"]] if shared is not None else [None] * 2
+        if estimate is not None and estimate.num_experts > gate.top_k:
+            tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
+        else:
+            tensors += [None] * 3
+        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors):
+            return None
+        return tensors
+
+    def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """The block's output for one decoding token through ``_gated_block_step`` (routing, experts, shared expert
+        and estimate in one call), or ``None`` when it does not apply: one float32 CPU token, no autograd or
+        autocast, a plain decoding step of the router (``SpectraRouter._is_plain_step``), no global module hook,
+        the parts of ``_compiled_parts``.
+
+        Why (docs/ARCHITECTURE.md, "Runtime speed"): the torch path reads a carved block's 6.6 MB of weights in
+        ~14 matrix-vector calls of 0.1-0.8 MB and ~80 small ops, ~460 us a layer per decoded token on the 2-core
+        box against the parent MLP's ~310 us for 10.6 MB; one pass per stage over the same rows on both cores
+        reads them at about the parent's bandwidth. Not the torch path's bits (other summation orders, router
+        sums in float64): logits within float rounding, the same tokens (tests/test_runtime.py)."""
+        kernel = compiled_block_step()
+        gate = self._modules["gate"]
+        if (kernel is None or flat.dtype != torch.float32 or not flat.is_cpu or torch.is_autocast_enabled("cpu")
+                or type(gate) is not SpectraRouter or not gate._is_plain_step(1) or _global_module_hooks()):
+            return None
+        tensors = self._compiled_parts()
+        if tensors is None:
+            return None
+        key = [t.data_ptr() if t is not None else 0 for t in tensors]
+        d, experts, top_k = gate.router_dim, gate.num_experts, gate.top_k
+        key += [d, experts, top_k]
+        cached = self.__dict__.get("_step_arrays")
+        if cached is None or cached[0] != key:  # numpy views of the parameters: in-place edits show through them
+            hidden = flat.shape[1]
+            empty = {6: (0, 0), 10: (0,), 11: (1, 0, hidden), 12: (1, hidden, 0), 13: (0, hidden), 14: (hidden, 0),
+                     15: (hidden,)}
+            arrays = [(t.detach() if t is not None else torch.zeros(empty[i])).numpy() for i, t in enumerate(tensors)]
+            arrays[11], arrays[12] = arrays[11][0], arrays[12][0]  # the shared expert is expert 0 of its stack
+            scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
+                       np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
+            cached = self.__dict__["_step_arrays"] = (key, arrays, scratch)
+        key, arrays, (no_state, scratch, selected) = cached
+        states, state0 = gate._cached_state(1)
+        estimate = self._modules.get("skipped_estimate")
+        share = ((estimate.num_experts - top_k) / (estimate.num_experts - estimate.fitted_top_k)
+                 if tensors[13] is not None else 0.0)
+        state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
+        threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
+        if numba.get_num_threads() != threads:
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, scale, s_gate_up, s_down, e_in, e_out, e_bias = arrays
+        kernel(flat[0].numpy(), w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
+               float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
+               state0[0].numpy() if state0 is not None else no_state, gate_up, down, scale, s_gate_up, s_down, e_in,
+               e_out, e_bias, share, scratch, selected, state[0].numpy(), out[0].numpy())
+        if states is not None:
+            states[gate.layer_idx] = state
+        return out
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
+        if flat.shape[0] == 1 and not torch.is_grad_enabled():
+            stepped = self._compiled_step(flat)
+            if stepped is not None:
+                return stepped.reshape(shape)
         expected_k = getattr(self.gate, "top_k", None)
         beside = None
         if expected_k is not None and (self.shared_expert is not None or self.skipped_estimate is not None) \

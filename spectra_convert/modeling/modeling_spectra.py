@@ -1643,8 +1643,9 @@ class SpectraMoeBlock(nn.Module):
         """The block's tensors in ``_gated_block_step``'s order (None where a part is absent) when its parts suit the
         compiled decoding step, else ``None``: a SPECTRA router with a GRU and a projector, plain gated SiLU
         experts (a PEFT-wrapped or parametrized tensor, another activation or a gpt2-style expert runs the torch
-        path), a plain estimate, no hook on any part (a hook must see its module called), float32 contiguous CPU
-        tensors. Parts are read through the module dicts: ``nn.Module.__getattr__`` costs ~0.5 us a name."""
+        path), a plain estimate, no hook on any part (a hook must see its module called). Parts are read through
+        the module dicts: ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors'
+        dtype and layout when their storage changes.)"""
         modules = self._modules
         gate, experts = modules["gate"], modules["experts"]
         shared, estimate = modules.get("shared_expert"), modules.get("skipped_estimate")  # absent parts: plain None
@@ -1671,8 +1672,6 @@ class SpectraMoeBlock(nn.Module):
             tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
         else:
             tensors += [None] * 3
-        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors):
-            return None
         return tensors
 
     def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
@@ -1699,6 +1698,9 @@ class SpectraMoeBlock(nn.Module):
         key += [d, experts, top_k]
         cached = self.__dict__.get("_step_arrays")
         if cached is None or cached[0] != key:  # numpy views of the parameters: in-place edits show through them
+            if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors):
+                self.__dict__["_step_arrays"] = (key, None, None)  # these tensors: the torch path until they change
+                return None
             hidden = flat.shape[1]
             empty = {6: (0, 0), 10: (0,), 11: (1, 0, hidden), 12: (1, hidden, 0), 13: (0, hidden), 14: (hidden, 0),
                      15: (hidden,)}
@@ -1707,6 +1709,8 @@ class SpectraMoeBlock(nn.Module):
             scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
                        np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
             cached = self.__dict__["_step_arrays"] = (key, arrays, scratch)
+        if cached[1] is None:
+            return None
         key, arrays, (no_state, scratch, selected) = cached
         states, state0 = gate._cached_state(1)
         estimate = self._modules.get("skipped_estimate")
@@ -1717,10 +1721,10 @@ class SpectraMoeBlock(nn.Module):
         if numba.get_num_threads() != threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, scale, s_gate_up, s_down, e_in, e_out, e_bias = arrays
-        kernel(flat[0].numpy(), w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
+        kernel(flat.numpy()[0], w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
                float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
-               state0[0].numpy() if state0 is not None else no_state, gate_up, down, scale, s_gate_up, s_down, e_in,
-               e_out, e_bias, share, scratch, selected, state[0].numpy(), out[0].numpy())
+               state0.numpy()[0] if state0 is not None else no_state, gate_up, down, scale, s_gate_up, s_down, e_in,
+               e_out, e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
         if states is not None:
             states[gate.layer_idx] = state
         return out

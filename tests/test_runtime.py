@@ -824,10 +824,52 @@ def test_the_compiled_block_step_decodes_like_the_torch_path(layout: str, sequen
     assert torch.equal(compiled[2], reference[2])
 
 
+def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged_model(monkeypatch) -> None:
+    """Decoding with an unmerged PEFT LoRA on the fused expert tensors (and attention) runs the block kernel with
+    the adapter's factors: the logits of every cached step equal the merged model's and the torch path's within
+    float rounding, and the adapter changes them."""
+    from peft import LoraConfig, get_peft_model
+
+    from spectra_convert.finetune.modes import lora_candidates
+
+    model = build("llama", seed=4)
+    _, expert_params = lora_candidates(model)
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]  # finetune's default module targets (lm_head is tied here)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=attention,
+                                                  target_parameters=expert_params)).eval()
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    calls = spy_on_block_kernel(monkeypatch)
+
+    def steps(net) -> torch.Tensor:
+        with torch.no_grad():
+            out = net(input_ids=ids[:, :4], use_cache=True)
+            logits = []
+            for t in range(4, ids.shape[1]):
+                out = net(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    unmerged = steps(peft_model)
+    assert len(calls) == 2 * 8  # every one-token step of both layers ran the kernel, adapter included
+    with peft_model.disable_adapter():
+        plain = steps(peft_model)
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
+    torch_path = steps(peft_model)
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+    merged = steps(peft_model.merge_and_unload())
+    assert not torch.allclose(unmerged, plain, atol=1e-3), "the adapter must change the logits in this test"
+    torch.testing.assert_close(unmerged, torch_path, atol=1e-4, rtol=0)
+    torch.testing.assert_close(unmerged, merged, atol=1e-4, rtol=0)
+
+
 def test_the_compiled_block_step_keeps_the_callers_threads_and_steps_aside(monkeypatch) -> None:
     """The block kernel runs on as many threads as torch's kernels are given (numba keeps its own count), and it
     steps aside -- the torch path runs -- for anything it does not compute: a hook on a part, autograd, several
-    tokens, a PEFT-wrapped expert (tests of LoRA decoding) or another dtype."""
+    tokens, several rows or another dtype."""
     model = build_carved_like()
     calls = spy_on_block_kernel(monkeypatch)
     token = torch.randint(3, 128, (1, 1))

@@ -306,14 +306,17 @@ def _silu64(x: float) -> float:
 
 
 def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, strength, temperature, bias, balance,  # type: ignore[no-untyped-def]
-                      chunk, state_in, gate_up, down, scale, shared_gate_up, shared_down, est_in, est_out, est_bias,
-                      share, scratch, selected_out, state_out, out):
+                      chunk, state_in, gate_up, down, gate_up_lhs, gate_up_rhs, gate_up_scale, down_lhs, down_rhs,
+                      down_scale, scale, shared_gate_up, shared_down, est_in, est_out, est_bias, share, scratch,
+                      selected_out, state_out, out):
     """A gated (SwiGLU) MoE block's whole decoding step for one token ``x [H]``, on the cores numba's threading layer
     gives it (OpenMP: the pool torch's kernels use). Three parallel passes over the weights, each row read once:
     (1) everything that reads ``x`` -- the router's input gates and ``P_h x``, the shared expert's gate and up
     rows, the estimate's inner rank; then the router step (``_route_row``) on one thread; (2) the selected
     experts' gate and up rows, times their coefficient (``scale[e]`` for a carve's sum, else the softmax
     weight); (3) per output unit, the down rows of the selected experts, the shared expert and the estimate.
+    An unmerged LoRA adapter on the expert tensors comes as factors ``W_e + s lhs_e @ rhs_e`` (``lhs [E, out, r]``,
+    ``rhs [E, r, in]``, rank 0 when absent), applied to the selected experts' rows as ``peft_expert_lora`` does.
     ``state_in``: the router's cached state row ``[GRU state (d) | totals (2E + 1)]`` (zeros before the first
     token); ``scratch``: at least ``d + E + k`` floats for the new GRU state, the logits and the weights.
     ``SpectraMoeBlock._compiled_step`` says when it runs and why (docs/ARCHITECTURE.md, "Runtime speed")."""
@@ -357,6 +360,14 @@ def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, stren
     coefficient = np.empty(k, np.float32)
     for slot in range(k):
         coefficient[slot] = scale[selected_out[slot]] if scale.shape[0] > 0 else scratch[d + experts + slot]
+    first_rank, down_rank = gate_up_rhs.shape[1], down_rhs.shape[1]
+    inner = np.zeros((k, first_rank), np.float32)  # rhs_e @ x of each selected expert's gate/up adapter
+    for slot in range(k):
+        for j in range(first_rank):
+            acc = np.float32(0.0)
+            for c in range(hidden):
+                acc += gate_up_rhs[selected_out[slot], j, c] * x[c]
+            inner[slot, j] = acc
     act = np.empty(k * inter, np.float32)
     for row in numba.prange(k * inter):
         slot = row // inter
@@ -367,7 +378,22 @@ def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, stren
         for c in range(hidden):
             g += gate_up[e, i, c] * x[c]
             u += gate_up[e, inter + i, c] * x[c]
+        if first_rank > 0:
+            g_low = np.float32(0.0)
+            u_low = np.float32(0.0)
+            for j in range(first_rank):
+                g_low += gate_up_lhs[e, i, j] * inner[slot, j]
+                u_low += gate_up_lhs[e, inter + i, j] * inner[slot, j]
+            g += np.float32(gate_up_scale) * g_low
+            u += np.float32(gate_up_scale) * u_low
         act[row] = np.float32(_silu64(g)) * u * coefficient[slot]
+    inner_down = np.zeros((k, down_rank), np.float32)  # rhs_e @ (weighted activations) of the down adapter
+    for slot in range(k):
+        for j in range(down_rank):
+            acc = np.float32(0.0)
+            for i in range(inter):
+                acc += down_rhs[selected_out[slot], j, i] * act[slot * inter + i]
+            inner_down[slot, j] = acc
     shared_at = width + d
     estimate_at = shared_at + shared_inter
     for unit in numba.prange(hidden):
@@ -376,6 +402,11 @@ def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, stren
             e = selected_out[slot]
             for i in range(inter):
                 total += down[e, unit, i] * act[slot * inter + i]
+            if down_rank > 0:
+                low = np.float32(0.0)
+                for j in range(down_rank):
+                    low += down_lhs[e, unit, j] * inner_down[slot, j]
+                total += np.float32(down_scale) * low
         acc = np.float32(0.0)
         for i in range(shared_inter):
             acc += shared_down[unit, i] * reads[shared_at + i]
@@ -401,9 +432,10 @@ def compiled_block_step() -> Callable[..., None] | None:
     if _compiled_block is False:
         _compiled_block = None
         m, v, a = "float32[:, ::1]", "float32[::1]", "float32[:]"
+        stack, factors = "float32[:, :, ::1]", "float32[:, :, :]"  # fused expert tensors; LoRA factors (any strides)
         signature = (f"void({v}, {m}, {v}, {m}, {v}, {m}, {m}, {m}, float64, float64, {v}, float64, float64, {a}, "
-                     f"float32[:, :, ::1], float32[:, :, ::1], {v}, {m}, {m}, {m}, {m}, {v}, float64, {v}, int64[::1], "
-                     f"{v}, {v})")
+                     f"{stack}, {stack}, {factors}, {factors}, float64, {factors}, {factors}, float64, "
+                     f"{v}, {m}, {m}, {m}, {m}, {v}, float64, {v}, int64[::1], {v}, {v})")
         for cache in (True, False):  # no writable cache folder: compile in memory
             try:
                 _compiled_block = numba.njit(signature, nogil=True, parallel=True, cache=cache, error_model="numpy",
@@ -1639,13 +1671,15 @@ class SpectraMoeBlock(nn.Module):
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 
-    def _compiled_parts(self) -> list[torch.Tensor | None] | None:
-        """The block's tensors in ``_gated_block_step``'s order (None where a part is absent) when its parts suit the
-        compiled decoding step, else ``None``: a SPECTRA router with a GRU and a projector, plain gated SiLU
-        experts (a PEFT-wrapped or parametrized tensor, another activation or a gpt2-style expert runs the torch
-        path), a plain estimate, no hook on any part (a hook must see its module called). Parts are read through
-        the module dicts: ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors'
-        dtype and layout when their storage changes.)"""
+    def _compiled_parts(self) -> tuple[list[torch.Tensor | None], tuple[float, float]] | None:
+        """The block's tensors in ``_gated_block_step``'s order (None where a part is absent) and the scales of the
+        experts' LoRA factors, when its parts suit the compiled decoding step, else ``None``: a SPECTRA router
+        with a GRU and a projector, gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors
+        in the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
+        estimate (a wrapped one, another activation or a gpt2-style expert runs the torch path), and no hook on
+        any part (a hook must see its module called). Parts are read through the module dicts:
+        ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors' dtype and layout
+        when their storage changes.)"""
         modules = self._modules
         gate, experts = modules["gate"], modules["experts"]
         shared, estimate = modules.get("shared_expert"), modules.get("skipped_estimate")  # absent parts: plain None
@@ -1654,6 +1688,12 @@ class SpectraMoeBlock(nn.Module):
         gru = gate._modules["gru"]
         if any(m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in (gate, gru, experts, shared, estimate)):
             return None
+        terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        if type(experts) is not SpectraExperts:
+            unwrapped = peft_expert_lora(experts)
+            if unwrapped is None or any(len(pairs) != 1 for pairs in unwrapped[1].values()):
+                return None
+            experts, terms = unwrapped
         for part in (experts, shared):
             if part is None:
                 continue
@@ -1665,14 +1705,16 @@ class SpectraMoeBlock(nn.Module):
             return None
         g, r, e = gru._parameters, gate._parameters, experts._parameters
         mu, repulsion = gate.expert_geometry()
+        first, second = terms.get("gate_up_proj", [(None, None, 0.0)])[0], terms.get("down_proj", [(None, None, 0.0)])[0]
         tensors = [g["weight_ih_l0"], g["bias_ih_l0"], g["weight_hh_l0"], g["bias_hh_l0"], r["projector"], mu,
-                   repulsion, gate._buffers["dual_bias"], e["gate_up_proj"], e["down_proj"], self._parameters.get("expert_scale")]
+                   repulsion, gate._buffers["dual_bias"], e["gate_up_proj"], e["down_proj"], first[0], first[1],
+                   second[0], second[1], self._parameters.get("expert_scale")]
         tensors += [shared._parameters["gate_up_proj"], shared._parameters["down_proj"]] if shared is not None else [None] * 2
         if estimate is not None and estimate.num_experts > gate.top_k:
             tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
         else:
             tensors += [None] * 3
-        return tensors
+        return tensors, (first[2], second[2])
 
     def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The block's output for one decoding token through ``_gated_block_step`` (routing, experts, shared expert
@@ -1690,22 +1732,26 @@ class SpectraMoeBlock(nn.Module):
         if (kernel is None or flat.dtype != torch.float32 or not flat.is_cpu or torch.is_autocast_enabled("cpu")
                 or type(gate) is not SpectraRouter or not gate._is_plain_step(1) or _global_module_hooks()):
             return None
-        tensors = self._compiled_parts()
-        if tensors is None:
+        parts = self._compiled_parts()
+        if parts is None:
             return None
+        tensors, (first_scale, second_scale) = parts
         key = [t.data_ptr() if t is not None else 0 for t in tensors]
         d, experts, top_k = gate.router_dim, gate.num_experts, gate.top_k
         key += [d, experts, top_k]
         cached = self.__dict__.get("_step_arrays")
         if cached is None or cached[0] != key:  # numpy views of the parameters: in-place edits show through them
-            if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or not t.is_cpu) for t in tensors):
+            factors = range(10, 14)  # LoRA factors: views of PEFT's weights, any non-negative strides
+            if any(t is not None and (t.dtype != torch.float32 or not t.is_cpu or min(t.stride()) < 0
+                                      or (i not in factors and not t.is_contiguous())) for i, t in enumerate(tensors)):
                 self.__dict__["_step_arrays"] = (key, None, None)  # these tensors: the torch path until they change
                 return None
-            hidden = flat.shape[1]
-            empty = {6: (0, 0), 10: (0,), 11: (1, 0, hidden), 12: (1, hidden, 0), 13: (0, hidden), 14: (hidden, 0),
-                     15: (hidden,)}
+            hidden, (stacked, width, inter) = flat.shape[1], tensors[9].shape
+            empty = {6: (0, 0), 10: (stacked, 2 * inter, 0), 11: (stacked, 0, hidden), 12: (stacked, hidden, 0),
+                     13: (stacked, 0, inter), 14: (0,), 15: (1, 0, hidden), 16: (1, hidden, 0), 17: (0, hidden),
+                     18: (hidden, 0), 19: (hidden,)}
             arrays = [(t.detach() if t is not None else torch.zeros(empty[i])).numpy() for i, t in enumerate(tensors)]
-            arrays[11], arrays[12] = arrays[11][0], arrays[12][0]  # the shared expert is expert 0 of its stack
+            arrays[15], arrays[16] = arrays[15][0], arrays[16][0]  # the shared expert is expert 0 of its stack
             scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
                        np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
             cached = self.__dict__["_step_arrays"] = (key, arrays, scratch)
@@ -1715,16 +1761,18 @@ class SpectraMoeBlock(nn.Module):
         states, state0 = gate._cached_state(1)
         estimate = self._modules.get("skipped_estimate")
         share = ((estimate.num_experts - top_k) / (estimate.num_experts - estimate.fitted_top_k)
-                 if tensors[13] is not None else 0.0)
+                 if tensors[17] is not None else 0.0)
         state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
         threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
         if numba.get_num_threads() != threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, scale, s_gate_up, s_down, e_in, e_out, e_bias = arrays
+        (w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, first_lhs, first_rhs, second_lhs,
+         second_rhs, scale, s_gate_up, s_down, e_in, e_out, e_bias) = arrays
         kernel(flat.numpy()[0], w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
                float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
-               state0.numpy()[0] if state0 is not None else no_state, gate_up, down, scale, s_gate_up, s_down, e_in,
-               e_out, e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
+               state0.numpy()[0] if state0 is not None else no_state, gate_up, down, first_lhs, first_rhs,
+               float(first_scale), second_lhs, second_rhs, float(second_scale), scale, s_gate_up, s_down, e_in, e_out,
+               e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
         if states is not None:
             states[gate.layer_idx] = state
         return out

@@ -824,23 +824,31 @@ def test_the_compiled_block_step_decodes_like_the_torch_path(layout: str, sequen
     assert torch.equal(compiled[2], reference[2])
 
 
-def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged_model(monkeypatch) -> None:
+@pytest.mark.parametrize("setup", ["peft", "finetune"])
+def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged_model(setup: str, monkeypatch) -> None:
     """Decoding with an unmerged PEFT LoRA on the fused expert tensors (and attention) runs the block kernel with
-    the adapter's factors: the logits of every cached step equal the merged model's and the torch path's within
-    float rounding, and the adapter changes them."""
+    the adapter's factors -- also with ``finetune --mode lora``'s setup, whose trained routers are PEFT
+    ``modules_to_save`` copies: the logits of every cached step equal the merged model's and the torch path's
+    within float rounding, and the adapter changes them."""
     from peft import LoraConfig, get_peft_model
 
-    from spectra_convert.finetune.modes import lora_candidates
+    from spectra_convert.finetune.modes import LoraMode, ModeOptions, lora_candidates
 
     model = build("llama", seed=4)
-    _, expert_params = lora_candidates(model)
-    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]  # finetune's default module targets (lm_head is tied here)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=attention,
-                                                  target_parameters=expert_params)).eval()
+    if setup == "peft":
+        _, expert_params = lora_candidates(model)
+        attention = ["q_proj", "k_proj", "v_proj", "o_proj"]  # finetune's default module targets (lm_head is tied here)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=attention,
+                                                      target_parameters=expert_params)).eval()
+    else:
+        peft_model = LoraMode().prepare(model, ModeOptions()).eval()
+        assert type(peft_model.base_model.model.model.layers[0].mlp.gate).__name__ == "ModulesToSaveWrapper"
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
+            if "modules_to_save" in name and "dual_bias" not in name:
+                param.add_(torch.randn_like(param) * 0.05)  # a trained router copy differs from the original
     ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(4))
     calls = spy_on_block_kernel(monkeypatch)
 

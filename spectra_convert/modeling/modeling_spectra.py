@@ -1167,6 +1167,21 @@ def peft_expert_lora(experts: nn.Module) -> tuple[nn.Module, dict[str, list[tupl
     return module, terms
 
 
+def peft_saved_module(module: nn.Module | None) -> nn.Module | None:
+    """The module that PEFT's ``ModulesToSaveWrapper`` (``modules_to_save``: a router or an estimate trained in
+    full beside a LoRA adapter) would call -- the active adapter's copy, or the original while adapters are
+    disabled -- and any other module itself; ``None`` for a wrapper that a hook watches (its call must happen).
+    Matched by class name and read as PEFT's forward reads it: the runtime never imports peft."""
+    if module is None or type(module).__name__ != "ModulesToSaveWrapper":
+        return module
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None
+    active = list(module.active_adapters)
+    if module.disable_adapters or not active or any(name not in module._adapters for name in active):
+        return module.original_module
+    return module.modules_to_save[active[0]]
+
+
 def run_experts(experts: nn.Module, hidden: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The block's call of its experts: through PEFT's expert LoRA as low-rank terms where ``peft_expert_lora``
     can read them, else the module's own forward."""
@@ -1671,18 +1686,22 @@ class SpectraMoeBlock(nn.Module):
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 
-    def _compiled_parts(self) -> tuple[list[torch.Tensor | None], tuple[float, float]] | None:
-        """The block's tensors in ``_gated_block_step``'s order (None where a part is absent) and the scales of the
-        experts' LoRA factors, when its parts suit the compiled decoding step, else ``None``: a SPECTRA router
-        with a GRU and a projector, gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors
+    def _compiled_parts(self) -> tuple[SpectraRouter, list[torch.Tensor | None], tuple[float, float]] | None:
+        """The router that runs, the block's tensors in ``_gated_block_step``'s order (None where a part is absent)
+        and the scales of the experts' LoRA factors, when its parts suit the compiled decoding step, else ``None``:
+        a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy, ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors
         in the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
         estimate (a wrapped one, another activation or a gpt2-style expert runs the torch path), and no hook on
         any part (a hook must see its module called). Parts are read through the module dicts:
         ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors' dtype and layout
         when their storage changes.)"""
         modules = self._modules
-        gate, experts = modules["gate"], modules["experts"]
+        gate, experts = peft_saved_module(modules["gate"]), modules["experts"]
         shared, estimate = modules.get("shared_expert"), modules.get("skipped_estimate")  # absent parts: plain None
+        if estimate is not None:
+            estimate = peft_saved_module(estimate)
+            if estimate is None:
+                return None
         if type(gate) is not SpectraRouter or not gate.use_projector or not gate.use_gru:
             return None
         gru = gate._modules["gru"]
@@ -1714,7 +1733,7 @@ class SpectraMoeBlock(nn.Module):
             tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
         else:
             tensors += [None] * 3
-        return tensors, (first[2], second[2])
+        return gate, tensors, (first[2], second[2])
 
     def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The block's output for one decoding token through ``_gated_block_step`` (routing, experts, shared expert
@@ -1728,14 +1747,15 @@ class SpectraMoeBlock(nn.Module):
         reads them at about the parent's bandwidth. Not the torch path's bits (other summation orders, router
         sums in float64): logits within float rounding, the same tokens (tests/test_runtime.py)."""
         kernel = compiled_block_step()
-        gate = self._modules["gate"]
-        if (kernel is None or flat.dtype != torch.float32 or not flat.is_cpu or torch.is_autocast_enabled("cpu")
-                or type(gate) is not SpectraRouter or not gate._is_plain_step(1) or _global_module_hooks()):
+        if kernel is None or flat.dtype != torch.float32 or not flat.is_cpu or torch.is_autocast_enabled("cpu") \
+                or _global_module_hooks():
             return None
         parts = self._compiled_parts()
         if parts is None:
             return None
-        tensors, (first_scale, second_scale) = parts
+        gate, tensors, (first_scale, second_scale) = parts
+        if not gate._is_plain_step(1):
+            return None
         key = [t.data_ptr() if t is not None else 0 for t in tensors]
         d, experts, top_k = gate.router_dim, gate.num_experts, gate.top_k
         key += [d, experts, top_k]
@@ -1759,7 +1779,7 @@ class SpectraMoeBlock(nn.Module):
             return None
         key, arrays, (no_state, scratch, selected) = cached
         states, state0 = gate._cached_state(1)
-        estimate = self._modules.get("skipped_estimate")
+        estimate = peft_saved_module(self._modules.get("skipped_estimate"))
         share = ((estimate.num_experts - top_k) / (estimate.num_experts - estimate.fitted_top_k)
                  if tensors[17] is not None else 0.0)
         state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)

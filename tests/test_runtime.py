@@ -865,13 +865,21 @@ def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged
     assert len(calls) == 2 * 8  # every one-token step of both layers ran the kernel, adapter included
     with peft_model.disable_adapter():
         plain = steps(peft_model)
+    assert len(calls) == 2 * 2 * 8  # adapters off (PEFT calls the base experts): the kernel without factors
     monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
     torch_path = steps(peft_model)
     monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+    with torch.no_grad():
+        peft_model.merge_adapter()  # merged in place, wrappers kept: the kernel reads the merged base tensors
+    merged_in_place = steps(peft_model)
+    assert len(calls) == 3 * 2 * 8
+    with torch.no_grad():
+        peft_model.unmerge_adapter()
     merged = steps(peft_model.merge_and_unload())
     assert not torch.allclose(unmerged, plain, atol=1e-3), "the adapter must change the logits in this test"
     torch.testing.assert_close(unmerged, torch_path, atol=1e-4, rtol=0)
     torch.testing.assert_close(unmerged, merged, atol=1e-4, rtol=0)
+    torch.testing.assert_close(merged_in_place, merged, atol=1e-4, rtol=0)
 
 
 def test_the_compiled_block_step_keeps_the_callers_threads_and_steps_aside(monkeypatch) -> None:

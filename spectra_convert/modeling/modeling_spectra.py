@@ -1145,14 +1145,18 @@ def peft_expert_lora(experts: nn.Module) -> tuple[nn.Module, dict[str, list[tupl
     unmerged adapter measured 5.06x the merged model, docs/ARCHITECTURE.md "Runtime speed"). Reading the factors
     (PEFT's ``get_delta_factors``) and applying them to the routed rows computes the same function in r-wide
     GEMMs. Only the plain case is taken over -- one active adapter, not merged, adapters enabled, a float
-    tensor; anything else (and a PEFT without ``get_delta_factors``) runs PEFT's own forward. Matched by class
+    tensor -- and the two where PEFT's forward calls the base alone (merged with adapters on, unmerged with
+    adapters off: no terms); anything else (and a PEFT without ``get_delta_factors``) runs PEFT's own forward. Matched by class
     name: the runtime never imports peft.
     """
     terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     module = experts
     while type(module).__name__ == "ParamWrapper":
+        if module.merged != bool(module.disable_adapters):  # merged and on, or unmerged and off: PEFT calls the base
+            module = module.base_layer
+            continue
         get_factors = getattr(module, "get_delta_factors", None)
-        if get_factors is None or module.merged or module.disable_adapters or getattr(module, "num_experts", 0) < 2:
+        if get_factors is None or module.merged or getattr(module, "num_experts", 0) < 2:
             return None
         active = [name for name in module.active_adapters if name in module.lora_A]
         if len(active) != 1:

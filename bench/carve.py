@@ -335,8 +335,23 @@ def balance_only(gguf: Path, args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[float, float]:
-    """(seconds per token of one forward over ``ids``, seconds per generated token of greedy decoding)."""
+class TokenClock:
+    """A ``generate`` streamer that only notes when each put arrives: the prompt (before the prefill), then every
+    new token. The gaps after the first new token are the decoding steps alone."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[float, float, float]:
+    """(seconds per token of one forward over ``ids``; seconds per generated token of greedy decoding from a
+    32-token prompt, the prompt's prefill included; seconds per decoding step after the first new token)."""
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -348,10 +363,14 @@ def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[
         sync()
         forward = (time.perf_counter() - start) / ids.shape[1]
         prompt = ids[:, :32]
+        clock = TokenClock()
         start = time.perf_counter()
-        model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+        model.generate(input_ids=prompt, max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                       streamer=clock if not device.startswith("cuda") else None)
         sync()
-    return forward, (time.perf_counter() - start) / decode
+        total = time.perf_counter() - start
+    steps = (clock.times[-1] - clock.times[1]) / (len(clock.times) - 2) if len(clock.times) > 2 else float("nan")
+    return forward, total / decode, steps
 
 
 def batch_forward_seconds(model, ids: torch.Tensor, device: str) -> float:
@@ -382,13 +401,14 @@ def timing(parent, carved_dir: Path, unseen: torch.Tensor, args: argparse.Namesp
         for name, model in (("parent", parent), ("carved", timed)):
             samples[name].append((*time_per_token(model, ids, args.decode_tokens, args.device),
                                   batch_forward_seconds(model, batch, args.device)))
-    med = {n: [statistics.median(s[i] for s in v) for i in range(3)] for n, v in samples.items()}
+    med = {n: [statistics.median(s[i] for s in v) for i in range(4)] for n, v in samples.items()}
     return {"k": timed.config.spectra["top_k"], "threads": torch.get_num_threads(),
             "parent_forward_s_per_token": med["parent"][0], "carved_forward_s_per_token": med["carved"][0],
             "parent_decode_s_per_token": med["parent"][1], "carved_decode_s_per_token": med["carved"][1],
-            "parent_forward_b4_s_per_token": med["parent"][2], "carved_forward_b4_s_per_token": med["carved"][2],
+            "parent_step_s_per_token": med["parent"][2], "carved_step_s_per_token": med["carved"][2],
+            "parent_forward_b4_s_per_token": med["parent"][3], "carved_forward_b4_s_per_token": med["carved"][3],
             "forward_ratio": med["carved"][0] / med["parent"][0], "decode_ratio": med["carved"][1] / med["parent"][1],
-            "forward_b4_ratio": med["carved"][2] / med["parent"][2]}
+            "step_ratio": med["carved"][2] / med["parent"][2], "forward_b4_ratio": med["carved"][3] / med["parent"][3]}
 
 
 def print_timing(t: dict[str, float], device: str) -> None:
@@ -396,7 +416,9 @@ def print_timing(t: dict[str, float], device: str) -> None:
           f"vs {t['parent_forward_s_per_token'] * 1e3:.2f} ms = {t['forward_ratio']:.2f}x of the parent, batch-4 forward "
           f"{t['carved_forward_b4_s_per_token'] * 1e3:.2f} vs {t['parent_forward_b4_s_per_token'] * 1e3:.2f} ms = "
           f"{t['forward_b4_ratio']:.2f}x, greedy decode {t['carved_decode_s_per_token'] * 1e3:.1f} vs "
-          f"{t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x")
+          f"{t['parent_decode_s_per_token'] * 1e3:.1f} ms = {t['decode_ratio']:.2f}x (32-token prompt's prefill "
+          f"included), per decoding step {t['carved_step_s_per_token'] * 1e3:.1f} vs "
+          f"{t['parent_step_s_per_token'] * 1e3:.1f} ms = {t['step_ratio']:.2f}x")
 
 
 def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):

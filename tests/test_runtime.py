@@ -882,6 +882,32 @@ def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged
     torch.testing.assert_close(merged_in_place, merged, atol=1e-4, rtol=0)
 
 
+def test_a_failing_block_kernel_warns_once_and_decoding_goes_on_with_torch_ops(monkeypatch) -> None:
+    """If the compiled step cannot run here (say, a numba threading layer that cannot start), the step falls back
+    to the torch path with one warning, the logits are the torch path's, and the kernel is not tried again."""
+    model = build_carved_like()
+    token = torch.randint(3, 128, (1, 1))
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
+    with torch.no_grad():
+        expected = model(token).logits
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+    modeling_spectra.compiled_block_step()  # compiled (or read from numba's cache) before it is replaced
+    tries: list[int] = []
+
+    def broken(*args: object) -> None:
+        tries.append(1)
+        raise ValueError("No threading layer could be loaded.")
+
+    monkeypatch.setattr(modeling_spectra, "_compiled_block", broken)
+    with pytest.warns(RuntimeWarning, match="compiled decoding step failed"):
+        with torch.no_grad():
+            first = model(token).logits
+    with torch.no_grad():
+        model(token)
+    assert tries == [1] and modeling_spectra._compiled_block is None
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+
+
 def test_the_compiled_block_step_keeps_the_callers_threads_and_steps_aside(monkeypatch) -> None:
     """The block kernel runs on as many threads as torch's kernels are given (numba keeps its own count), and it
     steps aside -- the torch path runs -- for anything it does not compute: a hook on a part, autograd, several

@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -1792,11 +1793,18 @@ class SpectraMoeBlock(nn.Module):
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         (w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, first_lhs, first_rhs, second_lhs,
          second_rhs, scale, s_gate_up, s_down, e_in, e_out, e_bias) = arrays
-        kernel(flat.numpy()[0], w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
-               float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
-               state0.numpy()[0] if state0 is not None else no_state, gate_up, down, first_lhs, first_rhs,
-               float(first_scale), second_lhs, second_rhs, float(second_scale), scale, s_gate_up, s_down, e_in, e_out,
-               e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
+        try:
+            kernel(flat.numpy()[0], w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
+                   float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
+                   state0.numpy()[0] if state0 is not None else no_state, gate_up, down, first_lhs, first_rhs,
+                   float(first_scale), second_lhs, second_rhs, float(second_scale), scale, s_gate_up, s_down, e_in,
+                   e_out, e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
+        except Exception as error:  # noqa: BLE001 - e.g. a numba threading layer that cannot start on this machine
+            global _compiled_block
+            _compiled_block = None  # nothing was stored yet: this step and every later one take the torch path
+            warnings.warn(f"SPECTRA: the compiled decoding step failed ({type(error).__name__}: {error}); decoding "
+                          "with PyTorch ops from now on", RuntimeWarning, stacklevel=2)
+            return None
         if states is not None:
             states[gate.layer_idx] = state
         return out

@@ -283,8 +283,8 @@ def _usage(knobs: dict) -> str:
         "`trust_remote_code=True` too: `AutoTokenizer` reads `config.json` first, and this config's class ships "
         "as code in the repository (without the flag transformers asks interactively). On CPU, with `numba` "
         "installed (`pip install numba`), the routers run their GRU recurrence as compiled code (prefill routing "
-        "several times faster) and each decoding step runs a whole MoE block as one compiled call; without it the "
-        "same equations run in PyTorch's own ops."
+        "several times faster) and a float32 decoding step runs each SwiGLU MoE block as one compiled call; without "
+        "it the same equations run in PyTorch's own ops."
     )
 
 

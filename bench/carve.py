@@ -334,7 +334,6 @@ def balance_only(gguf: Path, args: argparse.Namespace) -> None:
     print_bias_modes(study)
 
 
-@torch.no_grad()
 class TokenClock:
     """A ``generate`` streamer that only notes when each put arrives: the prompt (before the prefill), then every
     new token. The gaps after the first new token are the decoding steps alone."""
@@ -349,6 +348,7 @@ class TokenClock:
         pass
 
 
+@torch.no_grad()
 def time_per_token(model, ids: torch.Tensor, decode: int, device: str) -> tuple[float, float, float]:
     """(seconds per token of one forward over ``ids``; seconds per generated token of greedy decoding from a
     32-token prompt, the prompt's prefill included; seconds per decoding step after the first new token)."""

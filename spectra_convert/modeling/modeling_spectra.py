@@ -1147,8 +1147,8 @@ def peft_expert_lora(experts: nn.Module) -> tuple[nn.Module, dict[str, list[tupl
     (PEFT's ``get_delta_factors``) and applying them to the routed rows computes the same function in r-wide
     GEMMs. Only the plain case is taken over -- one active adapter, not merged, adapters enabled, a float
     tensor -- and the two where PEFT's forward calls the base alone (merged with adapters on, unmerged with
-    adapters off: no terms); anything else (and a PEFT without ``get_delta_factors``) runs PEFT's own forward. Matched by class
-    name: the runtime never imports peft.
+    adapters off: no terms); anything else (and a PEFT without ``get_delta_factors``) runs PEFT's own forward.
+    Matched by class name: the runtime never imports peft.
     """
     terms: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
     module = experts
@@ -1694,8 +1694,9 @@ class SpectraMoeBlock(nn.Module):
     def _compiled_parts(self) -> tuple[SpectraRouter, list[torch.Tensor | None], tuple[float, float]] | None:
         """The router that runs, the block's tensors in ``_gated_block_step``'s order (None where a part is absent)
         and the scales of the experts' LoRA factors, when its parts suit the compiled decoding step, else ``None``:
-        a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy, ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors
-        in the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
+        a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy,
+        ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors in
+        the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
         estimate (a wrapped one, another activation or a gpt2-style expert runs the torch path), and no hook on
         any part (a hook must see its module called). Parts are read through the module dicts:
         ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors' dtype and layout

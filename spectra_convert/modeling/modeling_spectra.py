@@ -133,8 +133,8 @@ SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads
 # sequence at router_dim 32, as long as the parent's whole FFN). The two loops below are the only sequential
 # parts of the router; numba compiles them to plain machine code (12x faster than ATen's loop at router_dim 32,
 # 2.8x at 128, for one 512-token row). Rows are processed one at a time by the same code, so a row's recurrence
-# never depends on the other rows of its batch; a decoding step keeps ATen's one-call GRU cell, faster for one
-# step (SpectraRouter._run_gru). Values follow PyTorch's GRU equations, not its bits (another summation order,
+# never depends on the other rows of its batch. A decoding step runs neither loop: the compiled decoding step
+# below (``_route_row``; ATen's one-call GRU cell where that does not apply, SpectraRouter._run_gru). Values follow PyTorch's GRU equations, not its bits (another summation order,
 # gates in float64): within 1e-5 of ``nn.GRU`` in float32 over 200 steps (tests/test_runtime.py). The input gates
 # stay one GEMM, as in ATen's loop. ``COMPILED_RECURRENCE = False`` (or no numba, bfloat16 or GPU tensors,
 # CPU autocast) runs ATen's loop instead.
@@ -145,6 +145,19 @@ COMPILED_RECURRENCE = True
 def _inlined(fn: Callable[..., Any]) -> Callable[..., Any]:
     """With numba: ``fn`` compiled into the compiled loops that call it (lazily, when they compile). Without: ``fn``."""
     return numba.njit(inline="always", error_model="numpy")(fn) if numba is not None else fn
+
+
+def _njit(fn: Callable[..., Any], signatures: str | list[str], **options: Any) -> Callable[..., None] | None:
+    """``fn`` compiled by numba for ``signatures`` (eagerly: a failure shows here, not at the first call), cached
+    on disk where numba can write and in memory where it cannot, or ``None`` when numba cannot compile it here
+    (the caller then runs torch's ops). ``error_model`` numpy: no zero-division branch in the loops (it stopped
+    them vectorising)."""
+    for cache in (True, False):
+        try:
+            return numba.njit(signatures, nogil=True, cache=cache, error_model="numpy", **options)(fn)
+        except Exception:  # noqa: BLE001 - any failure means: the torch path
+            continue
+    return None
 
 
 @_inlined
@@ -162,6 +175,14 @@ def _sigmoid64(x: float) -> float:
     p = p * p
     p = p * p
     return 1.0 / (1.0 + p)
+
+
+@_inlined
+def _gru_update(h_prev: float, reset: float, update: float, input_n: float, hidden_n: float) -> float:
+    """A GRU unit's new state from its previous one, its reset and update gates and the input and hidden parts of
+    its candidate: ``n = tanh(i_n + r * h_n)`` as ``2 sigmoid(2a) - 1``, ``h = (h_prev - n) * z + n``."""
+    n = 2.0 * _sigmoid64(2.0 * (input_n + reset * hidden_n)) - 1.0
+    return (h_prev - n) * update + n
 
 
 def _gru_forward_loop(gates_in, h0, w_hh_t, b_hh, out):  # type: ignore[no-untyped-def]  (numba-compiled)
@@ -185,8 +206,7 @@ def _gru_forward_loop(gates_in, h0, w_hh_t, b_hh, out):  # type: ignore[no-untyp
             for j in range(2 * d):
                 gates[j] = _sigmoid64(float(gates_in[b, t, j] + hidden_gates[j]))
             for j in range(d):
-                n = 2.0 * _sigmoid64(2.0 * (gates_in[b, t, 2 * d + j] + gates[j] * hidden_gates[2 * d + j])) - 1.0
-                h[j] = (h[j] - n) * gates[d + j] + n
+                h[j] = _gru_update(h[j], gates[j], gates[d + j], gates_in[b, t, 2 * d + j], hidden_gates[2 * d + j])
                 out[b, t, j] = h[j]
 
 
@@ -237,10 +257,9 @@ def _route_row(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion, stren
             acc += w_hh[j, i] * h0[i]
         hidden[j] = acc + b_hh[j]
     for j in range(d):
-        r = _sigmoid64(gates_in[j] + hidden[j])
-        u = _sigmoid64(gates_in[d + j] + hidden[d + j])
-        n = 2.0 * _sigmoid64(2.0 * (gates_in[2 * d + j] + r * hidden[2 * d + j])) - 1.0
-        hidden_out[j] = (h0[j] - n) * u + n
+        reset = _sigmoid64(gates_in[j] + hidden[j])
+        update = _sigmoid64(gates_in[d + j] + hidden[d + j])
+        hidden_out[j] = _gru_update(h0[j], reset, update, gates_in[2 * d + j], hidden[2 * d + j])
         h[j] = hidden_out[j]
         state_out[j] = hidden_out[j]
     norm = 0.0
@@ -437,13 +456,7 @@ def compiled_block_step() -> Callable[..., None] | None:
         signature = (f"void({v}, {m}, {v}, {m}, {v}, {m}, {m}, {m}, float64, float64, {v}, float64, float64, {a}, "
                      f"{stack}, {stack}, {factors}, {factors}, float64, {factors}, {factors}, float64, "
                      f"{v}, {m}, {m}, {m}, {m}, {v}, float64, {v}, int64[::1], {v}, {v})")
-        for cache in (True, False):  # no writable cache folder: compile in memory
-            try:
-                _compiled_block = numba.njit(signature, nogil=True, parallel=True, cache=cache, error_model="numpy",
-                                             fastmath={"reassoc", "contract"})(_gated_block_step)
-                break
-            except Exception:  # noqa: BLE001 - any failure means: the torch path
-                continue
+        _compiled_block = _njit(_gated_block_step, signature, parallel=True, fastmath={"reassoc", "contract"})
     return _compiled_block if callable(_compiled_block) else None
 
 
@@ -462,12 +475,7 @@ def compiled_route_step(*tensors: torch.Tensor) -> Callable[..., None] | None:
         signatures = [f"void({t}[:, :], {t}[:, :], {t}[:, :], {t}[:, :], {t}[:], {t}[:, :], {t}[:, :], {t}[:, :], "
                       f"float64, float64, {t}[:], float64, float64, float32[:, :], {t}[:, :], float32[:, :], {t}[:, :], "
                       f"int64[:, :], {t}[:, :])" for t in ("float32", "float64")]
-        for cache in (True, False):  # no writable cache folder: compile in memory
-            try:
-                _compiled_step = numba.njit(signatures, nogil=True, cache=cache, error_model="numpy")(_route_step_loop)
-                break
-            except Exception:  # noqa: BLE001 - any failure means: the torch step
-                continue
+        _compiled_step = _njit(_route_step_loop, signatures)
     return _compiled_step if callable(_compiled_step) else None
 
 
@@ -485,15 +493,9 @@ def _compile_loops() -> tuple[Callable[..., None], Callable[..., None]] | None:
                           for t in ("float32", "float64")]
             backward = [f"void({t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, :, ::1], {t}[:, ::1])"
                         for t in ("float32", "float64")]
-            for cache in (True, False):  # no writable cache folder: compile in memory
-                try:
-                    # error_model numpy: no zero-division branch in the loops (it stopped them vectorising)
-                    options = {"nogil": True, "cache": cache, "error_model": "numpy", "fastmath": {"contract"}}
-                    _compiled_loops = (numba.njit(signatures, **options)(_gru_forward_loop),
-                                       numba.njit(backward, **options)(_gru_backward_loop))
-                    break
-                except Exception:  # noqa: BLE001 - any failure means: ATen's loop
-                    continue
+            loops = (_njit(_gru_forward_loop, signatures, fastmath={"contract"}),
+                     _njit(_gru_backward_loop, backward, fastmath={"contract"}))
+            _compiled_loops = loops if None not in loops else None
     return _compiled_loops if isinstance(_compiled_loops, tuple) else None
 
 
@@ -698,7 +700,8 @@ class SpectraRouter(nn.Module):
 
         Without autograd the module wrapper is skipped (``nn.GRU.forward`` re-checks its arguments on every
         call, ~25 us). Several tokens run the compiled loop where it applies ("Compiled recurrences"), else
-        ATen's sequence kernel; a one-token step (decoding) always runs ATen's GRU cell: one fused call (18 us at
+        ATen's sequence kernel; a one-token step that reaches this method (a plain decoding step runs the compiled
+        ``_route_row`` instead, ``_route_step``) runs ATen's GRU cell: one fused call (18 us at
         router_dim 32, 27 us at 128) where the compiled loop's call costs 22 and 105 us (its W_hh transpose and
         array hand-over dominate a single step). The cell's states are ATen's sequence kernel's to the bit and the
         compiled loop's to ~1e-7 -- what the input GEMM over one row instead of many already changed: a cached
@@ -1691,9 +1694,9 @@ class SpectraMoeBlock(nn.Module):
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 
-    def _compiled_parts(self) -> tuple[SpectraRouter, list[torch.Tensor | None], tuple[float, float]] | None:
+    def _compiled_parts(self) -> tuple[SpectraRouter, list[torch.Tensor | None], tuple[float, float, float]] | None:
         """The router that runs, the block's tensors in ``_gated_block_step``'s order (None where a part is absent)
-        and the scales of the experts' LoRA factors, when its parts suit the compiled decoding step, else ``None``:
+        and the scales of the experts' LoRA factors and of the estimate, when its parts suit the compiled decoding step, else ``None``:
         a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy,
         ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors in
         the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
@@ -1735,11 +1738,13 @@ class SpectraMoeBlock(nn.Module):
                    repulsion, gate._buffers["dual_bias"], e["gate_up_proj"], e["down_proj"], first[0], first[1],
                    second[0], second[1], self._parameters.get("expert_scale")]
         tensors += [shared._parameters["gate_up_proj"], shared._parameters["down_proj"]] if shared is not None else [None] * 2
+        share = 0.0  # the estimate's multiple at this top-k (``SkippedExpertsEstimate.forward``); 0: nothing skipped
         if estimate is not None and estimate.num_experts > gate.top_k:
             tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
+            share = (estimate.num_experts - gate.top_k) / (estimate.num_experts - estimate.fitted_top_k)
         else:
             tensors += [None] * 3
-        return gate, tensors, (first[2], second[2])
+        return gate, tensors, (first[2], second[2], share)
 
     def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
         """The block's output for one decoding token through ``_gated_block_step`` (routing, experts, shared expert
@@ -1759,7 +1764,7 @@ class SpectraMoeBlock(nn.Module):
         parts = self._compiled_parts()
         if parts is None:
             return None
-        gate, tensors, (first_scale, second_scale) = parts
+        gate, tensors, (first_scale, second_scale, share) = parts
         if not gate._is_plain_step(1):
             return None
         key = [t.data_ptr() if t is not None else 0 for t in tensors]
@@ -1785,9 +1790,6 @@ class SpectraMoeBlock(nn.Module):
             return None
         key, arrays, (no_state, scratch, selected) = cached
         states, state0 = gate._cached_state(1)
-        estimate = peft_saved_module(self._modules.get("skipped_estimate"))
-        share = ((estimate.num_experts - top_k) / (estimate.num_experts - estimate.fitted_top_k)
-                 if tensors[17] is not None else 0.0)
         state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
         threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
         if numba.get_num_threads() != threads:

@@ -72,18 +72,20 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
     targets = tuple(t.strip() for spec in target_modules for t in spec.split(",") if t.strip())
     if targets and mode != "lora":
         raise UserError("--target-modules applies to --mode lora only")
-    result = finetune(
-        model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-        lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps,
-        lr_decay_start=lr_decay_start, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
-        eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
-        checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
-        recalibration_tokens=recalibration_tokens, distill_from=distill_from, distill_gguf_file=distill_gguf_file,
-        distill_weight=distill_weight, routers=routers,
-    )
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    try:
+        result = finetune(
+            model, data, out, mode=mode, steps=steps, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+            lr_router=lr_router, lr=lr, lr_schedule=lr_schedule, lr_decay_steps=lr_decay_steps,
+            lr_decay_start=lr_decay_start, lora_r=lora_r, lora_alpha=lora_alpha, target_modules=targets or None,
+            eval_data=eval_data, save_every=save_every, resume=resume, seed=seed, merge=merge, force=force,
+            checkpoint_dir=checkpoint_dir, log_every=log_every, log_file=log_file, max_grad_norm=max_grad_norm,
+            recalibration_tokens=recalibration_tokens, distill_from=distill_from,
+            distill_gguf_file=distill_gguf_file, distill_weight=distill_weight, routers=routers,
+        )
+        is_main = _is_main_process()
+    finally:
+        _end_process_group()
+    if not is_main:
         return
     before, after = result.eval_before, result.eval_after
     summary_table(
@@ -98,3 +100,22 @@ def command(model: str, data: Path, out: Path, mode: str, steps: int, seq_len: i
             ["final train loss", "", result.final_loss],
         ],
     )
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _end_process_group() -> None:
+    """Destroy the process group ``accelerate launch`` made for this command before the interpreter exits.
+
+    Left to interpreter finalisation, gloo's worker threads can still hold work objects whose teardown needs the
+    GIL; the process then aborts (SIGABRT, "terminate called without an active exception") after the output was
+    written, and ``accelerate launch`` reports a failed run. The command owns the group, so it ends it; a library
+    caller of ``finetune()`` keeps managing its own."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -20,6 +20,14 @@ def load_cv(loads: torch.Tensor) -> float:
     return metrics.load_cv(loads.detach().double().cpu().numpy())
 
 
+def calibration_cv_row(layer_cv: list[float]) -> list[str]:
+    """The converters' summary row for the per-layer load CV on the calibration tokens. Labelled in-sample: the
+    dual bias is corrected on those very tokens until their hard loads balance (often exactly, CV 0), so the row
+    says nothing about unseen text, which ``validate`` measures."""
+    return ["load CV on the calibration tokens, mean / worst (in-sample: the dual bias is fitted to them; "
+            "`validate` measures unseen text)", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]
+
+
 def gram_orthogonality(expert_vectors: torch.Tensor) -> float:
     """1 - ||G - I||_F / (E sqrt 2) for the normalised expert vectors (1 = orthogonal), as validate reports it."""
     return metrics.gram_orthogonality(expert_vectors.detach().double().cpu().numpy())

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..console import human_bytes, progress, summary_table
+from ..router.loads import calibration_cv_row
 from ..errors import UserError
 from ..modelcard import write_model_card
 from ..modelio.checkpoint import ShardWriter
@@ -259,6 +260,6 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                                                              f"{_mean(layers, 'heldout_recall_fitted'):.3f}"],
          [f"router steps / dual-bias strength mean (--carve-bias {spectra_config.spectra['carve_bias']})",
           f"{_mean(layers, 'router_steps'):.0f} / {_mean(layers, 'bias_strength'):.2f}"],
-         ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
+         calibration_cv_row(layer_cv)],
     )
     return result

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..console import human_bytes, progress, summary_table
+from ..router.loads import calibration_cv_row
 from ..dtypes import dtype_name, torch_dtype
 from ..errors import UserError
 from ..modelcard import write_model_card
@@ -522,7 +523,7 @@ def _print_summary(model: str, out: Path, method: str, result: UpcycleResult) ->
          ["params total", f"{result.params_total / 1e6:.1f}M"],
          ["params active per token", f"{result.params_active / 1e6:.1f}M"],
          ["output size", human_bytes(result.output_bytes)],
-         ["calibration load CV mean / worst", f"{sum(layer_cv) / len(layer_cv):.4f} / {max(layer_cv):.4f}"]],
+         calibration_cv_row(layer_cv)],
     )
 
 

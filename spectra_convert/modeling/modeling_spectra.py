@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -441,6 +441,47 @@ def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, stren
 
 _compiled_block: Callable[..., None] | None | bool = False  # False: not tried yet
 SILU_TYPES = (nn.SiLU, type(ACT2FN["silu"]))  # the activations ``_gated_block_step`` computes (x * sigmoid(x))
+
+
+class BlockStepTensors(NamedTuple):
+    """A block's tensors for ``_gated_block_step``, named, in the kernel's argument order (``None`` where a part is
+    absent: no repulsion, no unmerged LoRA, a softmax combine without expert scales, no shared expert, no
+    estimate). ``SpectraMoeBlock._compiled_parts`` fills it from the modules; ``_compiled_step`` turns it into
+    numpy views, an empty array for each absent part (``absent_shapes``)."""
+
+    w_ih: torch.Tensor  # router GRU input weights [3d, H] and bias [3d]
+    b_ih: torch.Tensor
+    w_hh: torch.Tensor  # router GRU recurrent weights [3d, d] and bias [3d]
+    b_hh: torch.Tensor
+    projector: torch.Tensor  # [d, H + d]
+    mu: torch.Tensor  # unit expert vectors [E, d]
+    repulsion: torch.Tensor | None  # [E, E]
+    dual_bias: torch.Tensor  # [E]
+    gate_up: torch.Tensor  # fused experts [E, 2I, H] and [E, H, I]
+    down: torch.Tensor
+    gate_up_lhs: torch.Tensor | None  # an unmerged LoRA's factors: lhs [E, out, r], rhs [E, r, in]
+    gate_up_rhs: torch.Tensor | None
+    down_lhs: torch.Tensor | None
+    down_rhs: torch.Tensor | None
+    expert_scale: torch.Tensor | None  # [E]: a carve's sum combine (absent: softmax weights)
+    shared_gate_up: torch.Tensor | None  # the shared expert, a stack of one: [1, 2S, H] and [1, H, S]
+    shared_down: torch.Tensor | None
+    estimate_in: torch.Tensor | None  # the skipped-experts estimate: [R, H], [H, R], [H]
+    estimate_out: torch.Tensor | None
+    estimate_bias: torch.Tensor | None
+
+    @staticmethod
+    def absent_shapes(hidden: int, experts: int, inter: int) -> dict[str, tuple[int, ...]]:
+        """Empty stand-ins of the right rank for absent parts (rank 0 or width 0: the kernel's loops skip them)."""
+        return {"repulsion": (0, 0), "gate_up_lhs": (experts, 2 * inter, 0), "gate_up_rhs": (experts, 0, hidden),
+                "down_lhs": (experts, hidden, 0), "down_rhs": (experts, 0, inter), "expert_scale": (0,),
+                "shared_gate_up": (1, 0, hidden), "shared_down": (1, hidden, 0), "estimate_in": (0, hidden),
+                "estimate_out": (hidden, 0), "estimate_bias": (hidden,)}
+
+
+#: LoRA factor fields of ``BlockStepTensors``: views of PEFT's weights, any non-negative strides (the rest must be
+#: contiguous).
+LORA_FACTOR_FIELDS = ("gate_up_lhs", "gate_up_rhs", "down_lhs", "down_rhs")
 
 
 def compiled_block_step() -> Callable[..., None] | None:
@@ -1694,10 +1735,9 @@ class SpectraMoeBlock(nn.Module):
         estimate = self.skipped_estimate(flat, top_k) if self.skipped_estimate is not None else None
         return shared, estimate
 
-    def _compiled_parts(self) -> tuple[SpectraRouter, list[torch.Tensor | None], tuple[float, float, float]] | None:
-        """The router that runs, the block's tensors in ``_gated_block_step``'s order (None where a part is absent)
-        and the scales of the experts' LoRA factors and of the estimate, when its parts suit the compiled decoding step, else ``None``:
-        a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy,
+    def _compiled_parts(self) -> tuple[SpectraRouter, BlockStepTensors, tuple[float, float, float]] | None:
+        """The router that runs, the block's tensors (``BlockStepTensors``) and the scales of the experts' LoRA
+        factors and of the estimate, when its parts suit the compiled decoding step, else ``None``: a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy,
         ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors in
         the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
         estimate (a wrapped one, another activation or a gpt2-style expert runs the torch path), and no hook on
@@ -1734,16 +1774,19 @@ class SpectraMoeBlock(nn.Module):
         g, r, e = gru._parameters, gate._parameters, experts._parameters
         mu, repulsion = gate.expert_geometry()
         first, second = terms.get("gate_up_proj", [(None, None, 0.0)])[0], terms.get("down_proj", [(None, None, 0.0)])[0]
-        tensors = [g["weight_ih_l0"], g["bias_ih_l0"], g["weight_hh_l0"], g["bias_hh_l0"], r["projector"], mu,
-                   repulsion, gate._buffers["dual_bias"], e["gate_up_proj"], e["down_proj"], first[0], first[1],
-                   second[0], second[1], self._parameters.get("expert_scale")]
-        tensors += [shared._parameters["gate_up_proj"], shared._parameters["down_proj"]] if shared is not None else [None] * 2
+        shared_params = shared._parameters if shared is not None else {}
         share = 0.0  # the estimate's multiple at this top-k (``SkippedExpertsEstimate.forward``); 0: nothing skipped
+        est = {}
         if estimate is not None and estimate.num_experts > gate.top_k:
-            tensors += [estimate._parameters[n] for n in ("in_weight", "out_weight", "out_bias")]
+            est = estimate._parameters
             share = (estimate.num_experts - gate.top_k) / (estimate.num_experts - estimate.fitted_top_k)
-        else:
-            tensors += [None] * 3
+        tensors = BlockStepTensors(
+            w_ih=g["weight_ih_l0"], b_ih=g["bias_ih_l0"], w_hh=g["weight_hh_l0"], b_hh=g["bias_hh_l0"],
+            projector=r["projector"], mu=mu, repulsion=repulsion, dual_bias=gate._buffers["dual_bias"],
+            gate_up=e["gate_up_proj"], down=e["down_proj"], gate_up_lhs=first[0], gate_up_rhs=first[1],
+            down_lhs=second[0], down_rhs=second[1], expert_scale=self._parameters.get("expert_scale"),
+            shared_gate_up=shared_params.get("gate_up_proj"), shared_down=shared_params.get("down_proj"),
+            estimate_in=est.get("in_weight"), estimate_out=est.get("out_weight"), estimate_bias=est.get("out_bias"))
         return gate, tensors, (first[2], second[2], share)
 
     def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
@@ -1772,36 +1815,35 @@ class SpectraMoeBlock(nn.Module):
         key += [d, experts, top_k]
         cached = self.__dict__.get("_step_arrays")
         if cached is None or cached[0] != key:  # numpy views of the parameters: in-place edits show through them
-            factors = range(10, 14)  # LoRA factors: views of PEFT's weights, any non-negative strides
+            named = tensors._asdict()
             if any(t is not None and (t.dtype != torch.float32 or not t.is_cpu or min(t.stride()) < 0
-                                      or (i not in factors and not t.is_contiguous())) for i, t in enumerate(tensors)):
+                                      or (name not in LORA_FACTOR_FIELDS and not t.is_contiguous()))
+                   for name, t in named.items()):
                 self.__dict__["_step_arrays"] = (key, None, None)  # these tensors: the torch path until they change
                 return None
-            hidden, (stacked, width, inter) = flat.shape[1], tensors[9].shape
-            empty = {6: (0, 0), 10: (stacked, 2 * inter, 0), 11: (stacked, 0, hidden), 12: (stacked, hidden, 0),
-                     13: (stacked, 0, inter), 14: (0,), 15: (1, 0, hidden), 16: (1, hidden, 0), 17: (0, hidden),
-                     18: (hidden, 0), 19: (hidden,)}
-            arrays = [(t.detach() if t is not None else torch.zeros(empty[i])).numpy() for i, t in enumerate(tensors)]
-            arrays[15], arrays[16] = arrays[15][0], arrays[16][0]  # the shared expert is expert 0 of its stack
+            absent = BlockStepTensors.absent_shapes(flat.shape[1], experts, tensors.down.shape[2])
+            arrays = BlockStepTensors(**{name: (t.detach() if t is not None else torch.zeros(absent[name])).numpy()
+                                         for name, t in named.items()})
+            # the shared expert is expert 0 of its stack
+            arrays = arrays._replace(shared_gate_up=arrays.shared_gate_up[0], shared_down=arrays.shared_down[0])
             scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
                        np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
             cached = self.__dict__["_step_arrays"] = (key, arrays, scratch)
         if cached[1] is None:
             return None
-        key, arrays, (no_state, scratch, selected) = cached
+        key, a, (no_state, scratch, selected) = cached
         states, state0 = gate._cached_state(1)
         state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
         threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
         if numba.get_num_threads() != threads:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        (w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, bias, gate_up, down, first_lhs, first_rhs, second_lhs,
-         second_rhs, scale, s_gate_up, s_down, e_in, e_out, e_bias) = arrays
         try:
-            kernel(flat.numpy()[0], w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, float(gate.repulsion),
-                   float(gate.temperature), bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK),
-                   state0.numpy()[0] if state0 is not None else no_state, gate_up, down, first_lhs, first_rhs,
-                   float(first_scale), second_lhs, second_rhs, float(second_scale), scale, s_gate_up, s_down, e_in,
-                   e_out, e_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
+            kernel(flat.numpy()[0], a.w_ih, a.b_ih, a.w_hh, a.b_hh, a.projector, a.mu, a.repulsion,
+                   float(gate.repulsion), float(gate.temperature), a.dual_bias, float(gate.sequence_balance),
+                   float(SEQUENCE_CHUNK), state0.numpy()[0] if state0 is not None else no_state, a.gate_up, a.down,
+                   a.gate_up_lhs, a.gate_up_rhs, float(first_scale), a.down_lhs, a.down_rhs, float(second_scale),
+                   a.expert_scale, a.shared_gate_up, a.shared_down, a.estimate_in, a.estimate_out, a.estimate_bias,
+                   share, scratch, selected, state.numpy()[0], out.numpy()[0])
         except Exception as error:  # noqa: BLE001 - e.g. a numba threading layer that cannot start on this machine
             global _compiled_block
             _compiled_block = None  # nothing was stored yet: this step and every later one take the torch path

@@ -1737,11 +1737,12 @@ class SpectraMoeBlock(nn.Module):
 
     def _compiled_parts(self) -> tuple[SpectraRouter, BlockStepTensors, tuple[float, float, float]] | None:
         """The router that runs, the block's tensors (``BlockStepTensors``) and the scales of the experts' LoRA
-        factors and of the estimate, when its parts suit the compiled decoding step, else ``None``: a SPECTRA router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy,
-        ``peft_saved_module``), gated SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors in
-        the plain case ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and
-        estimate (a wrapped one, another activation or a gpt2-style expert runs the torch path), and no hook on
-        any part (a hook must see its module called). Parts are read through the module dicts:
+        factors and of the estimate, when its parts suit the compiled decoding step, else ``None``: a SPECTRA
+        router with a GRU and a projector (also as PEFT's ``modules_to_save`` copy, ``peft_saved_module``), gated
+        SiLU experts -- plain, or wrapped by PEFT's LoRA on their fused tensors in the plain case
+        ``peft_expert_lora`` reads (one factor pair per tensor) -- a plain shared expert and estimate (a wrapped
+        one, another activation or a gpt2-style expert runs the torch path), and no hook on any part (a hook must
+        see its module called). Parts are read through the module dicts:
         ``nn.Module.__getattr__`` costs ~0.5 us a name. (``_compiled_step`` checks the tensors' dtype and layout
         when their storage changes.)"""
         modules = self._modules

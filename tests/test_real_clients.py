@@ -143,7 +143,11 @@ def test_seeded_sampling_is_reproducible_and_follows_the_model(client, prompts: 
     assert bool((top20 == first.sequences[:, start:, None]).any(-1).all())
 
 
-def test_bf16_load_keeps_predictions(upcycled_smollm2: Path, client) -> None:
+def test_bf16_load_keeps_predictions(upcycled_smollm2: Path, client, smollm2_gguf: Path) -> None:
+    """A bf16 load predicts what the float32 model predicts about as often as the dense parent's bf16 load does
+    its float32 self's. Relative to the parent because bf16 rounding itself, not the upcycle, sets the level, and
+    it depends on the CPU's bf16 kernels: 64 tokens agreed >= 0.9 on the AVX-512 boxes, 0.89 on an AMD EPYC
+    without AVX-512 (CI, 2026-12-06)."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = client
@@ -152,12 +156,16 @@ def test_bf16_load_keeps_predictions(upcycled_smollm2: Path, client) -> None:
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     texts = corpus_texts("mixed_eval.jsonl")[:2]
     ids = torch.stack([torch.tensor(tokenizer(t).input_ids[:32]) for t in texts])
+    parents = [AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=dtype).eval()
+               for dtype in (torch.float32, torch.bfloat16)]
     with torch.no_grad():
         reference = model(ids).logits
         logits = bf16(ids).logits
+        parent_reference, parent_bf16 = (parent(ids).logits for parent in parents)
     assert logits.dtype == torch.bfloat16
     agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    assert agreement >= 0.9, agreement
+    parent_agreement = (parent_bf16.argmax(-1) == parent_reference.argmax(-1)).float().mean().item()
+    assert agreement >= min(0.9, parent_agreement - 2 / ids.numel()) and agreement >= 0.8, (agreement, parent_agreement)
     out = bf16.generate(ids[:1, :16], max_new_tokens=3, min_new_tokens=3, do_sample=False)
     # generate's first token is the argmax of a forward over the same 16 tokens. Not of the 32-token forward's
     # position 15: bf16 CPU GEMMs give slightly different values for a row as the row count changes, and a flipped

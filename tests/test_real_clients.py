@@ -147,7 +147,7 @@ def test_bf16_load_keeps_predictions(upcycled_smollm2: Path, client, smollm2_ggu
     """A bf16 load predicts what the float32 model predicts about as often as the dense parent's bf16 load does
     its float32 self's. Relative to the parent because bf16 rounding itself, not the upcycle, sets the level, and
     it depends on the CPU's bf16 kernels: 64 tokens agreed >= 0.9 on the AVX-512 boxes, 0.89 on an AMD EPYC
-    without AVX-512 (CI, 2026-12-06)."""
+    without AVX-512 (this project's 2-core box on 2026-12-06, `.ci/run` on a fresh clone)."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = client

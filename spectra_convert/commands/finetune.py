@@ -114,8 +114,7 @@ def _end_process_group() -> None:
     Left to interpreter finalisation, gloo's worker threads can still hold work objects whose teardown needs the
     GIL; the process then aborts (SIGABRT, "terminate called without an active exception") after the output was
     written, and ``accelerate launch`` reports a failed run. The command owns the group, so it ends it; a library
-    caller of ``finetune()`` keeps managing its own."""
-    import torch.distributed as dist
+    caller of ``finetune()`` keeps managing its own. Accelerate's own teardown (what ``end_training`` calls)."""
+    from accelerate import PartialState
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    PartialState().destroy_process_group()

@@ -626,18 +626,38 @@ def test_finetune_distils_a_carved_model_from_its_parent(tiny_carved, tiny_paren
     AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
 
 
-def test_teacher_kl_is_the_forward_kl_per_token_and_mixes_with_the_lm_loss(tiny_parents) -> None:
+def _reference_distillation(student: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, w: float):
+    """autograd's ``(1 - w) LM + w KL`` as transformers and torch define the two terms (the fused pass must match)."""
+    import torch.nn.functional as F
+
+    kl = F.kl_div(torch.log_softmax(student, -1).flatten(0, -2), torch.log_softmax(teacher_logits, -1).flatten(0, -2),
+                  reduction="batchmean", log_target=True)
+    lm = F.cross_entropy(student[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return (1 - w) * lm + w * kl, lm, kl
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_teacher_objective_is_the_forward_kl_mixed_with_the_lm_loss(tiny_parents, weight: float) -> None:
+    """``Teacher.objective``: the forward KL per token (every position) and the next-token LM loss, mixed with
+    share ``w``; its hand-written gradient equals autograd's on the same terms (values and gradients)."""
     from spectra_convert.finetune.distill import load_teacher
 
-    teacher = load_teacher(tiny_parents["llama"], gguf_file=None, weight=0.25, vocab_size=320, device=torch.device("cpu"))
-    ids = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
-    student = torch.randn(2, 9, 320, generator=torch.Generator().manual_seed(1))
+    teacher = load_teacher(tiny_parents["llama"], gguf_file=None, weight=weight, vocab_size=320, device=torch.device("cpu"))
+    ids = torch.randint(0, 320, (2, 37), generator=torch.Generator().manual_seed(0))  # 74 rows: a partial last chunk
+    student = (3 * torch.randn(2, 37, 320, generator=torch.Generator().manual_seed(1))).requires_grad_()
     with torch.no_grad():
-        p = torch.softmax(teacher.model(input_ids=ids).logits, dim=-1)
-    expected = (p * (p.log() - torch.log_softmax(student, dim=-1))).sum(-1).mean()
-    torch.testing.assert_close(teacher.kl(student, ids), expected)
-    lm, kl, aux = torch.tensor(3.0), torch.tensor(1.0), torch.tensor(0.5)
-    torch.testing.assert_close(teacher.mix(lm + aux, lm, kl), 0.75 * lm + 0.25 * kl + aux)
+        teacher_logits = teacher.model(input_ids=ids).logits
+        p = torch.softmax(teacher_logits, dim=-1)
+    terms = teacher.objective(student, ids)
+    expected = _reference_distillation(student, teacher_logits, ids, weight)
+    torch.testing.assert_close(terms["kl"], (p * (p.log() - torch.log_softmax(student, dim=-1))).sum(-1).mean())
+    for got, want in zip((terms["loss"], terms["lm"], terms["kl"]), expected):
+        torch.testing.assert_close(got, want)
+    assert not terms["lm"].requires_grad and not terms["kl"].requires_grad
+    got_grad, = torch.autograd.grad(2.5 * terms["loss"], student)
+    want_grad, = torch.autograd.grad(2.5 * expected[0], student)
+    torch.testing.assert_close(got_grad, want_grad)
+    torch.testing.assert_close(teacher.kl(student, ids), expected[2])
 
 
 def test_distillation_refuses_a_teacher_with_another_vocabulary(tiny_carved, tmp_path) -> None:
@@ -673,7 +693,9 @@ def test_distillation_keeps_the_router_aux_gradient(tiny_carved, tiny_parents) -
 
     out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
     got = grads(training_loss(out, ids, coef, teacher)["loss"])
-    want = grads(teacher.kl(out.logits, ids) + coef * out.aux_loss)
+    with torch.no_grad():
+        teacher_logits = teacher.model(input_ids=ids).logits
+    want = grads(_reference_distillation(out.logits, teacher_logits, ids, 1.0)[0] + coef * out.aux_loss)
     aux_only = grads(coef * out.aux_loss)
     assert any(g is not None and g.abs().sum() > 0 for g in aux_only), "the aux term must reach the routers here"
     for a, b in zip(got, want):

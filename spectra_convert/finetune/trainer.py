@@ -198,19 +198,18 @@ def evaluate(accelerator: Accelerator, model: nn.Module, blocks: torch.Tensor, b
 
 
 def training_loss(out: Any, ids: torch.Tensor, aux_coef: float, teacher: Any = None) -> dict[str, torch.Tensor]:
-    """The step's loss from a forward with labels and ``output_router_logits=True``, and its parts.
+    """The step's loss from a forward with ``output_router_logits=True``, and its parts.
 
-    ``out.loss`` is ``LM + aux_coef * aux`` (transformers' MoE convention); with a teacher a share ``w`` of the LM
-    term is replaced by the KL to it (``distill.Teacher.mix``). The LM part is taken out of ``out.loss`` with the
-    aux term's graph, so removing it never removes the aux gradient."""
-    aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=out.loss.device)
-    lm = out.loss - aux_coef * aux
-    kl = torch.zeros((), device=out.loss.device)
-    loss = out.loss
-    if teacher is not None:
-        kl = teacher.kl(out.logits, ids)
-        loss = teacher.mix(loss, lm, kl)
-    return {"loss": loss, "lm": lm, "aux": aux, "kl": kl}
+    Without a teacher the forward had labels and ``out.loss`` is ``LM + aux_coef * aux`` (transformers' MoE
+    convention). With one, the forward needs no labels: ``teacher.objective`` computes ``(1 - w) LM + w KL`` from
+    the logits in one fused pass (``distill.DistillationObjective``; the model's own LM loss would be a second
+    pass over the logits whose gradient ``w = 1`` cancels), and the aux term is added with its own graph."""
+    device = out.logits.device
+    aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=device)
+    if teacher is None:
+        return {"loss": out.loss, "lm": out.loss - aux_coef * aux, "aux": aux, "kl": torch.zeros((), device=device)}
+    terms = teacher.objective(out.logits, ids)
+    return {"loss": terms["loss"] + aux_coef * aux, "lm": terms["lm"], "aux": aux, "kl": terms["kl"]}
 
 
 def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -239,7 +238,8 @@ def train_loop(accelerator: Accelerator, model: nn.Module, optimizer: torch.opti
                 ids = train_blocks[idx].to(device)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    out = model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=True)
+                    labels = ids if cfg.teacher is None else None  # a teacher's objective needs no LM loss
+                    out = model(input_ids=ids, labels=labels, use_cache=False, output_router_logits=True)
                     parts = training_loss(out, ids, aux_coef, cfg.teacher)
                     accelerator.backward(parts["loss"] / cfg.grad_accum)
                 total += parts["loss"].detach() / cfg.grad_accum

@@ -464,8 +464,8 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     ckpt, log, out = args.work / "lora-checkpoints", args.work / "lora-log.jsonl", args.work / "lora-out"
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
-    tokens_per_step = LORA["batch_size"] * LORA["seq_len"]
-    lora = {**LORA, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
+    tokens_per_step = args.lora_batch * LORA["seq_len"]
+    lora = {**LORA, "batch_size": args.lora_batch, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
             "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps,
             "lr_decay_start": args.lora_decay_start,
             "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}
@@ -500,7 +500,7 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
         summary = json.loads((out / "finetune.json").read_text())
         tuned = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval().to(args.device)
         point(tuned, target, trained / 60, wall,
-              {"epochs": target * LORA["batch_size"] / summary["train_blocks"],
+              {"epochs": target * args.lora_batch / summary["train_blocks"],
                "train_loss_last10": sum(result.losses[-10:]) / len(result.losses[-10:]),
                "validation_ppl": result.eval_after["perplexity"], "validation_cv": result.eval_after["mean_cv"],
                "resumed_from_step": result.resumed_from_step})
@@ -570,6 +570,8 @@ def main() -> None:
                         help="LoRA curve: distil from the dense parent (finetune --distill-from) instead of the LM loss")
     parser.add_argument("--lora-first-steps", type=int, default=20, help="the first segment (it measures the speed)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA curve: the adapters' rank (alpha 2r, finetune's ratio)")
+    parser.add_argument("--lora-batch", type=int, default=LORA["batch_size"],
+                        help="LoRA curve: blocks of 256 tokens per step (fewer: more steps in the same minutes)")
     parser.add_argument("--lora-schedule", default="constant", help="LoRA curve: finetune --lr-schedule")
     parser.add_argument("--lora-decay-start", type=int, default=0, help="LoRA curve: finetune --lr-decay-start")
     parser.add_argument("--lora-decay-steps", type=int, default=None,

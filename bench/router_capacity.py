@@ -42,22 +42,18 @@ from carve import CORPUS, blocks_of  # noqa: E402  (bench/carve.py: the same tex
 from runtime import GGUF, smollm2_dir  # noqa: E402
 
 from spectra_convert.router.oracle_fit import oracle_topk, ridge_fit, standardised, topk_recall  # noqa: E402
+from spectra_convert.router.tap import capture_inputs  # noqa: E402
 from spectra_convert.surgery.carve import contributions, expert_outputs, intermediate_activations, plan_carve  # noqa: E402
 
 
 @torch.no_grad()
 def ffn_inputs(model, blocks: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Each listed layer's FFN input ``[N, H]`` on ``blocks`` (the parent's, as the converter captures them)."""
-    parts: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    hooks = [model.model.layers[i].mlp.register_forward_pre_hook(
-        lambda module, args, i=i: parts[i].append(args[0].reshape(-1, args[0].shape[-1]))) for i in layers]
-    try:
-        for start in range(0, blocks.shape[0], 4):
-            model(input_ids=blocks[start:start + 4], use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {i: torch.cat(p) for i, p in parts.items()}
+    """Each listed layer's FFN input ``[N, H]`` on ``blocks`` (the parent's, captured as the converter captures
+    them: ``router.tap.capture_inputs``, each forward stopped at the last listed layer's FFN)."""
+    forwards = (lambda chunk=blocks[start:start + 4]: model.model(input_ids=chunk, use_cache=False)
+                for start in range(0, blocks.shape[0], 4))
+    captured = capture_inputs([model.model.layers[i].mlp for i in layers], forwards)
+    return {i: x.reshape(-1, x.shape[-1]) for i, x in zip(layers, captured)}
 
 
 def listwise(score, params: list[torch.Tensor], x: torch.Tensor, sets: torch.Tensor, held_x: torch.Tensor,

@@ -20,7 +20,8 @@ from . import checked, output_option
 @click.option("--drop-ratio", default=0.5, show_default=True, type=checked("upcycle", "drop_ratio"),
               help="--method drop: share of neurons re-initialised.")
 @click.option("--shared-fraction", default=None, type=checked("upcycle", "shared_fraction"),
-              help="--method carve: share of the FFN neurons in the always-on shared expert [default: 0.125].")
+              help="--method carve: share of the FFN neurons in the always-on shared expert [default: 5/12 = "
+                   "0.4167: at 8 experts top-2 runs 56% of the neurons, top-5 78%].")
 @click.option("--carve-grouping", type=checked("upcycle", "carve_grouping"), default="coactivation",
               show_default=True, help="--method carve: balanced k-means on co-activation, or random slices.")
 @click.option("--carve-refit", type=checked("upcycle", "carve_refit"), default="none", show_default=True,

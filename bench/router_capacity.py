@@ -3,9 +3,10 @@
 Why this exists (issue 18's "router within 5% of oracle routing"): the SPECTRA router of a carved block is,
 before its GRU state and dual bias, a linear gate on the FFN input (``router/oracle_fit.py``). This bench asks
 whether more capacity would close the gap to the oracle: for a few layers it carves the parent's FFN the way
-``upcycle --method carve`` does (8 routed experts + 12.5% shared, ``plan_carve``), then fits several predictors
-of the oracle's top-k on calibration text (code, docs, legal) and scores them on text from a domain the
-calibration never saw (changelogs):
+``upcycle --method carve`` does (8 routed experts + a shared expert, ``plan_carve``; ``--shared-fraction``
+defaults to 0.125, the converter's default until 2026-12-06, whose plan the README row measured), then fits
+several predictors of the oracle's top-k on calibration text (code, docs, legal) and scores them on text from a
+domain the calibration never saw (changelogs):
 
 - ``ridge (mass ratio)``: ridge regression to ``mass / mean(mass)`` (``oracle_fit.standardised``, the converter's
   target);
@@ -21,7 +22,7 @@ outputs||^2`` over ``||dense FFN output||^2``, means over tokens (the oracle's o
 this carve leaves out at best). Recall and output left out are proxies: perplexity is what counts, and a target
 that raised recall did not lower it (``oracle_fit.standardised``); ``bench/carve.py`` measures perplexity.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/router_capacity.py [--layers 2,10,18,26] [--top-k 4,6]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/router_capacity.py [--layers 2,10,18,26] [--top-k 4,6] [--shared-fraction 0.125]
         [--calibration-tokens 16384] [--eval-tokens 4096] [--mlp-hidden 32,128] [--mlp-steps 1000]
 """
 
@@ -89,12 +90,12 @@ def left_out(selected: torch.Tensor, outputs: torch.Tensor, dense: torch.Tensor)
 
 
 def layer_report(model, layer: int, x_cal: torch.Tensor, x_eval: torch.Tensor, ks: list[int], hidden_sizes: list[int],
-                 mlp_steps: int) -> None:
+                 mlp_steps: int, shared_fraction: float) -> None:
     mlp = model.model.layers[layer].mlp
     dense = {"gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), "down": mlp.down_proj.weight.detach()}
     acts_cal = intermediate_activations(dense, x_cal, F.silu)
     acts_eval = intermediate_activations(dense, x_eval, F.silu)
-    plan = plan_carve(contributions(acts_cal, dense["down"]), 8, 0.125, seed=layer)
+    plan = plan_carve(contributions(acts_cal, dense["down"]), 8, shared_fraction, seed=layer)
     mass_cal = expert_outputs(acts_cal, dense["down"], plan).norm(dim=-1)
     outputs_eval = expert_outputs(acts_eval, dense["down"], plan)
     mass_eval, dense_eval = outputs_eval.norm(dim=-1), acts_eval @ dense["down"].float().T
@@ -143,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", default="2,10,18,26")
     parser.add_argument("--top-k", default="4,6")
+    parser.add_argument("--shared-fraction", type=float, default=0.125)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--mlp-hidden", default="32,128")
@@ -164,7 +166,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(names))
     for layer in layers:
         layer_report(model, layer, x_cal[layer], x_eval[layer], [int(v) for v in args.top_k.split(",")], hidden_sizes,
-                     args.mlp_steps)
+                     args.mlp_steps, args.shared_fraction)
 
 
 if __name__ == "__main__":

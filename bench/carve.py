@@ -465,7 +465,8 @@ def lora_curve(carved_dir: Path, unseen: torch.Tensor, parent_ppl: float, args: 
     shutil.rmtree(ckpt, ignore_errors=True)
     log.unlink(missing_ok=True)
     tokens_per_step = args.lora_batch * LORA["seq_len"]
-    lora = {**LORA, "batch_size": args.lora_batch, "lr": args.lora_lr, "lr_router": args.lora_router_lr, "routers": args.lora_routers,
+    lora = {**LORA, "batch_size": args.lora_batch, "lr": args.lora_lr, "lr_router": args.lora_router_lr,
+            "routers": args.lora_routers,
             "lr_schedule": args.lora_schedule, "lr_decay_steps": args.lora_decay_steps,
             "lr_decay_start": args.lora_decay_start,
             "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r}
@@ -627,11 +628,12 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(device)
     knobs = model.config.spectra
     shared, width = knobs["shared_intermediate_size"], knobs["intermediate_size"]
+    written_k = knobs["top_k"]  # the folder's own k (--finetune-k only when carved here)
     inputs = capture_block_inputs(model, calibration, device)
     rows, report = [], {"parent_ppl": parent_ppl, "carve_seconds": carve_seconds, "settings": vars(args) | {"work": str(args.work)}}
 
-    native = routed_eval(model, unseen, device)  # the converter's own routers, as written (top-k = finetune_k)
-    report["converter_routers"] = {"k": args.finetune_k, "ppl_ratio": native[0] / parent_ppl, "recall": native[1],
+    native = routed_eval(model, unseen, device)  # the converter's own routers, as written
+    report["converter_routers"] = {"k": written_k, "ppl_ratio": native[0] / parent_ppl, "recall": native[1],
                                    "calibration_recall": calibration_recall}
     for k in ks:
         active = (shared + k * width) / (shared + 8 * width)
@@ -654,7 +656,7 @@ def main() -> None:
     report["rows"] = rows
 
     if not args.skip_balance:  # item 8, on the converter's k, routers refitted as written
-        fit_routers(model, inputs, args.finetune_k, args.router_steps, 0.0, device)
+        fit_routers(model, inputs, written_k, args.router_steps, 0.0, device)
         report["balance"] = bias_mode_study(model, tokenizer, inputs, unseen, parent_ppl, device)
 
     if args.finetune_steps > 0:
@@ -666,7 +668,7 @@ def main() -> None:
                       recalibration_tokens=args.recalibration_tokens, force=True, **LORA)
         tuned = AutoModelForCausalLM.from_pretrained(tuned_dir, trust_remote_code=True).eval().to(device)
         ppl, recall = routed_eval(tuned, unseen, device)
-        report["finetuned"] = {"k": args.finetune_k, "steps": args.finetune_steps, "ppl_ratio": ppl / parent_ppl,
+        report["finetuned"] = {"k": written_k, "steps": args.finetune_steps, "ppl_ratio": ppl / parent_ppl,
                                "recall": recall, "losses": ft.losses if hasattr(ft, "losses") else None}
         print("finetuned", json.dumps(report["finetuned"]), flush=True)
 

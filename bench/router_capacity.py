@@ -23,7 +23,8 @@ this carve leaves out at best). Recall and output left out are proxies: perplexi
 that raised recall did not lower it (``oracle_fit.standardised``); ``bench/carve.py`` measures perplexity.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/router_capacity.py [--layers 2,10,18,26] [--top-k 4,6]
-        [--shared-fraction 0.125] [--calibration-tokens 16384] [--eval-tokens 4096] [--mlp-hidden 32,128] [--mlp-steps 1000]
+        [--shared-fraction 0.125] [--calibration-tokens 16384] [--eval-tokens 4096] [--mlp-hidden 32,128]
+        [--mlp-steps 1000]
 """
 
 from __future__ import annotations

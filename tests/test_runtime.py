@@ -544,11 +544,14 @@ def test_sequence_balance_spreads_a_skewed_sequence() -> None:
     assert loads[1.0] < 0.75 * loads[0.0], loads
 
 
-def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state(monkeypatch, compiled: bool) -> None:
     """The correction reads the sequence's own earlier top-k choices, committed every SEQUENCE_CHUNK real tokens:
     routing a sequence in one call, in pieces of any length that carry the state, or with pads anywhere gives the
-    real tokens the same choices and ends in the same state."""
+    real tokens the same choices and ends in the same state (compiled loop and torch chunk loop alike)."""
     from spectra_convert.modeling.modeling_spectra import SEQUENCE_CHUNK
+
+    monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
 
     torch.manual_seed(13)
     knobs = {**SpectraConfig().spectra, "num_experts": 4, "router_dim": 8, "use_gru": False, "sequence_balance": 2.0}
@@ -582,6 +585,33 @@ def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state
         assert torch.equal(chosen[row, mask[row]], whole[row, :n]), row
         reference = router.sequence_select(logits[row : row + 1, :n], bias, None, None)[2]
         assert torch.equal(padded_state[row : row + 1], reference), row
+
+
+@pytest.mark.parametrize("experts,top_k,beta", [(4, 2, 2.0), (8, 2, 0.5), (6, 3, 0.3), (8, 5, 1.0)])
+def test_compiled_sequence_loop_gives_the_torch_loops_bits(monkeypatch, experts: int, top_k: int, beta: float) -> None:
+    """The compiled per-token loop (``_sequence_select_loop``, what a CPU prefill runs) returns the torch chunk
+    loop's choices, corrections and state bit for bit: with pads anywhere, resuming from a state mid-chunk, and at
+    a beta and E whose factors are not exact in binary."""
+    torch.manual_seed(17)
+    knobs = {**SpectraConfig().spectra, "num_experts": experts, "top_k": top_k, "router_dim": 8, "use_gru": False,
+             "sequence_balance": beta}
+    router = SpectraRouter(16, knobs, layer_idx=0).eval()
+    logits = torch.randn(3, 77, experts) * 3 + torch.linspace(2, -2, experts)
+    bias = torch.randn(experts) * 0.3
+    mask = torch.ones(3, 77, dtype=torch.bool)
+    mask[0, :9] = False
+    mask[1, [3, 20, 21, 40, 60]] = False
+    mask[2, 70:] = False
+    resumed = torch.cat([torch.randint(0, 20, (3, 2 * experts)).float(), torch.tensor([[5.0], [16.0], [33.0]])], 1)
+    assert modeling_spectra.compiled_sequence_select(logits) is not None
+    for pads in (None, mask):
+        for state0 in (None, resumed):
+            monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+            compiled = router.sequence_select(logits, bias, pads, state0)
+            monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
+            reference = router.sequence_select(logits, bias, pads, state0)
+            for got, want in zip(compiled, reference):
+                assert torch.equal(got, want), (pads is None, state0 is None)
 
 
 def test_a_stronger_sequence_term_balances_more() -> None:

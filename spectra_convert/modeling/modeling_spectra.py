@@ -319,6 +319,72 @@ def _route_step_loop(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion,
                    balance, chunk, totals[b], hidden_out[b], state_out[b], logits_out[b], selected_out[b], weights_out[b])
 
 
+def _sequence_select_loop(scores, real, state0, balance, chunk, selected, correction, state_out):  # type: ignore[no-untyped-def]  (numba-compiled)
+    """``SpectraRouter.sequence_select``'s chunk loop one token at a time, for ``scores = logits + bias [B, T, E]``
+    (float32), ``real [B, T]`` (False: a pad, never counted, corrected as the next real token) and the state
+    ``[B, 2E + 1]`` it resumes from: a token's correction ``-beta * E * (c / (n * k) - 1/E)`` reads the counts ``c``
+    committed before the last multiple of ``chunk`` real tokens below it, in float32 in the torch path's order
+    (the same bits: tests/test_runtime.py); top-k of ``scores + correction``, ties to the lower index. Writes
+    ``selected [B, T, k]``, ``correction [B, T, E]`` and the state after the last token."""
+    batch, steps, experts = scores.shape
+    k = selected.shape[2]
+    scale = np.float32(-balance * experts)
+    uniform = np.float32(1.0 / experts)
+    committed = np.empty(experts, np.float32)
+    pending = np.empty(experts, np.float32)
+    fix = np.empty(experts, np.float32)
+    ranked = np.empty(experts, np.float32)
+    taken = np.empty(experts, np.bool_)
+    for b in range(batch):
+        for e in range(experts):
+            committed[e] = state0[b, e]
+            pending[e] = state0[b, experts + e]
+        seen = int(round(state0[b, 2 * experts]))
+        for t in range(steps):
+            before = seen - seen % chunk
+            denom = np.float32(max(before * k, 1))
+            for e in range(experts):
+                fix[e] = scale * (committed[e] / denom - uniform) if before > 0 else np.float32(0.0)
+                ranked[e] = scores[b, t, e] + fix[e]
+                correction[b, t, e] = fix[e]
+                taken[e] = False
+            for slot in range(k):
+                best = -1
+                for e in range(experts):
+                    if not taken[e] and (best < 0 or ranked[e] > ranked[best]):
+                        best = e
+                taken[best] = True
+                selected[b, t, slot] = best
+            if real[b, t]:
+                for slot in range(k):
+                    pending[selected[b, t, slot]] += np.float32(1.0)
+                seen += 1
+                if seen % chunk == 0:
+                    for e in range(experts):
+                        committed[e] += pending[e]
+                        pending[e] = np.float32(0.0)
+        for e in range(experts):
+            state_out[b, e] = committed[e]
+            state_out[b, experts + e] = pending[e]
+        state_out[b, 2 * experts] = np.float32(seen)
+
+
+_compiled_sequence: Callable[..., None] | None | bool = False  # False: not tried yet
+
+
+def compiled_sequence_select(scores: torch.Tensor) -> Callable[..., None] | None:
+    """``_sequence_select_loop`` compiled once per process when it applies to ``scores`` (CPU, float32, the switch
+    and numba there), else ``None`` (the caller runs the torch chunk loop)."""
+    global _compiled_sequence
+    if not COMPILED_RECURRENCE or numba is None or scores.dtype != torch.float32 or not scores.is_cpu:
+        return None
+    if _compiled_sequence is False:
+        signature = ("void(float32[:, :, ::1], boolean[:, ::1], float32[:, ::1], float64, int64, int64[:, :, ::1], "
+                     "float32[:, :, ::1], float32[:, ::1])")
+        _compiled_sequence = _njit(_sequence_select_loop, signature)
+    return _compiled_sequence if callable(_compiled_sequence) else None
+
+
 @_inlined
 def _silu64(x: float) -> float:
     """``x * sigmoid(x)`` in float64."""
@@ -796,6 +862,15 @@ class SpectraRouter(nn.Module):
             mask = None
         if steps == 1 and mask is None:
             return self._decode_select(scores, state0)
+        kernel = compiled_sequence_select(scores)
+        if kernel is not None:  # one call instead of ~10 ops per chunk (docs/ARCHITECTURE.md, "Runtime speed")
+            real = mask.bool() if mask is not None else torch.ones(batch, steps, dtype=torch.bool)
+            selected = torch.empty(batch, steps, self.top_k, dtype=torch.long)
+            correction = torch.empty(batch, steps, experts)
+            state = torch.empty(batch, 2 * experts + 1)
+            kernel(scores.detach().contiguous().numpy(), real.contiguous().numpy(), state0.contiguous().numpy(),
+                   float(self.sequence_balance), SEQUENCE_CHUNK, selected.numpy(), correction.numpy(), state.numpy())
+            return selected, correction, state
         committed0, pending0 = state0[:, :experts], state0[:, experts:2 * experts]
         seen0 = state0[:, -1].round().long()
         first = seen0 // chunk  # chunk index (over the whole sequence) of this call's first token

@@ -29,9 +29,10 @@ tokens seen | ppl ratio | recall) and writes WORK/lora_curve.json after every po
 Held-out text is from domains the calibration never saw: ``tests/fixtures/corpus/unseen.jsonl`` (changelogs) for
 perplexity and recall, ``mixed_eval.jsonl`` (4 domains) for per-domain balance and domain NMI. The calibration
 corpus is ``spectra_convert/data/calibration.jsonl`` (code, docs, legal). Carving (the neuron plan) does not
-depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions, and the
-skipped-experts estimate (when the folder has one) is refitted to what each way of picking drops (``fit_estimates``);
-the table's "no estimate" column is the SPECTRA router with the estimate zeroed.
+depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions (under the
+folder's per-sequence term, ``sequence_balance``), and the skipped-experts estimate (when the folder has one) is
+refitted to what each way of picking drops (``fit_estimates``); the table's "no estimate" column is the SPECTRA
+router with the estimate zeroed.
 """
 
 from __future__ import annotations
@@ -629,6 +630,7 @@ def main() -> None:
     knobs = model.config.spectra
     shared, width = knobs["shared_intermediate_size"], knobs["intermediate_size"]
     written_k = knobs["top_k"]  # the folder's own k (--finetune-k only when carved here)
+    beta = float(knobs.get("sequence_balance", 0.0))  # the folder's per-sequence term: the rows route as it would
     inputs = capture_block_inputs(model, calibration, device)
     rows, report = [], {"parent_ppl": parent_ppl, "carve_seconds": carve_seconds, "settings": vars(args) | {"work": str(args.work)}}
 
@@ -637,7 +639,7 @@ def main() -> None:
                                    "calibration_recall": calibration_recall}
     for k in ks:
         active = (shared + k * width) / (shared + 8 * width)
-        gates = fit_routers(model, inputs, k, args.router_steps, 0.0, device)
+        gates = fit_routers(model, inputs, k, args.router_steps, beta, device)
         row = {"k": k, "active": active}
         fit_estimates(model, inputs, k, "spectra", gates)
         ppl, recall = routed_eval(model, unseen, device)

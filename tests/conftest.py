@@ -98,12 +98,13 @@ def upcycled_smollm2(tmp_path_factory, smollm2_gguf):
 @pytest.fixture(scope="session")
 def carved_smollm2(tmp_path_factory, smollm2_gguf):
     """SmolLM2-135M (real weights) carved into a 12.5% shared expert + 8 routed slices, top-4 (~56% of the FFN
-    neurons active; the shared fraction is pinned, since the tests' thresholds were measured on this plan), routers
-    fitted to the oracle on few calibration tokens. Shared by the carve, validate, finetune and push tests so the
+    neurons active; the shared fraction and the per-sequence term (0, the carve default until 2026-12-06) are pinned,
+    since the tests' thresholds were measured on this plan), routers fitted to the oracle on few calibration tokens. Shared by the carve, validate, finetune and push tests so the
     carve runs once per session."""
     from spectra_convert.surgery.upcycle import upcycle
 
     out = tmp_path_factory.mktemp("carved") / "smollm2-carved"
     upcycle(str(smollm2_gguf.parent), out, experts=8, top_k=4, method="carve", gguf_file=smollm2_gguf.name,
-            shared_fraction=0.125, calibration_tokens=2048, router_steps=20, seed=0)
+            shared_fraction=0.125, calibration_tokens=2048, router_steps=20, seed=0,
+            spectra_overrides={"sequence_balance": 0.0})
     return out

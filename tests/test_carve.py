@@ -110,7 +110,7 @@ def test_tiny_carve_all_experts_on_is_the_parent(tiny_parents, tmp_path, model_t
     assert result.active_ffn_fraction == pytest.approx((16 + 2 * 16) / 80)
     knobs = json.loads((out / "config.json").read_text())["spectra"]
     assert (knobs["expert_combine"], knobs["shared_expert"], knobs["shared_intermediate_size"],
-            knobs["intermediate_size"]) == ("sum", True, 16, 16)
+            knobs["intermediate_size"], knobs["sequence_balance"]) == ("sum", True, 16, 16, 0.5)  # CARVE_SEQUENCE_BALANCE
     dense = AutoModelForCausalLM.from_pretrained(tiny_parents[model_type]).eval()
     ids = torch.randint(0, dense.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -55,6 +55,12 @@ REFITS = ("none", "scale")
 #: 1.80x under ``recall`` (the strongest share that keeps held-out oracle recall), load CV on four unseen domains
 #: 0.144 against 0.263: the balance target (CV < 0.15) and the 2.0x quality target at once.
 CARVE_BIAS = "balance"
+#: The per-sequence balance term (knob ``sequence_balance``, beta) a carve writes. 0 until 2026-12-06, when the
+#: term's 16-token chunk loop made a carve's prefill slower than its parent's (512-token forward 1.05x against
+#: 0.94x at beta 0); it is now one compiled call per router and costs no time (docs/ARCHITECTURE.md, "Runtime
+#: speed"), so the default follows the balance it buys: on four unseen domains load CV mean 0.150 -> 0.107 for +1.0%
+#: perplexity (+0.1% on unseen changelogs; README "Carving", "The carve at today's defaults").
+CARVE_SEQUENCE_BALANCE = 0.5
 
 
 @dataclass
@@ -101,7 +107,8 @@ _PARAM = {"gate_up": "gate_up_proj", "down": "down_proj", "up": "up_proj", "up_b
 def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_k: int, skipped_rank: int,
                 hidden: int, bias_rule: str = CARVE_BIAS) -> dict[str, Any]:
     """The ``spectra`` config knobs a carve sets: widths of the routed and shared experts, the sum combine rule,
-    the per-sequence balance off (it would run neurons that should stay off; README "Carving" measures it), and
+    the per-sequence balance at ``CARVE_SEQUENCE_BALANCE`` (weak: a strong one runs neurons that should stay off;
+    README "Carving" measures it), and
     the projector-orthogonality loss off: a carved router's projector holds the ridge fit to the oracle, whose
     rows are not orthonormal (||P P^T - I||^2 was 67-1352 per layer on SmolLM2, mean 381), so at the default
     coefficient the penalty dominated fine-tuning's router loss and pulled the fit apart (docs/ARCHITECTURE.md,
@@ -111,7 +118,7 @@ def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_
     shared = shared_size(intermediate, experts, shared_fraction)
     rank = min(skipped_rank, hidden) if top_k < experts else 0
     return {"intermediate_size": (intermediate - shared) // experts, "shared_expert": True,
-            "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": 0.0,
+            "shared_intermediate_size": shared, "expert_combine": "sum", "sequence_balance": CARVE_SEQUENCE_BALANCE,
             "ortho_loss_coef": 0.0, "skipped_estimate_rank": rank, "skipped_estimate_top_k": top_k if rank else None,
             "carve_bias": bias_rule}
 

@@ -126,8 +126,10 @@ def capture_block_inputs(model, blocks: torch.Tensor, device: str) -> list[torch
     return [torch.cat(p) for p in parts]
 
 
-def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str):
-    """Refit every SPECTRA router for top-``k`` (the converter's functions) and a ridge linear gate per layer."""
+def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str,
+                ridge: float | None = None):
+    """Refit every SPECTRA router for top-``k`` (the converter's functions; ``ridge``: its ridge strength, default
+    the converter's) and a ridge linear gate per layer."""
     from spectra_convert.router.oracle_fit import (LinearGate, block_oracle_mass, calibrate_carved_bias, carved_blocks,
                                                    fit_spectra_router)
 
@@ -138,7 +140,7 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_
         router.cpu().float()
         mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
         router.reset_parameters()
-        fit_spectra_router(router, x, mass, steps=steps, seed=index)
+        fit_spectra_router(router, x, mass, steps=steps, seed=index, **({} if ridge is None else {"ridge": ridge}))
         calibrate_carved_bias(router, x, mass, rule=router.carve_bias)  # the rule the folder was carved with
         gates.append(LinearGate(x, mass))
         block.to(device)
@@ -542,6 +544,8 @@ def main() -> None:
                         help="routed experts per token to measure (of 8; at the default shared fraction 5/12: 49%%, 56%%, "
                              "78%% of the neurons active; ~25%% needs --shared-fraction 0.125 --top-k 1)")
     parser.add_argument("--router-steps", type=int, default=60)
+    parser.add_argument("--router-ridge", type=float, default=None,
+                        help="the table's SPECTRA rows: ridge strength of the router fit (default: the converter's)")
     parser.add_argument("--shared-fraction", type=float, default=None)
     parser.add_argument("--carve-refit", default="none")
     parser.add_argument("--finetune-steps", type=int, default=40, help="0 skips the LoRA fine-tune")
@@ -639,7 +643,7 @@ def main() -> None:
                                    "calibration_recall": calibration_recall}
     for k in ks:
         active = (shared + k * width) / (shared + 8 * width)
-        gates = fit_routers(model, inputs, k, args.router_steps, beta, device)
+        gates = fit_routers(model, inputs, k, args.router_steps, beta, device, args.router_ridge)
         row = {"k": k, "active": active}
         fit_estimates(model, inputs, k, "spectra", gates)
         ppl, recall = routed_eval(model, unseen, device)

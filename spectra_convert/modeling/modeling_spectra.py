@@ -231,6 +231,22 @@ def _gru_backward_loop(grads, upstream, hidden_factor, keep, w_hh):  # type: ign
 
 
 @_inlined
+def _select_top_k(ranked, taken, selected_out):  # type: ignore[no-untyped-def]
+    """``selected_out[:k]`` = the top-k of ``ranked [E]`` in descending order, ties to the lower index (``taken``
+    [E]: scratch, True for the chosen)."""
+    experts = ranked.shape[0]
+    for e in range(experts):
+        taken[e] = False
+    for slot in range(selected_out.shape[0]):
+        best = -1
+        for e in range(experts):
+            if not taken[e] and (best < 0 or ranked[e] > ranked[best]):
+                best = e
+        taken[best] = True
+        selected_out[slot] = best
+
+
+@_inlined
 def _route_row(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion, strength, temperature, bias, balance,  # type: ignore[no-untyped-def]
                chunk, totals, hidden_out, state_out, logits_out, selected_out, weights_out):
     """One token's decoding step of a router from its input gates ``x W_ih^T + b_ih [3d]`` and ``P_h x [d]``: the
@@ -286,13 +302,7 @@ def _route_row(gates_in, projected, h0, w_hh, b_hh, proj_r, mu, repulsion, stren
     if balance > 0 and before > 0:
         for e in range(experts):
             ranked[e] += -balance * experts * (totals[e] / max(before * k, 1.0) - 1.0 / experts)
-    for slot in range(k):
-        best = -1
-        for e in range(experts):
-            if not taken[e] and (best < 0 or ranked[e] > ranked[best]):
-                best = e
-        taken[best] = True
-        selected_out[slot] = best
+    _select_top_k(ranked, taken, selected_out)
     top = scores[selected_out[0]] / temperature
     total = 0.0
     for slot in range(k):
@@ -347,14 +357,7 @@ def _sequence_select_loop(scores, real, state0, balance, chunk, selected, correc
                 fix[e] = scale * (committed[e] / denom - uniform) if before > 0 else np.float32(0.0)
                 ranked[e] = scores[b, t, e] + fix[e]
                 correction[b, t, e] = fix[e]
-                taken[e] = False
-            for slot in range(k):
-                best = -1
-                for e in range(experts):
-                    if not taken[e] and (best < 0 or ranked[e] > ranked[best]):
-                        best = e
-                taken[best] = True
-                selected[b, t, slot] = best
+            _select_top_k(ranked, taken, selected[b, t])
             if real[b, t]:
                 for slot in range(k):
                     pending[selected[b, t, slot]] += np.float32(1.0)

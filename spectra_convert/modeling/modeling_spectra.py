@@ -855,7 +855,9 @@ class SpectraRouter(nn.Module):
         prefill T / 16 small steps, and measured balance is the same as per token. Chunks count real tokens
         only (pads are never counted and take the chunk of the next real token), so routing stays causal and
         batch-invariant and a cached decode equals a full recompute: the state is ``[committed counts (E) |
-        counts of the unfinished chunk (E) | real tokens seen (1)]``.
+        counts of the unfinished chunk (E) | real tokens seen (1)]``. On CPU with numba the torch chunk loop
+        below gives way to one compiled call, ``_sequence_select_loop``, with the same bits (docs/ARCHITECTURE.md,
+        "Runtime speed"); a one-token step without pads takes ``_decode_select``.
         """
         batch, steps, experts = logits.shape
         k, chunk = self.top_k, SEQUENCE_CHUNK

@@ -867,8 +867,10 @@ class SpectraRouter(nn.Module):
             mask = None
         if steps == 1 and mask is None:
             return self._decode_select(scores, state0)
-        kernel = compiled_sequence_select(scores)
-        if kernel is not None:  # one call instead of ~10 ops per chunk (docs/ARCHITECTURE.md, "Runtime speed")
+        # one call instead of ~10 ops per chunk (docs/ARCHITECTURE.md, "Runtime speed"), from 4 chunks on: below,
+        # the torch loop costs less than the loop's compile (~1.5 s once per process and model folder)
+        kernel = compiled_sequence_select(scores) if steps >= 4 * SEQUENCE_CHUNK else None
+        if kernel is not None:
             real = mask.bool() if mask is not None else torch.ones(batch, steps, dtype=torch.bool)
             selected = torch.empty(batch, steps, self.top_k, dtype=torch.long)
             correction = torch.empty(batch, steps, experts)

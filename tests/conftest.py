@@ -99,8 +99,8 @@ def upcycled_smollm2(tmp_path_factory, smollm2_gguf):
 def carved_smollm2(tmp_path_factory, smollm2_gguf):
     """SmolLM2-135M (real weights) carved into a 12.5% shared expert + 8 routed slices, top-4 (~56% of the FFN
     neurons active; the shared fraction and the per-sequence term (0, the carve default until 2026-12-06) are pinned,
-    since the tests' thresholds were measured on this plan), routers fitted to the oracle on few calibration tokens. Shared by the carve, validate, finetune and push tests so the
-    carve runs once per session."""
+    since the tests' thresholds were measured on this plan), routers fitted to the oracle on few calibration tokens.
+    Shared by the carve, validate, finetune and push tests so the carve runs once per session."""
     from spectra_convert.surgery.upcycle import upcycle
 
     out = tmp_path_factory.mktemp("carved") / "smollm2-carved"

@@ -265,8 +265,9 @@ BIAS_MODES = ("seq+bias", "seq", "bias", "recall", "none")
 
 def set_bias_mode(model, mode: str, inputs: list[torch.Tensor]) -> None:
     """Item-8 variants: ``seq+bias`` (sequence correction on, full balancing bias recalibrated with it), ``seq``
-    (sequence correction alone), ``bias`` (full balancing dual bias alone: the converter's default,
-    ``carve_bias="balance"``), ``recall`` (``carve_bias="recall"``: no sequence correction, balancing bias at the
+    (sequence correction alone), ``bias`` (full balancing dual bias alone, ``carve_bias="balance"``: the
+    converter's default until 2026-12-06, thirteenth session; since then carves also write the sequence term at
+    beta 0.5, ``CARVE_SEQUENCE_BALANCE``, which no variant here measures: the seq modes run at 1), ``recall`` (``carve_bias="recall"``: no sequence correction, balancing bias at the
     strength held-out recall allows; the default until 2026-12-05), ``none`` (fitted scores alone)."""
     from spectra_convert.router.calibrate import calibrate_bias
     from spectra_convert.router.oracle_fit import block_oracle_mass, calibrate_carved_bias, carved_blocks

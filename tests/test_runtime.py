@@ -548,10 +548,12 @@ def test_sequence_balance_spreads_a_skewed_sequence() -> None:
 def test_sequence_balance_counts_hard_choices_and_resumes_exactly_from_its_state(monkeypatch, compiled: bool) -> None:
     """The correction reads the sequence's own earlier top-k choices, committed every SEQUENCE_CHUNK real tokens:
     routing a sequence in one call, in pieces of any length that carry the state, or with pads anywhere gives the
-    real tokens the same choices and ends in the same state (compiled loop and torch chunk loop alike)."""
+    real tokens the same choices and ends in the same state (compiled loop and torch chunk loop alike; the compiled
+    one for calls of any length here, so the short pieces reach it too)."""
     from spectra_convert.modeling.modeling_spectra import SEQUENCE_CHUNK
 
     monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", compiled)
+    monkeypatch.setattr(modeling_spectra, "COMPILED_SEQUENCE_MIN_STEPS", 1)
 
     torch.manual_seed(13)
     knobs = {**SpectraConfig().spectra, "num_experts": 4, "router_dim": 8, "use_gru": False, "sequence_balance": 2.0}
@@ -604,6 +606,7 @@ def test_compiled_sequence_loop_gives_the_torch_loops_bits(monkeypatch, experts:
     mask[2, 70:] = False
     resumed = torch.cat([torch.randint(0, 20, (3, 2 * experts)).float(), torch.tensor([[5.0], [16.0], [33.0]])], 1)
     assert modeling_spectra.compiled_sequence_select(logits) is not None
+    assert logits.shape[1] >= modeling_spectra.COMPILED_SEQUENCE_MIN_STEPS  # long enough to take the compiled loop
     for pads in (None, mask):
         for state0 in (None, resumed):
             monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)

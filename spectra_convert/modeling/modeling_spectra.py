@@ -126,6 +126,9 @@ def single_cpu_thread(tensor: torch.Tensor) -> Iterator[None]:
 
 
 SEQUENCE_CHUNK = 16  # real tokens per commit of a sequence's running hard loads (SpectraRouter.sequence_select)
+#: Fewest tokens a row for which ``sequence_select`` calls the compiled loop (``_sequence_select_loop``): below 4
+#: chunks the torch loop costs less than the loop's compile (~1.5 s once per process and model folder).
+COMPILED_SEQUENCE_MIN_STEPS = 4 * SEQUENCE_CHUNK
 
 # -- Compiled recurrences ---------------------------------------------------------------------------------------
 # docs/ARCHITECTURE.md, "Runtime speed": a GRU step is a [B, d] x [d, 3d] product and 3d gate functions, tiny
@@ -867,9 +870,8 @@ class SpectraRouter(nn.Module):
             mask = None
         if steps == 1 and mask is None:
             return self._decode_select(scores, state0)
-        # one call instead of ~10 ops per chunk (docs/ARCHITECTURE.md, "Runtime speed"), from 4 chunks on: below,
-        # the torch loop costs less than the loop's compile (~1.5 s once per process and model folder)
-        kernel = compiled_sequence_select(scores) if steps >= 4 * SEQUENCE_CHUNK else None
+        # one call instead of ~10 ops per chunk (docs/ARCHITECTURE.md, "Runtime speed")
+        kernel = compiled_sequence_select(scores) if steps >= COMPILED_SEQUENCE_MIN_STEPS else None
         if kernel is not None:
             real = mask.bool() if mask is not None else torch.ones(batch, steps, dtype=torch.bool)
             selected = torch.empty(batch, steps, self.top_k, dtype=torch.long)

@@ -28,7 +28,8 @@ tokens seen | ppl ratio | recall) and writes WORK/lora_curve.json after every po
 
 Held-out text is from domains the calibration never saw: ``tests/fixtures/corpus/unseen.jsonl`` (changelogs) for
 perplexity and recall, ``mixed_eval.jsonl`` (4 domains) for per-domain balance and domain NMI. The calibration
-corpus is ``spectra_convert/data/calibration.jsonl`` (code, docs, legal). Carving (the neuron plan) does not
+corpus is ``spectra_convert/data/calibration.jsonl`` (code, docs, legal; ``--calibration FILE`` for more text of
+the same domains, e.g. ``scripts/build_corpus.py --training-out FILE``). Carving (the neuron plan) does not
 depend on k; for each k the routers are refitted to that k's oracle with the converter's own functions (under the
 folder's per-sequence term, ``sequence_balance``), and the skipped-experts estimate (when the folder has one) is
 refitted to what each way of picking drops (``fit_estimates``); the table's "no estimate" column is the SPECTRA
@@ -51,6 +52,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.conftest locates the SmolLM2 GGUF
 CORPUS = REPO / "tests" / "fixtures" / "corpus"
+CALIBRATION = REPO / "spectra_convert" / "data" / "calibration.jsonl"
 
 
 class FixedSelection(nn.Module):
@@ -126,12 +128,13 @@ def capture_block_inputs(model, blocks: torch.Tensor, device: str) -> list[torch
     return [torch.cat(p) for p in parts]
 
 
-def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_balance: float, device: str,
+def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int | None, sequence_balance: float, device: str,
                 ridge: float | None = None):
-    """Refit every SPECTRA router for top-``k`` (the converter's functions; ``ridge``: its ridge strength, default
-    the converter's) and a ridge linear gate per layer."""
-    from spectra_convert.router.oracle_fit import (LinearGate, block_oracle_mass, calibrate_carved_bias, carved_blocks,
-                                                   fit_spectra_router)
+    """Refit every SPECTRA router for top-``k`` (the converter's functions; ``steps`` and ``ridge``: its listwise
+    steps and ridge strength, ``None`` for the converter's defaults) and a ridge linear gate per layer."""
+    from spectra_convert.router.oracle_fit import (ROUTER_RIDGE, LinearGate, block_oracle_mass, calibrate_carved_bias,
+                                                   carved_blocks, fit_spectra_router)
+    from spectra_convert.surgery.carve_upcycle import CARVE_ROUTER_STEPS
 
     gates = []
     for index, (block, x) in enumerate(zip(carved_blocks(model), inputs)):
@@ -140,7 +143,8 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int, sequence_
         router.cpu().float()
         mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
         router.reset_parameters()
-        fit_spectra_router(router, x, mass, steps=steps, seed=index, **({} if ridge is None else {"ridge": ridge}))
+        fit_spectra_router(router, x, mass, steps=CARVE_ROUTER_STEPS if steps is None else steps, seed=index,
+                           ridge=ROUTER_RIDGE if ridge is None else ridge)
         calibrate_carved_bias(router, x, mass, rule=router.carve_bias)  # the rule the folder was carved with
         gates.append(LinearGate(x, mass))
         block.to(device)
@@ -326,7 +330,7 @@ def balance_only(gguf: Path, args: argparse.Namespace) -> None:
     parent_ppl = perplexity(parent.to(args.device), unseen, args.device)
     del parent
     model = AutoModelForCausalLM.from_pretrained(args.carved, trust_remote_code=True).eval().to(args.device)
-    calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)
+    calibration = blocks_of(tokenizer, args.calibration, args.calibration_tokens)
     inputs = capture_block_inputs(model, calibration, args.device)
     modes = tuple(m for m in args.bias_modes.split(",") if m)
     if unknown := sorted(set(modes) - set(BIAS_MODES)):
@@ -430,7 +434,8 @@ def carve_parent(gguf: Path, carved_dir: Path, args: argparse.Namespace):
     from spectra_convert.surgery.upcycle import upcycle
 
     return upcycle(str(gguf.parent), carved_dir, experts=8, top_k=args.finetune_k, method="carve", gguf_file=gguf.name,
-                   calibration_tokens=args.calibration_tokens, router_steps=args.router_steps,
+                   calibration=str(args.calibration), calibration_tokens=args.calibration_tokens,
+                   router_steps=args.router_steps,
                    shared_fraction=args.shared_fraction, carve_refit=args.carve_refit, force=True)
 
 
@@ -540,11 +545,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--calibration-tokens", type=int, default=32768,
                         help="calibration tokens of the carve and of the fitted gates (the converter's carve default)")
+    parser.add_argument("--calibration", type=Path, default=CALIBRATION,
+                        help="calibration text of the carve and of the fitted gates (default: the shipped 41k-token "
+                             "corpus; a larger one: scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--top-k", default="1,2,5",
                         help="routed experts per token to measure (of 8; at the default shared fraction 5/12: 49%%, 56%%, "
-                             "78%% of the neurons active; ~25%% needs --shared-fraction 0.125 --top-k 1)")
-    parser.add_argument("--router-steps", type=int, default=60)
+                             "78%% of the neurons active; ~25%% needs --shared-fraction 0.125 --top-k 1); '' measures "
+                             "only the folder's routers as written")
+    parser.add_argument("--router-steps", type=int, default=None,
+                        help="the routers' listwise steps after the ridge fit (default: the converter's)")
     parser.add_argument("--router-ridge", type=float, default=None,
                         help="the table's SPECTRA rows: ridge strength of the router fit (default: the converter's)")
     parser.add_argument("--shared-fraction", type=float, default=None)
@@ -567,7 +577,7 @@ def main() -> None:
     parser.add_argument("--lora-minutes", type=float, default=0.0,
                         help="only the LoRA curve: about this many minutes of training, one run in segments")
     parser.add_argument("--lora-evals", type=int, default=6, help="curve points after step 0")
-    parser.add_argument("--train-data", type=Path, default=REPO / "spectra_convert" / "data" / "calibration.jsonl",
+    parser.add_argument("--train-data", type=Path, default=CALIBRATION,
                         help="LoRA-curve training text (default: the 41k-token calibration corpus; a larger set: "
                              "scripts/build_corpus.py --training-out FILE)")
     parser.add_argument("--lora-router-lr", type=float, default=LORA["lr_router"],
@@ -596,7 +606,7 @@ def main() -> None:
     device = args.device
     args.work.mkdir(parents=True, exist_ok=True)
     gguf = smollm2_gguf_path()
-    ks = [int(k) for k in args.top_k.split(",")]
+    ks = [int(k) for k in args.top_k.split(",") if k]  # --top-k "": only the folder's routers as written
     if args.timing_only:
         parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
         carved_dir = given_or_carved(gguf, args)
@@ -629,14 +639,14 @@ def main() -> None:
     parent, tokenizer = load_dense_parent(gguf.parent, gguf.name, torch.float32)
     parent.to(device)
     unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
-    calibration = blocks_of(tokenizer, REPO / "spectra_convert" / "data" / "calibration.jsonl", args.calibration_tokens)
+    calibration = blocks_of(tokenizer, args.calibration, args.calibration_tokens)
     parent_ppl = perplexity(parent, unseen, device)
     model = AutoModelForCausalLM.from_pretrained(carved_dir, trust_remote_code=True).eval().to(device)
     knobs = model.config.spectra
     shared, width = knobs["shared_intermediate_size"], knobs["intermediate_size"]
     written_k = knobs["top_k"]  # the folder's own k (--finetune-k only when carved here)
     beta = float(knobs.get("sequence_balance", 0.0))  # the folder's per-sequence term: the rows route as it would
-    inputs = capture_block_inputs(model, calibration, device)
+    inputs = capture_block_inputs(model, calibration, device) if ks or not args.skip_balance else []
     rows, report = [], {"parent_ppl": parent_ppl, "carve_seconds": carve_seconds, "settings": vars(args) | {"work": str(args.work)}}
 
     native = routed_eval(model, unseen, device)  # the converter's own routers, as written
@@ -670,7 +680,7 @@ def main() -> None:
         from spectra_convert.finetune import finetune
 
         tuned_dir = args.work / "carved-lora"
-        ft = finetune(carved_dir, REPO / "spectra_convert" / "data" / "calibration.jsonl", tuned_dir,
+        ft = finetune(carved_dir, CALIBRATION, tuned_dir,
                       steps=args.finetune_steps, save_every=0, log_every=max(1, args.finetune_steps // 8),
                       recalibration_tokens=args.recalibration_tokens, force=True, **LORA)
         tuned = AutoModelForCausalLM.from_pretrained(tuned_dir, trust_remote_code=True).eval().to(device)
@@ -685,6 +695,9 @@ def main() -> None:
     (args.work / "carve_bench.json").write_text(json.dumps(report, indent=2, default=str))
     took = f"carve took {carve_seconds:.0f} s" if carve_seconds is not None else f"carve given: {carved_dir}"
     print(f"\nparent perplexity on unseen text: {parent_ppl:.3f}; {took}")
+    native = report["converter_routers"]
+    print(f"the folder's routers as written (top-{native['k']}): {native['ppl_ratio']:.3f}x, "
+          f"oracle recall {native['recall']:.3f}")
     print("| active FFN | k | oracle | SPECTRA router | linear gate | random | SPECTRA, no estimate | "
           "recall SPECTRA / linear / random |")
     print("|---|---|---|---|---|---|---|---|")

@@ -430,7 +430,7 @@ def test_closed_form_router_keeps_the_ridge_gates_top_k_with_its_intercept() -> 
     does. Features with a large common offset make the intercept decide (the old fit without it failed here)."""
     from spectra_convert.modeling.configuration_spectra import SPECTRA_DEFAULTS
     from spectra_convert.modeling.modeling_spectra import SpectraRouter
-    from spectra_convert.router.oracle_fit import fit_spectra_router, ridge_fit, router_features, standardised
+    from spectra_convert.router.oracle_fit import ROUTER_RIDGE, fit_spectra_router, ridge_fit, router_features, standardised
 
     g = torch.Generator().manual_seed(4)
     inputs = torch.randn(6, 32, 24, generator=g) + 3.0 * torch.randn(24, generator=g)
@@ -441,7 +441,7 @@ def test_closed_form_router_keeps_the_ridge_gates_top_k_with_its_intercept() -> 
     fit_spectra_router(router, inputs, mass, steps=0, holdout=0.0)
     features = router_features(router, inputs)
     assert torch.equal(features[:, -1], torch.ones(6 * 32)), "the GRU's last unit is the constant 1"
-    weight, intercept = ridge_fit(features, standardised(mass), 1e-1)
+    weight, intercept = ridge_fit(features, standardised(mass), ROUTER_RIDGE)
     expected = (features @ weight.T + intercept).argsort(dim=-1)
     got = router.selection_scores(inputs).argsort(dim=-1)
     assert torch.equal(got, expected)

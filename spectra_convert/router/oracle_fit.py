@@ -217,8 +217,15 @@ def _listwise_steps(router: SpectraRouter, features: torch.Tensor, oracle: torch
     return best_step, best
 
 
+#: Ridge strength of a carved router's closed-form fit (relative to the mean feature energy). 0.1 until the
+#: fourteenth session (2026-12-06); measured on SmolLM2-135M carved 8 + 5/12 shared, unseen changelog text in
+#: ``bench/carve.py``'s blocks (README "The router fit's ridge strength and its listwise steps"): top-5 1.239x at
+#: 0.1, 1.223-1.228x at 0.01, 1.227x at 0.001 (no listwise steps); top-2 1.661x at 0.01, 1.670x at 0.001.
+ROUTER_RIDGE = 1e-2
+
+
 def fit_spectra_router(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, steps: int = 60,
-                       lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = 1e-1, seed: int = 0,
+                       lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = ROUTER_RIDGE, seed: int = 0,
                        holdout: float = 0.125, eval_every: int = 10) -> dict[str, float]:
     """Fit ``router`` so its top-k (before the dual bias) matches the oracle top-k of ``mass [N, E]`` on the
     calibration FFN inputs ``inputs [B, T, H]``: the ridge gate (``_closed_form``), then listwise gradient steps.

@@ -281,7 +281,7 @@ def upcycle(
     shared_fraction: float | None = None,
     carve_grouping: str = "coactivation",
     carve_refit: str = "none",
-    router_steps: int = 60,
+    router_steps: int | None = None,
     skipped_estimate_rank: int | None = None,
     carve_bias: str | None = None,
     router_dim: int | None = None,
@@ -298,7 +298,8 @@ def upcycle(
 
     ``method``: ``copy`` (E copies + ``noise``), ``drop`` (copies with ``drop_ratio`` of each expert's neurons
     re-initialised, for continued pre-training) or ``carve`` (a cheaper MoE of the parent's own neurons:
-    ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps``, ``skipped_estimate_rank`` (default
+    ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps`` (default ``CARVE_ROUTER_STEPS``, 0:
+    the ridge fit alone), ``skipped_estimate_rank`` (default
     ``SKIPPED_ESTIMATE_RANK``, 0 = none), ``carve_bias`` (default ``CARVE_BIAS``: "balance"; or "recall"); see
     ``carve_upcycle``).
 
@@ -327,7 +328,9 @@ def upcycle(
         calibration_tokens = CARVE_CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens
 
         options = CarveOptions(shared_fraction=SHARED_FRACTION if shared_fraction is None else shared_fraction,
-                               grouping=carve_grouping, refit=carve_refit, router_steps=router_steps)
+                               grouping=carve_grouping, refit=carve_refit)
+        if router_steps is not None:
+            options.router_steps = router_steps
         if skipped_estimate_rank is not None:
             options.skipped_rank = skipped_estimate_rank
         if carve_bias is not None:

@@ -132,9 +132,8 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int | None, se
                 ridge: float | None = None):
     """Refit every SPECTRA router for top-``k`` (the converter's functions; ``steps`` and ``ridge``: its listwise
     steps and ridge strength, ``None`` for the converter's defaults) and a ridge linear gate per layer."""
-    from spectra_convert.router.oracle_fit import (ROUTER_RIDGE, LinearGate, block_oracle_mass, calibrate_carved_bias,
-                                                   carved_blocks, fit_spectra_router)
-    from spectra_convert.surgery.carve_upcycle import CARVE_ROUTER_STEPS
+    from spectra_convert.router.oracle_fit import (ROUTER_RIDGE, ROUTER_STEPS, LinearGate, block_oracle_mass,
+                                                   calibrate_carved_bias, carved_blocks, fit_spectra_router)
 
     gates = []
     for index, (block, x) in enumerate(zip(carved_blocks(model), inputs)):
@@ -143,7 +142,7 @@ def fit_routers(model, inputs: list[torch.Tensor], k: int, steps: int | None, se
         router.cpu().float()
         mass = block_oracle_mass(block.experts.cpu().float(), x.reshape(-1, x.shape[-1]))
         router.reset_parameters()
-        fit_spectra_router(router, x, mass, steps=CARVE_ROUTER_STEPS if steps is None else steps, seed=index,
+        fit_spectra_router(router, x, mass, steps=ROUTER_STEPS if steps is None else steps, seed=index,
                            ridge=ROUTER_RIDGE if ridge is None else ridge)
         calibrate_carved_bias(router, x, mass, rule=router.carve_bias)  # the rule the folder was carved with
         gates.append(LinearGate(x, mass))

@@ -222,9 +222,16 @@ def _listwise_steps(router: SpectraRouter, features: torch.Tensor, oracle: torch
 #: ``bench/carve.py``'s blocks (README "The router fit's ridge strength and its listwise steps"): top-5 1.239x at
 #: 0.1, 1.223-1.228x at 0.01, 1.227x at 0.001 (no listwise steps); top-2 1.661x at 0.01, 1.670x at 0.001.
 ROUTER_RIDGE = 1e-2
+#: Listwise gradient steps after a carved router's ridge fit (``upcycle --router-steps``). 60 until the fourteenth
+#: session (2026-12-06): the steps raise held-out oracle recall (and the held-out share of the oracle's output
+#: mass), but on unseen text they cost perplexity at top-5 (SmolLM2-135M 8 + 5/12 shared, ridge 0.01, ``bench/carve.py`` blocks:
+#: 1.223-1.228x without, 1.244x with; 131k calibration tokens: 1.203x without, 1.220x with) and gained within the
+#: run-to-run noise at top-2 (1.661x without, 1.652x with; README "The router fit's ridge strength and its
+#: listwise steps"). 0: the ridge gate alone, as the router's closed form writes it.
+ROUTER_STEPS = 0
 
 
-def fit_spectra_router(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, steps: int = 60,
+def fit_spectra_router(router: SpectraRouter, inputs: torch.Tensor, mass: torch.Tensor, *, steps: int = ROUTER_STEPS,
                        lr: float = 3e-3, batch_tokens: int = 4096, ridge: float = ROUTER_RIDGE, seed: int = 0,
                        holdout: float = 0.125, eval_every: int = 10) -> dict[str, float]:
     """Fit ``router`` so its top-k (before the dual bias) matches the oracle top-k of ``mass [N, E]`` on the

@@ -19,6 +19,7 @@ import torch
 
 from ..console import human_bytes, progress, summary_table
 from ..router.loads import calibration_cv_row
+from ..router.oracle_fit import ROUTER_STEPS
 from ..errors import UserError
 from ..modelcard import write_model_card
 from ..modelio.checkpoint import ShardWriter
@@ -61,13 +62,6 @@ CARVE_BIAS = "balance"
 #: speed"), so the default follows the balance it buys: on four unseen domains load CV mean 0.150 -> 0.107 for +1.0%
 #: perplexity (+0.1% on unseen changelogs; README "Carving", "The carve at today's defaults").
 CARVE_SEQUENCE_BALANCE = 0.5
-#: Listwise gradient steps after a carved router's ridge fit (``--router-steps``). 60 until the fourteenth session
-#: (2026-12-06): the steps raise held-out oracle recall (and the held-out share of the oracle's output mass), but on
-#: unseen text they cost perplexity at top-5 (SmolLM2-135M 8 + 5/12 shared, ridge 0.01, ``bench/carve.py`` blocks:
-#: 1.223-1.228x without, 1.244x with; 131k calibration tokens: 1.203x without, 1.220x with) and gained within the
-#: run-to-run noise at top-2 (1.661x without, 1.652x with; README "The router fit's ridge strength and its
-#: listwise steps"). 0: the ridge gate alone, as the router's closed form writes it.
-CARVE_ROUTER_STEPS = 0
 
 
 @dataclass
@@ -77,7 +71,7 @@ class CarveOptions:
     shared_fraction: float = SHARED_FRACTION
     grouping: str = "coactivation"
     refit: str = "none"
-    router_steps: int = CARVE_ROUTER_STEPS
+    router_steps: int = ROUTER_STEPS
     active_fraction: float = 0.25
     skipped_rank: int = SKIPPED_ESTIMATE_RANK
     bias_rule: str = CARVE_BIAS

@@ -298,7 +298,7 @@ def upcycle(
 
     ``method``: ``copy`` (E copies + ``noise``), ``drop`` (copies with ``drop_ratio`` of each expert's neurons
     re-initialised, for continued pre-training) or ``carve`` (a cheaper MoE of the parent's own neurons:
-    ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps`` (default ``CARVE_ROUTER_STEPS``, 0:
+    ``shared_fraction``, ``carve_grouping``, ``carve_refit``, ``router_steps`` (default ``oracle_fit.ROUTER_STEPS``, 0:
     the ridge fit alone), ``skipped_estimate_rank`` (default
     ``SKIPPED_ESTIMATE_RANK``, 0 = none), ``carve_bias`` (default ``CARVE_BIAS``: "balance"; or "recall"); see
     ``carve_upcycle``).

@@ -16,8 +16,8 @@ from transformers.activations import ACT2FN
 
 from spectra_convert.errors import UserError
 from spectra_convert.surgery.carve import (balanced_kmeans, carve_tensors, contributions, expert_outputs,
-                                           fit_skipped_estimate, intermediate_activations, plan_carve, refit_scales,
-                                           shared_size, skipped_output)
+                                           fit_skipped_estimate, intermediate_activations, oracle_mass, plan_carve,
+                                           refit_scales, shared_size, skipped_output, skipped_output_of)
 from spectra_convert.surgery.upcycle import upcycle
 from tests.finetune_helpers import build_tokenizer, folder_weights
 
@@ -146,6 +146,20 @@ def test_skipped_output_is_what_the_selected_experts_at_their_scales_leave_out()
     scale = torch.tensor([1.0, 2.0, 0.5, 1.0])
     expected = torch.stack([outputs[t].sum(0) - sum(scale[e] * outputs[t, e] for e in selected[t]) for t in range(5)])
     assert torch.allclose(skipped_output(outputs, selected, scale), expected, atol=1e-6)
+
+
+def test_the_carves_lean_mass_and_skipped_output_equal_the_ones_from_every_experts_output() -> None:
+    """``oracle_mass`` (one expert at a time) and ``skipped_output_of`` (from the activations) give what the
+    materialised ``expert_outputs [N, E, H]`` gives -- the carve uses them so as not to hold E x N x H floats."""
+    torch.manual_seed(0)
+    acts, down = torch.randn(50, 24), torch.randn(6, 24)
+    plan = plan_carve(acts.abs() * down.norm(dim=0), 4, 0.25, seed=0)
+    outputs = expert_outputs(acts, down, plan)
+    torch.testing.assert_close(oracle_mass(acts, down, plan), outputs.norm(dim=-1))
+    selected = torch.stack([torch.randperm(4)[:2] for _ in range(50)])
+    scale = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    torch.testing.assert_close(skipped_output_of(acts, down, plan, selected, scale),
+                               skipped_output(outputs, selected, scale), rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_carve_writes_the_skipped_estimate_unless_rank_0(tiny_parents, tmp_path) -> None:

@@ -279,16 +279,24 @@ def test_failure_after_the_builder_started_stops_it_and_leaves_nothing(tiny_gpt2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad-tokenizer"]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2-sliding"])
 def test_capture_stops_after_the_last_router_input_with_the_full_forwards_values(model_type: str) -> None:
-    """``capture_ffn_inputs`` ends the forward at the last layer's FFN input; every layer's captured input
-    equals what the FFN sees in a complete forward of the same batches."""
+    """``capture_ffn_inputs`` (the parent run layer by layer, ``surgery.layerwise``) ends at the last layer's FFN
+    input; every layer's captured input equals, to the bit, what the FFN sees in a complete forward of the same
+    batches -- also when layers differ in their masks (qwen2 with sliding-window layers above the first) -- and
+    the layers are left as they were."""
     from spectra_convert.modeling.modeling_spectra import decoder_layers
     from spectra_convert.surgery.upcycle import capture_ffn_inputs
     from tests.conftest import tiny_parent_config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_parent_config(model_type, num_hidden_layers=3)).eval()
+    if model_type == "qwen2-sliding":
+        config = tiny_parent_config("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
+                                    max_window_layers=1)
+        assert config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    else:
+        config = tiny_parent_config(model_type, num_hidden_layers=3)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     layers = decoder_layers(model)
     batches = torch.randint(0, 128, (5, 16))
     seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
@@ -307,3 +315,4 @@ def test_capture_stops_after_the_last_router_input_with_the_full_forwards_values
     assert sorted(captured) == list(range(len(layers)))
     for i in range(len(layers)):
         torch.testing.assert_close(captured[i], torch.cat(seen[i]).float(), rtol=0, atol=0)
+    assert not any("forward" in vars(layer) for layer in layers)  # the pass-throughs are gone

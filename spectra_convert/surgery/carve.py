@@ -158,8 +158,10 @@ def expert_outputs(acts: torch.Tensor, down: torch.Tensor, plan: CarvePlan) -> t
 
 @torch.no_grad()
 def oracle_mass(acts: torch.Tensor, down: torch.Tensor, plan: CarvePlan) -> torch.Tensor:
-    """``[N, E]``: the norm of each routed expert's contribution to each token's output; its top-k is the oracle."""
-    return expert_outputs(acts, down, plan).norm(dim=-1)
+    """``[N, E]``: the norm of each routed expert's contribution to each token's output; its top-k is the oracle.
+    One expert at a time: ``expert_outputs`` whole is E x N x H floats (2.4 GB for 131072 SmolLM2 tokens)."""
+    down = down.float()
+    return torch.stack([(acts[:, g] @ down[:, g].T).norm(dim=-1) for g in plan.groups], dim=1)
 
 
 @torch.no_grad()
@@ -193,6 +195,18 @@ def skipped_output(outputs: torch.Tensor, selected: torch.Tensor, scale: torch.T
     the FFN output a carved block drops. ``outputs [N, E, H]``, ``selected [N, k]``, ``scale [E]``."""
     kept = torch.zeros(outputs.shape[:2], dtype=outputs.dtype).scatter_(1, selected, 1.0) * scale.to(outputs.dtype)
     return outputs.sum(dim=1) - torch.einsum("te,teh->th", kept, outputs)
+
+
+@torch.no_grad()
+def skipped_output_of(acts: torch.Tensor, down: torch.Tensor, plan: CarvePlan, selected: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """``skipped_output(expert_outputs(acts, down, plan), selected, scale)`` without holding every expert's output:
+    each neuron's activation weighted by its expert's ``1 - kept * scale`` for the token, through the down
+    projection in one product (``[N, I_routed]`` instead of ``[N, E, H]``)."""
+    kept = torch.zeros(acts.shape[0], plan.experts, dtype=acts.dtype).scatter_(1, selected, 1.0) * scale.to(acts.dtype)
+    neurons = plan.groups.reshape(-1)
+    expert_of_neuron = torch.arange(plan.experts).repeat_interleave(plan.groups.shape[1])
+    return ((1.0 - kept)[:, expert_of_neuron] * acts[:, neurons]) @ down.float()[:, neurons].T
 
 
 def _reduced_rank_ridge(x: torch.Tensor, y: torch.Tensor, rank: int, ridge: float

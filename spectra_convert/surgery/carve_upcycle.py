@@ -1,10 +1,10 @@
 """``upcycle --method carve``: a dense parent -> a cheaper SPECTRA MoE made of its own neurons.
 
-Flow (docs/ARCHITECTURE.md, carving): load the parent, capture every layer's FFN input on the calibration text
-(the forward stops at the last FFN input, as for ``copy``), then layer by layer -- so at most one layer's
-activations are held -- carve the FFN (``surgery.carve``), fit the layer's SPECTRA router to the oracle and
-calibrate its dual bias (``router.oracle_fit``), and stream the layer's tensors into the shard writer; the
-parent's other tensors follow. The output folder is atomic like every upcycle's. Blocks combine with
+Flow (docs/ARCHITECTURE.md, carving): load the parent, run it over the calibration text one decoder layer at a
+time (``surgery.layerwise``: only the residual stream and one layer's FFN inputs are held, whatever the amount of
+text), and as each layer's FFN inputs appear carve the FFN (``surgery.carve``), fit the layer's SPECTRA router to
+the oracle and calibrate its dual bias (``router.oracle_fit``), and stream the layer's tensors into the shard
+writer; the parent's other tensors follow. The output folder is atomic like every upcycle's. Blocks combine with
 ``expert_combine: "sum"`` and carry a shared expert; ``expert_scale`` starts at 1 (all experts on = parent).
 """
 
@@ -29,8 +29,9 @@ from ..modelio.parent import load_dense_parent
 from ..modelio.side_files import write_runtime_files, write_spectra_config
 from ..modeling.configuration_spectra import CARVE_BIAS_RULES
 from .carve import (GROUPINGS, SKIPPED_ESTIMATE_RANK, carve_tensors, contributions, expert_outputs,
-                    fit_skipped_estimate, intermediate_activations, plan_carve, refit_scales, shared_size,
-                    skipped_output)
+                    fit_skipped_estimate, intermediate_activations, oracle_mass, plan_carve, refit_scales, shared_size,
+                    skipped_output_of)
+from .layerwise import layerwise_ffn_inputs
 
 #: Default share of the parent's FFN neurons kept in the always-on shared expert: 5/12, so that at E = 8 top-2 runs
 #: 56% and top-5 78% of the neurons. At an equal active share a wider shared expert and fewer routed picks carve
@@ -140,9 +141,7 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     plan = plan_carve(contributions(acts, dense["down"]), experts, options.shared_fraction, grouping=options.grouping,
                       active_fraction=options.active_fraction, seed=seed)
     routed, shared = carve_tensors(dense, plan)
-    outputs = expert_outputs(acts, dense["down"], plan)
-    del acts
-    mass = outputs.norm(dim=-1)
+    mass = oracle_mass(acts, dense["down"], plan)
     fit = fit_spectra_router(router, inputs, mass, steps=options.router_steps, seed=seed)
     bias = calibrate_carved_bias(router, inputs, mass, rule=bias_rule)
     selected = router_selection(router, inputs)
@@ -151,13 +150,15 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     stats = {**fit, "bias_strength": bias["bias_strength"], "heldout_recall": bias["heldout_recall"],
              "balanced_cv": bias["calibration_cv"]}
     scale = torch.ones(experts)
-    if options.refit == "scale":
-        scale = refit_scales(outputs, selected)
+    if options.refit == "scale":  # needs every expert's output at once (E x N x H floats)
+        scale = refit_scales(expert_outputs(acts, dense["down"], plan), selected)
     tensors = {}
     if skipped_rank:
         estimate, stats["skipped_explained_heldout"] = fit_skipped_estimate(
-            flat, skipped_output(outputs, selected, scale), skipped_rank, holdout=heldout_token_mask(*inputs.shape[:2]))
+            flat, skipped_output_of(acts, dense["down"], plan, selected, scale), skipped_rank,
+            holdout=heldout_token_mask(*inputs.shape[:2]))
         tensors.update({f"skipped_estimate.{n}": t for n, t in estimate.items()})
+    del acts
     tensors.update({f"experts.{_PARAM[n]}": t for n, t in routed.items()})
     tensors.update({f"shared_expert.{_PARAM[n]}": t for n, t in shared.items()})
     tensors["expert_scale"] = scale
@@ -165,29 +166,34 @@ def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tenso
     return CarvedLayer(tensors, cv, recall, stats)
 
 
-def carve_into(writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, ffn_inputs: dict[int, torch.Tensor],
-               options: CarveOptions, *, seed: int, out_dtype: torch.dtype, bar: Any) -> list[CarvedLayer]:
-    """Carve every layer (consuming ``ffn_inputs`` as it goes) and add its tensors to ``writer``."""
-    from transformers.activations import ACT2FN
+class LayerCarver:
+    """``on_layer`` of ``layerwise_ffn_inputs``: carves each layer as soon as its FFN inputs exist, adds its tensors
+    to ``writer`` and lets the inputs go, so at most one layer's calibration activations are held."""
 
-    from ..modeling.modeling_spectra import RoutingContext, SpectraRouter
+    def __init__(self, writer: Any, spectra_config: Any, adapter: Any, get_dense: Any, options: CarveOptions, *,
+                 seed: int, out_dtype: torch.dtype):
+        from transformers.activations import ACT2FN
 
-    act_fn = ACT2FN[adapter.activation(spectra_config.text_config)]
-    context = RoutingContext()
-    done: list[CarvedLayer] = []
-    task = bar.add_task("carving experts + fitting routers", total=len(ffn_inputs))
-    for i in sorted(ffn_inputs):
-        router = SpectraRouter(spectra_config.text_config.hidden_size, spectra_config.spectra, i, context)
-        layer = carve_layer(router, adapter.ffn_tensors(get_dense, i), ffn_inputs.pop(i), act_fn, options, seed=seed + i,
-                            skipped_rank=spectra_config.spectra["skipped_estimate_rank"],
-                            bias_rule=spectra_config.spectra["carve_bias"])
-        prefix = adapter.mlp_prefix(i)
+        from ..modeling.modeling_spectra import RoutingContext
+
+        self.writer, self.spectra_config, self.adapter, self.get_dense = writer, spectra_config, adapter, get_dense
+        self.options, self.seed, self.out_dtype = options, seed, out_dtype
+        self.act_fn = ACT2FN[adapter.activation(spectra_config.text_config)]
+        self.context = RoutingContext()
+        self.done: list[CarvedLayer] = []
+
+    def __call__(self, i: int, inputs: torch.Tensor) -> None:
+        from ..modeling.modeling_spectra import SpectraRouter
+
+        knobs = self.spectra_config.spectra
+        router = SpectraRouter(self.spectra_config.text_config.hidden_size, knobs, i, self.context)
+        layer = carve_layer(router, self.adapter.ffn_tensors(self.get_dense, i), inputs, self.act_fn, self.options,
+                            seed=self.seed + i, skipped_rank=knobs["skipped_estimate_rank"], bias_rule=knobs["carve_bias"])
+        prefix = self.adapter.mlp_prefix(i)
         for name, tensor in layer.tensors.items():
-            writer.add(prefix + name, tensor.to(out_dtype).contiguous())
+            self.writer.add(prefix + name, tensor.to(self.out_dtype).contiguous())
         layer.tensors = {}
-        done.append(layer)
-        bar.advance(task)
-    return done
+        self.done.append(layer)
 
 
 def _mean(layers: list[CarvedLayer], stat: str) -> float:
@@ -202,7 +208,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
     from ..modeling.configuration_spectra import skipped_estimate_share
     from ..modeling.modeling_spectra import decoder_layers
     from ..router.calibrate import calibration_batches
-    from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, capture_ffn_inputs, router_param_count,
+    from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, router_param_count,
                              write_generation_config)
 
     options.check()
@@ -222,7 +228,6 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
             blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        ffn_inputs = capture_ffn_inputs(dense, decoder_layers(dense), blocks)
         dense_state = dense.state_dict()
         num_layers = adapter.num_layers(parent_config)
         ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]
@@ -231,8 +236,12 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                    if not any(name.startswith(p) for p in ffn_prefixes) and name not in tied}
         with ShardWriter(tmp, max_shard_bytes=SHARD_BYTES, background=True, max_queued_shards=1,
                                     streamed=True) as writer, progress() as bar:
-            layers = carve_into(writer, spectra_config, adapter, dense_state.__getitem__, ffn_inputs, options,
-                                seed=seed, out_dtype=out_dtype, bar=bar)
+            carver = LayerCarver(writer, spectra_config, adapter, dense_state.__getitem__, options, seed=seed,
+                                 out_dtype=out_dtype)
+            task = bar.add_task("running the parent layer by layer, carving + fitting routers", total=num_layers)
+            layerwise_ffn_inputs(dense, decoder_layers(dense), blocks, on_layer=carver,
+                                 on_progress=lambda _: bar.advance(task))
+            layers = carver.done
             for name, tensor in non_ffn.items():
                 writer.add(name, tensor.to(out_dtype))
             write_task = bar.add_task("writing shards", total=None)

@@ -13,7 +13,7 @@ import torch
 
 from ..console import progress
 from ..errors import UserError
-from ..router.tap import capture_inputs
+from .layerwise import layerwise_ffn_inputs
 
 #: output shard size. Shards are streamed (``ShardWriter(streamed=True)``), so memory does not grow with it; a
 #: test sets it tiny to make every tensor its own shard.
@@ -33,22 +33,16 @@ class UpcycleResult:
     calibration_recall: float | None = None  # carve: mean oracle top-k recall of the routers on calibration text
 
 
-@torch.no_grad()
 def capture_ffn_inputs(model, layers, batches: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, in one pass per batch.
-    Runs the decoder without its LM head (``base_model``): the vocabulary projection is a fifth of SmolLM2's
-    forward and its logits are not needed; the forward stops at the last layer's FFN input, as reroute's does."""
-    body = getattr(model, "base_model", model)
+    """Every layer's FFN input ``[B, T, H]`` (float32) over the calibration blocks, all held at once (a copy's
+    8192 tokens; a carve fits each layer as its inputs appear instead). The parent runs layer by layer
+    (``surgery.layerwise``) without its LM head and stops at the last layer's FFN input, as reroute's does."""
+    captured: dict[int, torch.Tensor] = {}
     with progress() as bar:
-        task = bar.add_task("capturing router inputs", total=batches.shape[0])
-
-        def forwards():
-            for start in range(0, batches.shape[0], batch_size):
-                chunk = batches[start : start + batch_size]
-                yield lambda: body(input_ids=chunk, use_cache=False)
-                bar.advance(task, chunk.shape[0])
-
-        return dict(enumerate(capture_inputs([layer.mlp for layer in layers], forwards())))
+        task = bar.add_task("capturing router inputs (layer by layer)", total=len(layers))
+        layerwise_ffn_inputs(model, layers, batches, batch_size=batch_size, on_layer=captured.__setitem__,
+                             on_progress=lambda _: bar.advance(task))
+    return captured
 
 
 def build_spectra_config(text_config: Any, adapter: Any, overrides: dict, *, experts: int, top_k: int, router_dim: int,

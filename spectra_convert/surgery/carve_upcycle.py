@@ -238,7 +238,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
                                     streamed=True) as writer, progress() as bar:
             carver = LayerCarver(writer, spectra_config, adapter, dense_state.__getitem__, options, seed=seed,
                                  out_dtype=out_dtype)
-            task = bar.add_task("running the parent layer by layer, carving + fitting routers", total=num_layers)
+            task = bar.add_task("carving layer by layer", total=num_layers)
             layerwise_ffn_inputs(dense, decoder_layers(dense), blocks, on_layer=carver,
                                  on_progress=lambda _: bar.advance(task))
             layers = carver.done

@@ -309,8 +309,13 @@ def test_capture_stops_after_the_last_router_input_with_the_full_forwards_values
     for hook in hooks:
         hook.remove()
     probe = layers[-1].mlp.register_forward_hook(lambda *_: ran_last_ffn.append(True))
+    wrapped = layers[1].forward  # an instance-level forward (as accelerate's hooks install) must survive
+    layers[1].forward = lambda *args, **kwargs: wrapped(*args, **kwargs)
+    own_forward = layers[1].forward
     captured = capture_ffn_inputs(model, layers, batches, batch_size=2)
     probe.remove()
+    assert layers[1].forward is own_forward
+    del layers[1].forward
     assert not ran_last_ffn  # the last FFN itself never ran
     assert sorted(captured) == list(range(len(layers)))
     for i in range(len(layers)):

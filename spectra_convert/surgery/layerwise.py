@@ -55,15 +55,21 @@ def record_layer_arguments(model: nn.Module, layers: Sequence[nn.Module], input_
 
         return forward
 
+    # an instance attribute: nn.Module.__call__ runs it; one already there (accelerate's hooks wrap forward
+    # that way) is put back afterwards
+    own = [vars(layer).get("forward") for layer in layers]
     for position, layer in enumerate(layers):
-        layer.forward = pass_through(position)  # an instance attribute: nn.Module.__call__ runs it
+        layer.forward = pass_through(position)
     try:
         body(input_ids=input_ids, use_cache=False)
     except _LastLayerReached:
         pass
     finally:
-        for layer in layers:
-            del layer.forward  # the class's forward again
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward
     if len(arguments) != len(layers):
         raise RuntimeError(f"{type(body).__name__} called {len(arguments)} of its {len(layers)} decoder layers")
     return first[0], arguments

@@ -98,7 +98,9 @@ def layerwise_ffn_inputs(model: nn.Module, layers: Sequence[nn.Module], batches:
                 captured.append(tap.take()[0]["inputs"].float())
                 if out is not None:
                     hidden[b] = out[0] if isinstance(out, tuple) else out
-        on_layer(i, torch.cat(captured))
-        del captured
+        inputs = torch.cat(captured)
+        captured.clear()  # the chunks are in ``inputs`` now: do not hold the layer's inputs twice while it is fitted
+        on_layer(i, inputs)
+        del inputs
         if on_progress is not None:
             on_progress(i)

@@ -1,7 +1,8 @@
 """Carving benchmark, one run: SmolLM2-135M carved into a shared expert + 8 routed slices (``upcycle --method
 carve``), held-out perplexity ratio to the parent at several active-FFN fractions for four ways of picking the
 slices -- the oracle (upper bound), the SPECTRA router fitted by the converter, a ridge-fitted linear gate on the
-same data, random -- then after a short ``finetune --mode lora`` (+ routers), the balance study (per-sequence
+same data (as fitted, and with a hard-load balancing bias from the loop that balances the SPECTRA router, so the
+two are also compared at equal balance), random -- then after a short ``finetune --mode lora`` (+ routers), the balance study (per-sequence
 correction on / off / dual bias alone), and whole-model time per token against the parent, interleaved.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/carve-bench [--device cuda]
@@ -671,9 +672,12 @@ def main() -> None:
         saved = estimates_off(model)
         row["spectra_no_estimate"] = routed_eval(model, unseen, device)[0] / parent_ppl
         estimates_on(model, saved)
-        for how in ("oracle", "linear", "random"):
-            fit_estimates(model, inputs, k, how, gates)
-            saved = with_routing(model, how, k, gates)
+        for how in ("oracle", "linear", "linear_balanced", "random"):
+            if how == "linear_balanced":  # the gate made to pay for even loads, as the SPECTRA router does
+                row["linear_balanced_calibration_cv"] = statistics.mean(g.balance_loads(x, k) for g, x in zip(gates, inputs))
+            route = "linear" if how == "linear_balanced" else how
+            fit_estimates(model, inputs, k, route, gates)
+            saved = with_routing(model, route, k, gates)
             ppl, recall = routed_eval(model, unseen, device)
             restore(model, saved)
             row[how], row[f"{how}_recall"] = ppl / parent_ppl, recall
@@ -707,13 +711,14 @@ def main() -> None:
     native = report["converter_routers"]
     print(f"the folder's routers as written (top-{native['k']}): {native['ppl_ratio']:.3f}x, "
           f"oracle recall {native['recall']:.3f}")
-    print("| active FFN | k | oracle | SPECTRA router | linear gate | random | SPECTRA, no estimate | "
-          "recall SPECTRA / linear / random |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| active FFN | k | oracle | SPECTRA router | linear gate | linear gate, balanced | random | "
+          "SPECTRA, no estimate | recall SPECTRA / linear / balanced linear / random |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['active']:.0%} | {r['k']} | {r['oracle']:.2f}x | {r['spectra']:.2f}x | {r['linear']:.2f}x | "
-              f"{r['random']:.2f}x | {r['spectra_no_estimate']:.2f}x | "
-              f"{r['spectra_recall']:.3f} / {r['linear_recall']:.3f} / {r['random_recall']:.3f} |")
+        print(f"| {r['active']:.0%} | {r['k']} | {r['oracle']:.3f}x | {r['spectra']:.3f}x | {r['linear']:.3f}x | "
+              f"{r['linear_balanced']:.3f}x | {r['random']:.3f}x | {r['spectra_no_estimate']:.3f}x | "
+              f"{r['spectra_recall']:.3f} / {r['linear_recall']:.3f} / {r['linear_balanced_recall']:.3f} / "
+              f"{r['random_recall']:.3f} |")
     if "finetuned" in report:
         f = report["finetuned"]
         print(f"after finetune --mode lora ({f['steps']} steps, k={f['k']}): {f['ppl_ratio']:.2f}x, recall {f['recall']:.3f}")

@@ -462,6 +462,24 @@ def test_closed_form_router_keeps_the_ridge_gates_top_k_with_its_intercept() -> 
 
 
 @pytest.mark.slow
+def test_a_balanced_linear_gate_evens_its_hard_loads_with_the_routers_bias_loop() -> None:
+    """bench/carve.py's "linear gate, balanced" row: the gate's balancing bias comes from the loop that fits the
+    SPECTRA router's dual bias. On inputs whose oracle favours two experts the plain gate's top-2 loads are
+    uneven; with the bias they are even on the same tokens, and the CV it reports is the one its selection has."""
+    from spectra_convert.router.oracle_fit import LinearGate, selection_cv
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(16, 64, 24, generator=generator)
+    flat = inputs.reshape(-1, 24)
+    mass = (flat @ torch.randn(24, 8, generator=generator)).exp() * torch.tensor([4.0, 3.0, 1, 1, 1, 1, 1, 1])
+    gate = LinearGate(inputs, mass)
+    before = selection_cv(gate.select(flat, 2), 8)
+    reported = gate.balance_loads(inputs, 2)
+    after = selection_cv(gate.select(flat, 2), 8)
+    assert before > 0.3 and after < 0.05, (before, after)
+    assert after == pytest.approx(reported, abs=1e-6)
+
+
 def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(carved_smollm2) -> None:
     """Issue 18's bar for the router fit: on changelog text (a domain calibration never saw), every layer's
     SPECTRA router with the ``recall`` bias rule recalls the oracle's experts at least as well as a ridge linear
@@ -491,7 +509,7 @@ def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(ca
         for hook in hooks:
             hook.remove()
     recall = {"balance": [], "recall": [], "ridge": []}
-    cv = {"balance": [], "recall": []}
+    cv = {"balance": [], "recall": [], "ridge": [], "ridge_balanced": []}
     for block, fit, held in zip(blocks, seen["fit"], seen["unseen"]):
         fit, held = fit[0].float(), held[0].float()
         router = block.gate
@@ -504,12 +522,17 @@ def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(ca
             selected = router_selection(router, held)
             recall[rule].append(topk_recall(selected, oracle))
             cv[rule].append(selection_cv(selected, router.num_experts))
-        recall["ridge"].append(topk_recall(LinearGate(fit, mass).select(held, 4), oracle))
+        gate = LinearGate(fit, mass)
+        recall["ridge"].append(topk_recall(gate.select(held, 4), oracle))
+        cv["ridge"].append(selection_cv(gate.select(held, 4), router.num_experts))
+        gate.balance_loads(fit, 4)
+        cv["ridge_balanced"].append(selection_cv(gate.select(held, 4), router.num_experts))
     mean = {name: sum(values) / len(values) for name, values in {**recall, **{f"cv_{k}": v for k, v in cv.items()}}.items()}
     assert mean["recall"] >= mean["ridge"] - 0.005, mean
     assert all(s >= r - 0.03 for s, r in zip(recall["recall"], recall["ridge"])), list(zip(recall["recall"], recall["ridge"]))
     assert mean["balance"] >= mean["ridge"] - 0.03, mean  # measured: -0.007 on this fixture
     assert mean["cv_balance"] < mean["cv_recall"], mean
+    assert mean["cv_ridge_balanced"] < mean["cv_ridge"], mean  # bench/carve.py's balanced-gate row balances
 
 
 def test_carve_turns_the_projector_orthogonality_loss_off(tiny_carved) -> None:

@@ -72,16 +72,47 @@ def ridge_fit(features: torch.Tensor, target: torch.Tensor, ridge: float = 1e-2)
 
 
 class LinearGate:
-    """The baseline router: a ridge-fitted linear map of the FFN input to the standardised oracle mass."""
+    """The baseline router: a ridge-fitted linear map of the FFN input to the standardised oracle mass.
+
+    ``balance_loads`` adds a hard-load balancing bias fitted by the loop that fits the SPECTRA router's dual bias
+    (``calibrate.calibrate_bias_on_scores``): a carved model's router pays recall for even loads, so "better than
+    the linear gate" is only a fair comparison when the gate is made to pay the same (README, "Carving")."""
 
     def __init__(self, inputs: torch.Tensor, mass: torch.Tensor, ridge: float = 1e-2):
         self.weight, self.bias = ridge_fit(inputs.reshape(-1, inputs.shape[-1]), standardised(mass), ridge)
+        self.load_bias: torch.Tensor | None = None  # set by ``balance_loads``
 
     def scores(self, inputs: torch.Tensor) -> torch.Tensor:
         return inputs.reshape(-1, inputs.shape[-1]).float() @ self.weight.T + self.bias
 
     def select(self, inputs: torch.Tensor, k: int) -> torch.Tensor:
-        return self.scores(inputs).topk(k, dim=-1).indices
+        scores = self.scores(inputs)
+        return (scores if self.load_bias is None else scores + self.load_bias).topk(k, dim=-1).indices
+
+    @torch.no_grad()
+    def balance_loads(self, inputs: torch.Tensor, k: int) -> float:
+        """Fit ``load_bias`` so the gate's hard top-``k`` loads on ``inputs [B, T, H]`` are even; returns the
+        achieved calibration load CV."""
+        from .calibrate import calibrate_bias_on_scores
+
+        loads = _PlainTopK(k, self.weight.shape[0])
+        cv = calibrate_bias_on_scores(loads, self.scores(inputs), seq_len=inputs.shape[1])
+        self.load_bias = loads.dual_bias
+        return cv
+
+
+class _PlainTopK:
+    """What ``calibrate_bias_on_scores`` reads of a router, for a plain top-k of scores plus a bias (no
+    per-sequence term): lets the linear gate's balancing bias come from the same loop as the router's."""
+
+    sinkhorn_iters = 20  # the SPECTRA router's default (``SpectraConfig``)
+
+    def __init__(self, top_k: int, num_experts: int):
+        self.top_k, self.num_experts = top_k, num_experts
+        self.dual_bias = torch.zeros(num_experts)
+
+    def select(self, logits: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.topk(logits.float() + bias.float(), self.top_k, dim=-1).indices
 
 
 @torch.no_grad()

@@ -2,8 +2,9 @@
 carve``), held-out perplexity ratio to the parent at several active-FFN fractions for four ways of picking the
 slices -- the oracle (upper bound), the SPECTRA router fitted by the converter, a ridge-fitted linear gate on the
 same data (as fitted, and with a hard-load balancing bias from the loop that balances the SPECTRA router, so the
-two are also compared at equal balance), random -- then after a short ``finetune --mode lora`` (+ routers), the balance study (per-sequence
-correction on / off / dual bias alone), and whole-model time per token against the parent, interleaved.
+two are also compared at equal balance), random -- then after a short ``finetune --mode lora`` (+ routers), the
+balance study (per-sequence correction on / off / dual bias alone), and whole-model time per token against the
+parent, interleaved.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/carve.py --work /tmp/carve-bench [--device cuda]
         [--calibration-tokens 32768] [--eval-tokens 4096] [--top-k 1,2,5] [--finetune-steps 40]

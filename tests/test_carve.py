@@ -461,7 +461,6 @@ def test_closed_form_router_keeps_the_ridge_gates_top_k_with_its_intercept() -> 
     assert torch.equal(got, expected)
 
 
-@pytest.mark.slow
 def test_a_balanced_linear_gate_evens_its_hard_loads_with_the_routers_bias_loop() -> None:
     """bench/carve.py's "linear gate, balanced" row: the gate's balancing bias comes from the loop that fits the
     SPECTRA router's dual bias. On inputs whose oracle favours two experts the plain gate's top-2 loads are
@@ -480,6 +479,7 @@ def test_a_balanced_linear_gate_evens_its_hard_loads_with_the_routers_bias_loop(
     assert after == pytest.approx(reported, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_carved_smollm2_router_is_no_worse_than_the_ridge_gate_on_unseen_text(carved_smollm2) -> None:
     """Issue 18's bar for the router fit: on changelog text (a domain calibration never saw), every layer's
     SPECTRA router with the ``recall`` bias rule recalls the oracle's experts at least as well as a ridge linear

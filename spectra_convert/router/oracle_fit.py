@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..modeling.configuration_spectra import SPECTRA_DEFAULTS
 from ..modeling.modeling_spectra import SpectraRouter, run_experts, single_cpu_thread
 from .loads import load_cv
 
@@ -105,7 +106,7 @@ class _PlainTopK:
     """What ``calibrate_bias_on_scores`` reads of a router, for a plain top-k of scores plus a bias (no
     per-sequence term): lets the linear gate's balancing bias come from the same loop as the router's."""
 
-    sinkhorn_iters = 20  # the SPECTRA router's default (``SpectraConfig``)
+    sinkhorn_iters = SPECTRA_DEFAULTS["sinkhorn_iters"]  # what a SPECTRA router runs unless configured otherwise
 
     def __init__(self, top_k: int, num_experts: int):
         self.top_k, self.num_experts = top_k, num_experts

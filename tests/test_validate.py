@@ -440,7 +440,7 @@ def test_report_dir_permission_denied(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_smollm2_upcycled_8x_top2(upcycled_smollm2, smollm2_gguf, tmp_path):
     report = validate(upcycled_smollm2, CORPUS / "mixed_eval.jsonl", parent=smollm2_gguf, baselines=True,
-                      report_dir=tmp_path / "report", max_tokens=4096, max_length=256)
+                      report_dir=tmp_path / "report", max_tokens=2048, max_length=256)
     summary, parent = report["summary"], report["parent"]
     assert report["num_layers"] == 30 and report["num_experts"] == 8 and report["top_k"] == 2
     # copy-upcycling with 1% noise keeps the dense model's predictions: perplexity within a few percent

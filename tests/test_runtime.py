@@ -857,6 +857,20 @@ def test_the_compiled_block_step_decodes_like_the_torch_path(layout: str, sequen
     assert torch.equal(compiled[2], reference[2])
 
 
+def test_finetunes_lora_wrapping_prints_no_dependency_future_warning() -> None:
+    """``finetune --mode lora`` wraps the model with PEFT, whose 0.21 release reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` alias: a FutureWarning on every run that is about two dependencies, not the
+    user's command. The wrapping is silent."""
+    import warnings
+
+    from spectra_convert.finetune.modes import LoraMode, ModeOptions
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoraMode().prepare(build("llama", seed=4), ModeOptions())
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("setup", ["peft", "finetune"])
 def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged_model(setup: str, monkeypatch) -> None:
     """Decoding with an unmerged PEFT LoRA on the fused expert tensors (and attention) runs the block kernel with

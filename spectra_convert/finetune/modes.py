@@ -18,6 +18,7 @@ names the tensors a resumable checkpoint must hold, and writes the final output 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,12 @@ class LoraMode:
             modules_to_save=[ROUTER_MODULE] + ([ESTIMATE_MODULE] if _has_estimate(model) else []),
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` alias while wrapping any
+            # model (transformers' own included): a FutureWarning about two dependencies' versions that says
+            # nothing to a finetune user, printed on every run; only that message is silenced.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
         rebind_router_context(peft_model)
         if not options.train_routers:
             for router in find_routers(peft_model):

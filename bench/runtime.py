@@ -19,7 +19,9 @@ The FLOP floor, for reading the ratios: a copy-upcycled top-2 model runs two par
 T = 512 it does ~1.59x the parent's multiply-adds (FFN is 75 % of SmolLM2's per-layer linear work, the
 tied 49k-vocabulary head is 21 % of the total) — forward and decode ratios below that are out of reach.
 
-Usage: ``python bench/runtime.py [--model DIR] [--threads 2] [--repeats 3] [--busy] [--quick]``
+Usage: ``python bench/runtime.py [--model DIR] [--threads 2|auto] [--repeats 3] [--busy] [--quick]``
+(``--threads auto``: every model on the threads ``spectra-convert`` itself would pick, the cores idle once the
+busy process spins -- ``spectra_convert/cpu_threads.py``).
 (``--quick``: tiny sizes, one repetition — a smoke test of the script, not a measurement).
 """
 
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from rich.table import Table
 
 from moe_block import median_ms
 
+from spectra_convert.cpu_threads import idle_core_threads
 from spectra_convert.modeling import modeling_spectra
 
 console = Console(width=170)
@@ -191,14 +195,16 @@ def verdict(value: float, target: float, higher_is_better: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2 8x top-2 upcycle (default: build one)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2", help="a count, or 'auto': the cores idle once --busy spins, "
+                        "as the CLI picks them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")
     parser.add_argument("--aten-gru", action="store_true",
                         help="ATen's GRU loop instead of the compiled one (the runtime before 2026-12-06)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads != "auto":
+        torch.set_num_threads(int(args.threads))
     modeling_spectra.COMPILED_RECURRENCE = not args.aten_gru
     seq, batch4, new_tokens, ft_len, repeats, warmup = 512, 4, 64, 128, args.repeats, 1
     # The parent's full fine-tune step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh
@@ -225,6 +231,10 @@ def main() -> None:
                          f"<= {target}x: {verdict(s / d, target)}"))
 
         with busy_core(args.busy):
+            if args.threads == "auto":
+                time.sleep(0.3)  # the busy process is spinning by now
+                torch.set_num_threads(idle_core_threads()[0])
+            threads = torch.get_num_threads()
             ms = median_ms({k: forward_fn(m, one) for k, m in models.items()}, repeats, warmup)
             add(f"{seq}-token forward, batch 1", ms, "forward")
             ms = median_ms({k: forward_fn(m, four) for k, m in models.items()}, repeats, warmup)
@@ -275,7 +285,7 @@ def main() -> None:
                          f"{m:.1f} ms merged", ratio(u, m), "",
                          f"<= {TARGETS['unmerged']}x: {verdict(u / m, TARGETS['unmerged'])}"))
 
-    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {args.threads} threads, medians of {repeats} (fine-tune rows: {ft_repeats})"
+    table = Table(title=f"SmolLM2-135M 8x top-2 (copy) runtime, {threads} threads{' (auto)' if args.threads == 'auto' else ''}, medians of {repeats} (fine-tune rows: {ft_repeats})"
                   + (", one core busy" if args.busy else "") + (", ATen's GRU loop" if args.aten_gru else "") + (" [QUICK: not a measurement]" if args.quick else ""))
     for column in ("measurement", "dense parent", "SPECTRA", "Mixtral (same experts)", "SPECTRA / dense",
                    "Mixtral / dense", "target"):

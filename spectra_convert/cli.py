@@ -19,6 +19,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import click
 
+from .cpu_threads import choose_cli_threads
 from .errors import UserError
 
 #: verb -> module under spectra_convert.commands exposing a click command named ``command``
@@ -57,8 +58,20 @@ def group() -> None:
     """Turn HuggingFace causal LMs into SPECTRA-routed Mixture-of-Experts models."""
 
 
+def _pick_threads(args: list[str]) -> None:
+    """Run on the cores nobody else is using at start (``cpu_threads``; say so on stderr when that is fewer
+    than all); not for help or version, which start no torch."""
+    if not args or {"-h", "--help", "--version"} & set(args):
+        return
+    threads = choose_cli_threads()
+    if threads is not None:
+        click.echo(f"note: another process is keeping cores busy; running on {threads} thread"
+                   f"{'s' if threads > 1 else ''} (set OMP_NUM_THREADS to choose)", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the group, map user errors to one stderr line and exit code."""
+    _pick_threads(sys.argv[1:] if argv is None else argv)
     try:
         group.main(args=argv, standalone_mode=False)
     except UserError as exc:

@@ -25,7 +25,7 @@ FLOORS = [
     {"surgery", "finetune", "validate", "hub"},
     {"router", "modelio", "textdata", "modelcard", "options"},
     {"dtypes"},
-    {"modeling", "errors", "console"},
+    {"modeling", "errors", "console", "cpu_threads"},
 ]
 FLOOR_OF = {part: level for level, parts in enumerate(FLOORS) for part in parts}
 

@@ -984,6 +984,39 @@ def test_the_compiled_block_step_keeps_the_callers_threads_and_steps_aside(monke
         torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="numba's pool has one thread here")
+def test_starting_numbas_thread_pool_keeps_the_processs_thread_count() -> None:
+    """numba's OpenMP layer sets OpenMP's thread count to every core when its pool starts (the block kernel's
+    compile or cache load), and torch reads its count from OpenMP: a process started with OMP_NUM_THREADS=1 must
+    still run torch on one thread after its first decoding step, and the kernel with it (as must one that set
+    ``torch.set_num_threads(1)``). A fresh process, since the pool starts once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = textwrap.dedent(
+        """
+        import numba, torch
+        from spectra_convert.modeling import modeling_spectra
+        from tests.test_runtime import build_carved_like  # (tests/conftest.py sets 2 threads: back to the env's)
+        torch.set_num_threads(1)
+        model = build_carved_like()
+        with torch.no_grad():
+            model(torch.randint(3, 128, (1, 1)))
+        assert modeling_spectra.compiled_block_step() is not None
+        print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NUMBA_NUM_THREADS", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=str(modeling_spectra.__file__).rsplit("/spectra_convert/", 1)[0])
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch_threads, numba_threads, pool = map(int, result.stdout.split())
+    assert pool >= 2  # the pool did start with every core, so the test can fail
+    assert (torch_threads, numba_threads) == (1, 1)
+
+
 def test_the_always_on_part_runs_beside_the_recurrence_with_the_same_values(monkeypatch) -> None:
     """Without autograd, a block's shared expert and estimate run on a helper thread while the router runs ATen's
     GRU loop (docs/ARCHITECTURE.md, "Runtime speed"); the output must be the serial one to the bit. Under

@@ -569,8 +569,25 @@ def compiled_block_step() -> Callable[..., None] | None:
         signature = (f"void({v}, {m}, {v}, {m}, {v}, {m}, {m}, {m}, float64, float64, {v}, float64, float64, {a}, "
                      f"{stack}, {stack}, {factors}, {factors}, float64, {factors}, {factors}, float64, "
                      f"{v}, {m}, {m}, {m}, {m}, {v}, float64, {v}, int64[::1], {v}, {v})")
-        _compiled_block = _njit(_gated_block_step, signature, parallel=True, fastmath={"reassoc", "contract"})
+        with torch_threads_kept():
+            _compiled_block = _njit(_gated_block_step, signature, parallel=True, fastmath={"reassoc", "contract"})
     return _compiled_block if callable(_compiled_block) else None
+
+
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Keep torch's CPU thread count across work that may start numba's thread pool. numba's OpenMP layer sets
+    the process's OpenMP thread count to NUMBA_NUM_THREADS (every core) when its pool starts -- at the parallel
+    kernel's compile, or its first call when it came from numba's disk cache -- and torch reads its count from OpenMP, so without this a process run with
+    ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` silently ran every later torch op on all cores
+    (measured, 2 cores with another process keeping one busy: the parent's decode 45 -> 713 ms a token in the
+    same process after a SPECTRA model's first decoding step; docs/ARCHITECTURE.md, "Runtime speed")."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 _compiled_step: Callable[..., None] | None | bool = False  # False: not tried yet
@@ -1920,15 +1937,16 @@ class SpectraMoeBlock(nn.Module):
         states, state0 = gate._cached_state(1)
         state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
         threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
-        if numba.get_num_threads() != threads:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         try:
-            kernel(flat.numpy()[0], a.w_ih, a.b_ih, a.w_hh, a.b_hh, a.projector, a.mu, a.repulsion,
-                   float(gate.repulsion), float(gate.temperature), a.dual_bias, float(gate.sequence_balance),
-                   float(SEQUENCE_CHUNK), state0.numpy()[0] if state0 is not None else no_state, a.gate_up, a.down,
-                   a.gate_up_lhs, a.gate_up_rhs, float(first_scale), a.down_lhs, a.down_rhs, float(second_scale),
-                   a.expert_scale, a.shared_gate_up, a.shared_down, a.estimate_in, a.estimate_out, a.estimate_bias,
-                   share, scratch, selected, state.numpy()[0], out.numpy()[0])
+            with torch_threads_kept():  # numba's pool starts at the first call (or compile): torch's count stays
+                if numba.get_num_threads() != threads:
+                    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                kernel(flat.numpy()[0], a.w_ih, a.b_ih, a.w_hh, a.b_hh, a.projector, a.mu, a.repulsion,
+                       float(gate.repulsion), float(gate.temperature), a.dual_bias, float(gate.sequence_balance),
+                       float(SEQUENCE_CHUNK), state0.numpy()[0] if state0 is not None else no_state, a.gate_up,
+                       a.down, a.gate_up_lhs, a.gate_up_rhs, float(first_scale), a.down_lhs, a.down_rhs,
+                       float(second_scale), a.expert_scale, a.shared_gate_up, a.shared_down, a.estimate_in,
+                       a.estimate_out, a.estimate_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
         except Exception as error:  # noqa: BLE001 - e.g. a numba threading layer that cannot start on this machine
             global _compiled_block
             _compiled_block = None  # nothing was stored yet: this step and every later one take the torch path

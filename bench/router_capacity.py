@@ -15,6 +15,9 @@ domain the calibration never saw (changelogs):
   set, the step count chosen on a held-out eighth of the calibration tokens (what ``fit_spectra_router`` does);
 - ``+ shared acts``: the mass-ratio ridge on the FFN input and the shared expert's activations (free at run time:
   the shared expert runs for every token);
+- ``sentinels m``: the mass-ratio ridge on the FFN input and ``|activation|`` of ``m`` neurons per routed expert,
+  those whose output size follows their expert's mass most closely on calibration (a router that computes
+  ``8 m`` of the parent's gate/up rows for every token: ``8 m / I`` of the FFN's gate/up work);
 - ``mlp H``: the listwise gate plus a tanh MLP with H hidden units trained the same way (a nonlinear router).
 
 Per layer and k it prints held-out oracle recall and the output left out: ``||sum of unselected experts'
@@ -24,7 +27,7 @@ that raised recall did not lower it (``oracle_fit.standardised``); ``bench/carve
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/router_capacity.py [--layers 2,10,18,26] [--top-k 4,6]
         [--shared-fraction 0.125] [--calibration-tokens 16384] [--eval-tokens 4096] [--mlp-hidden 32,128]
-        [--mlp-steps 1000]
+        [--mlp-steps 1000] [--sentinels 4,16]
 """
 
 from __future__ import annotations
@@ -90,8 +93,22 @@ def left_out(selected: torch.Tensor, outputs: torch.Tensor, dense: torch.Tensor)
     return float(missing.pow(2).sum(-1).mean() / dense.pow(2).sum(-1).mean())
 
 
+def sentinels(acts: torch.Tensor, down: torch.Tensor, plan, mass: torch.Tensor, m: int) -> torch.Tensor:
+    """Per routed expert the ``m`` neurons whose output size ``|act_i| * ||down_i||`` follows the expert's mass
+    most closely on calibration tokens (Pearson correlation): the cheapest nonlinear witnesses of a slice, since
+    their activations are terms of the very sum the oracle ranks by."""
+    size = acts.abs() * down.float().norm(dim=0)
+    chosen = []
+    for e, neurons in enumerate(plan.groups):
+        z = size[:, neurons] - size[:, neurons].mean(0)
+        t = mass[:, e] - mass[:, e].mean()
+        corr = (z * t[:, None]).sum(0) / (z.norm(dim=0) * t.norm() + 1e-12)
+        chosen.append(neurons[corr.topk(min(m, neurons.numel())).indices])
+    return torch.cat(chosen)
+
+
 def layer_report(model, layer: int, x_cal: torch.Tensor, x_eval: torch.Tensor, ks: list[int], hidden_sizes: list[int],
-                 mlp_steps: int, shared_fraction: float) -> None:
+                 mlp_steps: int, shared_fraction: float, sentinel_counts: list[int]) -> None:
     mlp = model.model.layers[layer].mlp
     dense = {"gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), "down": mlp.down_proj.weight.detach()}
     acts_cal = intermediate_activations(dense, x_cal, F.silu)
@@ -119,6 +136,11 @@ def layer_report(model, layer: int, x_cal: torch.Tensor, x_eval: torch.Tensor, k
         both_cal, both_eval = torch.cat([x_cal, shared_cal], 1), torch.cat([x_eval, shared_eval], 1)
         w_shared, b_shared = ridge_fit(both_cal, standardised(mass_cal), 1e-1)
         report("+ shared acts", both_eval @ w_shared.T + b_shared)
+        for m in sentinel_counts:
+            chosen = sentinels(acts_cal, dense["down"], plan, mass_cal, m)
+            sent_cal, sent_eval = torch.cat([x_cal, acts_cal[:, chosen].abs()], 1), torch.cat([x_eval, acts_eval[:, chosen].abs()], 1)
+            w_sent, b_sent = ridge_fit(sent_cal, standardised(mass_cal), 1e-1)
+            report(f"sentinels {m}", sent_eval @ w_sent.T + b_sent)
         gate = torch.nn.Linear(x_cal.shape[1], 8)
         with torch.no_grad():
             gate.weight.copy_(weight)
@@ -150,6 +172,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--mlp-hidden", default="32,128")
     parser.add_argument("--mlp-steps", type=int, default=1000)
+    parser.add_argument("--sentinels", default="4,16", help="neurons per expert whose |activation| join the ridge's inputs")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,13 +184,15 @@ def main() -> None:
     unseen = blocks_of(tokenizer, CORPUS / "unseen.jsonl", args.eval_tokens)
     x_cal, x_eval = ffn_inputs(model, calibration, layers), ffn_inputs(model, unseen, layers)
     hidden_sizes = [int(v) for v in args.mlp_hidden.split(",") if v]
-    names = ["oracle", "ridge (mass ratio)", "ridge (log ratio)", "+ shared acts", "+ listwise"] + [f"mlp {h}" for h in hidden_sizes]
+    sentinel_counts = [int(v) for v in args.sentinels.split(",") if v]
+    names = (["oracle", "ridge (mass ratio)", "ridge (log ratio)", "+ shared acts"] + [f"sentinels {m}" for m in sentinel_counts]
+             + ["+ listwise"] + [f"mlp {h}" for h in hidden_sizes])
     print("held-out oracle recall / output left out, unseen changelog text")
     print("| layer | k | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for layer in layers:
         layer_report(model, layer, x_cal[layer], x_eval[layer], [int(v) for v in args.top_k.split(",")], hidden_sizes,
-                     args.mlp_steps, args.shared_fraction)
+                     args.mlp_steps, args.shared_fraction, sentinel_counts)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def idle_core_threads() -> tuple[int, int]:
 def choose_cli_threads(environ: MutableMapping[str, str] = os.environ) -> int | None:
     """Set ``OMP_NUM_THREADS`` in ``environ`` to the idle cores when fewer than all are idle, and return the
     count; None (nothing changed) when the user set it, torch is already imported, or the cores are idle."""
-    if "OMP_NUM_THREADS" in environ or "torch" in sys.modules:
-        return None
+    if "OMP_NUM_THREADS" in environ or "torch" in sys.modules or not hasattr(os, "sched_getaffinity"):
+        return None  # (no affinity call: not Linux, where /proc/stat is missing too)
     threads, physical = idle_core_threads()
     if threads >= physical:
         return None

@@ -38,7 +38,7 @@ from . import checked, output_option
                    "as held-out oracle recall allows: ~6% lower perplexity, less balanced) [default: balance].")
 @click.option("--noise", default=0.01, show_default=True, type=checked("upcycle", "noise"), help="Relative std of the noise added to expert copies.")
 @click.option("--router-dim", default=None, type=checked("upcycle", "router_dim"),
-              help="Router GRU/expression dimension [default: 128; 32 for --method carve].")
+              help="Router GRU/expression dimension [default: 64; 32 for --method carve].")
 @click.option("--router-init", type=checked("upcycle", "router_init"), default="orthogonal", show_default=True,
               help="Prototype init: orthonormal (balances best on unseen text) or k-means on calibration states.")
 @click.option("--calibration", type=click.Path(), default=None,

@@ -269,6 +269,14 @@ def noise_workers(cores: int) -> int:
 # -- the verb -------------------------------------------------------------------------------------------------
 
 
+
+#: Router width of ``copy`` and ``drop`` upcycles. 64, not 128 (the default until 2026-12-07, eighteenth session):
+#: the GRU recurrence is most of what a copy's prefill spends above Mixtral's, and at 64 a SmolLM2-135M 8x
+#: top-2 copy ran its 512-token forward 7.3% faster (1.73x the parent against 1.87x at 128, side by side) with
+#: unseen-domain balance still inside the goal (load CV mean / worst 0.040 / 0.068 against 0.034 / 0.053; at 32:
+#: 0.049 / 0.090, too close to the 0.05 / 0.10 goal). README "Benchmarks".
+COPY_ROUTER_DIM = 64
+
 def upcycle(
     model: str,
     out: str | Path,
@@ -303,7 +311,8 @@ def upcycle(
     ``SKIPPED_ESTIMATE_RANK``, 0 = none), ``carve_bias`` (default ``CARVE_BIAS``: "balance"; or "recall"); see
     ``carve_upcycle``).
 
-    ``router_dim``: the router's GRU / expression width; default 128, and 32 for ``carve`` (``CARVE_ROUTER_DIM``).
+    ``router_dim``: the router's GRU / expression width; default ``COPY_ROUTER_DIM`` (64) for ``copy`` and ``drop``,
+    and 32 for ``carve`` (``CARVE_ROUTER_DIM``).
     ``calibration_tokens``: default 8192, and 32768 for ``carve`` (``CARVE_CALIBRATION_TOKENS``).
 
     ``spectra_overrides`` sets other routing knobs of the output (``SPECTRA_DEFAULTS``), e.g. ``{"use_gru":
@@ -339,7 +348,7 @@ def upcycle(
                              experts=experts, top_k=top_k, router_dim=router_dim, options=options,
                              calibration_tokens=calibration_tokens, out_dtype=plan.out_dtype, gguf_file=gguf_file,
                              seed=seed, force=force, overrides=plan.overrides)
-    router_dim = 128 if router_dim is None else router_dim
+    router_dim = COPY_ROUTER_DIM if router_dim is None else router_dim
     calibration_tokens = 8192 if calibration_tokens is None else calibration_tokens
     # Refuse a bad OUT before the expensive work, then hold the temp dir for the whole write. Tensors are streamed
     # into their shard files by a background thread (bounded queue: at most one tensor waits).

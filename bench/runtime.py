@@ -195,8 +195,8 @@ def verdict(value: float, target: float, higher_is_better: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2 8x top-2 upcycle (default: build one)")
-    parser.add_argument("--threads", default="2", help="a count, or 'auto': the cores idle once --busy spins, "
-                        "as the CLI picks them")
+    parser.add_argument("--threads", default="2", type=lambda v: v if v == "auto" else str(int(v)),
+                        help="a count, or 'auto': the cores idle once --busy spins, as the CLI picks them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repetition: a smoke test")

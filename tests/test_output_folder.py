@@ -157,6 +157,7 @@ def test_a_router_fine_tune_is_a_publishable_folder(finetuned: dict[str, Path]) 
 @pytest.mark.slow  # a fresh process
 def test_push_refuses_an_adapter_whose_base_is_not_on_the_hub(finetuned: dict[str, Path], tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["OMP_NUM_THREADS"] = "1"  # as every CLI test: no thread note on stderr if the box is busy (cpu_threads.py)
     with FakeHub(token=TOKEN) as hub:
         env.update(HF_ENDPOINT=hub.endpoint, HF_TOKEN=TOKEN, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1")
         done = subprocess.run([sys.executable, "-m", "spectra_convert", "push", str(finetuned["adapter"]), "--repo",

@@ -578,8 +578,9 @@ def compiled_block_step() -> Callable[..., None] | None:
 def torch_threads_kept() -> Iterator[None]:
     """Keep torch's CPU thread count across work that may start numba's thread pool. numba's OpenMP layer sets
     the process's OpenMP thread count to NUMBA_NUM_THREADS (every core) when its pool starts -- at the parallel
-    kernel's compile, or its first call when it came from numba's disk cache -- and torch reads its count from OpenMP, so without this a process run with
-    ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` silently ran every later torch op on all cores
+    kernel's compile, or its first call when it came from numba's disk cache -- and torch reads its count from
+    OpenMP, so without this a process run with ``OMP_NUM_THREADS=1`` or ``torch.set_num_threads(1)`` silently
+    ran every later torch op on all cores
     (measured, 2 cores with another process keeping one busy: the parent's decode 45 -> 713 ms a token in the
     same process after a SPECTRA model's first decoding step; docs/ARCHITECTURE.md, "Runtime speed")."""
     threads = torch.get_num_threads()

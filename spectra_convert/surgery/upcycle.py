@@ -268,14 +268,13 @@ def noise_workers(cores: int) -> int:
 
 # -- the verb -------------------------------------------------------------------------------------------------
 
-
-
 #: Router width of ``copy`` and ``drop`` upcycles. 64, not 128 (the default until 2026-12-07, eighteenth session):
 #: the GRU recurrence is most of what a copy's prefill spends above Mixtral's, and at 64 a SmolLM2-135M 8x
 #: top-2 copy ran its 512-token forward 7.3% faster (1.73x the parent against 1.87x at 128, side by side) with
 #: unseen-domain balance still inside the goal (load CV mean / worst 0.040 / 0.068 against 0.034 / 0.053; at 32:
 #: 0.049 / 0.090, too close to the 0.05 / 0.10 goal). README "Benchmarks".
 COPY_ROUTER_DIM = 64
+
 
 def upcycle(
     model: str,

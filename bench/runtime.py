@@ -195,7 +195,7 @@ def verdict(value: float, target: float, higher_is_better: bool = False) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2 8x top-2 upcycle (default: build one)")
-    parser.add_argument("--threads", default="2", type=lambda v: v if v == "auto" else str(int(v)),
+    parser.add_argument("--threads", default=2, type=lambda v: v if v == "auto" else int(v),
                         help="a count, or 'auto': the cores idle once --busy spins, as the CLI picks them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process")
@@ -204,7 +204,7 @@ def main() -> None:
                         help="ATen's GRU loop instead of the compiled one (the runtime before 2026-12-06)")
     args = parser.parse_args()
     if args.threads != "auto":
-        torch.set_num_threads(int(args.threads))
+        torch.set_num_threads(args.threads)
     modeling_spectra.COMPILED_RECURRENCE = not args.aten_gru
     seq, batch4, new_tokens, ft_len, repeats, warmup = 512, 4, 64, 128, args.repeats, 1
     # The parent's full fine-tune step swung 2.1-3.1 s between runs of 3 (AdamW over every weight, fresh

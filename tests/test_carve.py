@@ -50,6 +50,36 @@ def test_balanced_kmeans_recovers_planted_equal_clusters() -> None:
         assert len(set(truth[group].tolist())) == 1, "a planted cluster was split"
 
 
+def direct_balanced_kmeans(features: torch.Tensor, k: int, seed: int, iters: int = 15) -> torch.Tensor:
+    """The textbook form of ``balanced_kmeans`` (centroids as vectors, every similarity from the points): the
+    reference its Gram-matrix form must agree with."""
+    n, size = features.shape[0], features.shape[0] // k
+    points = torch.nn.functional.normalize(features.double(), dim=-1)
+    centroids = points[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]].clone()
+    assign = torch.empty(n, dtype=torch.long)
+    for _ in range(iters):
+        sims = points @ centroids.T
+        top2 = sims.topk(2, dim=1).values
+        fill = [0] * k
+        for row in torch.argsort(top2[:, 0] - top2[:, 1], descending=True).tolist():
+            cluster = next(c for c in torch.argsort(sims[row], descending=True).tolist() if fill[c] < size)
+            fill[cluster] += 1
+            assign[row] = cluster
+        new = torch.nn.functional.normalize(torch.zeros_like(centroids).index_add_(0, assign, points), dim=-1)
+        if torch.allclose(new, centroids, atol=1e-9):
+            break
+        centroids = new
+    return torch.stack([torch.nonzero(assign == c).flatten() for c in range(k)])
+
+
+def test_balanced_kmeans_on_the_gram_matrix_agrees_with_the_textbook_form() -> None:
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(6, 48, generator=g)
+    points = (centres[torch.arange(120) % 6] + 1.2 * torch.randn(120, 48, generator=g)).abs()  # overlapping clusters
+    for seed in range(3):
+        assert torch.equal(balanced_kmeans(points, 6, seed=seed), direct_balanced_kmeans(points, 6, seed))
+
+
 @pytest.mark.parametrize("kind, act", [("gated", "silu"), ("mlp", "gelu_new")])
 def test_shared_plus_all_routed_experts_is_the_dense_ffn(kind: str, act: str) -> None:
     dense, act_fn = dense_ffn(kind), ACT2FN[act]
@@ -138,6 +168,9 @@ def test_skipped_estimate_fit_recovers_a_low_rank_linear_map_and_reports_held_ou
     one, _ = fit_skipped_estimate(x, y, 1, ridge=1e-4)  # a lower rank fits worse: the rank is really kept
     assert float((x @ one["in_weight"].T @ one["out_weight"].T + one["out_bias"] - y).square().mean()) > 0.05
     assert fit_skipped_estimate(x, y, 99)[0]["in_weight"].shape == (12, 12)  # rank clamped at the output width
+    alone, _ = fit_skipped_estimate(x[~held], y[~held], 3, ridge=1e-4)  # the held-out score is a fit without those rows
+    error = y[held] - x[held] @ alone["in_weight"].T @ alone["out_weight"].T - alone["out_bias"]
+    assert explained == pytest.approx(1.0 - float(error.square().sum() / y[held].square().sum()), abs=1e-9)
 
 
 def test_skipped_output_is_what_the_selected_experts_at_their_scales_leave_out() -> None:

@@ -71,31 +71,39 @@ def contributions(acts: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, seed: int = 0) -> torch.Tensor:
     """Partition the rows of ``features [n, F]`` into ``k`` clusters of exactly ``n / k`` rows by cosine k-means
     whose assignment step has capacities: rows are placed in order of regret (how much they lose if denied their
-    best centroid), each in its most similar cluster that still has room. Returns ``[k, n/k]`` sorted indices."""
+    best centroid), each in its most similar cluster that still has room. Returns ``[k, n/k]`` sorted indices.
+
+    Runs on the rows' Gram matrix: a centroid is the normalised sum of its rows, so a row's cosine to it is
+    ``(G @ onehot)[row, c] / sqrt(onehot_c . G @ onehot_c)``. The features are one column per calibration token
+    (``F`` = 32768 for a default carve, n ~ 900), so one ``[n, n]`` product replaces a pass over ``[n, F]`` per
+    iteration for the similarities and another for the centroids (69 of a 307 s carve before; docs/ARCHITECTURE.md,
+    "Carving")."""
     n = features.shape[0]
     if n % k:
         raise ValueError(f"{n} rows do not split into {k} equal clusters")
     size = n // k
     points = F.normalize(features.float(), dim=-1)
+    gram = points @ points.T
     generator = torch.Generator().manual_seed(seed)
-    centroids = points[torch.randperm(n, generator=generator)[:k]].clone()
-    assign = torch.empty(n, dtype=torch.long)
+    sims = gram[:, torch.randperm(n, generator=generator)[:k]]  # the first centroids are rows themselves
+    assign = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
-        sims = points @ centroids.T
         ranked = sims.topk(min(2, k), dim=1).values
         regret = ranked[:, 0] - ranked[:, -1]
         preferences = torch.argsort(sims, dim=1, descending=True).tolist()
         fill = [0] * k
+        previous = assign.clone()
         for row in torch.argsort(regret, descending=True).tolist():
             for cluster in preferences[row]:
                 if fill[cluster] < size:
                     fill[cluster] += 1
                     assign[row] = cluster
                     break
-        new = F.normalize(torch.zeros_like(centroids).index_add_(0, assign, points), dim=-1)
-        if torch.allclose(new, centroids, atol=1e-6):
+        if torch.equal(assign, previous):  # same clusters, same centroids: converged
             break
-        centroids = new
+        onehot = torch.zeros(n, k).scatter_(1, assign.unsqueeze(1), 1.0)
+        summed = gram @ onehot  # [n, k]: each row's dot product with each cluster's sum
+        sims = summed / (onehot * summed).sum(0).clamp(min=1e-24).sqrt()
     return torch.stack([torch.nonzero(assign == c).flatten() for c in range(k)])
 
 
@@ -115,7 +123,7 @@ def plan_carve(contrib: torch.Tensor, experts: int, shared_fraction: float, *, g
     n_shared = shared_size(inter, experts, shared_fraction)
     top = max(1, round(inter * active_fraction))
     active = torch.zeros_like(contrib, dtype=torch.bool)
-    active.scatter_(1, contrib.topk(top, dim=1).indices, True)
+    active.scatter_(1, contrib.topk(top, dim=1, sorted=False).indices, True)
     frequency = active.float().mean(0) + 1e-6 * contrib.mean(0) / contrib.mean(0).max().clamp(min=1e-12)
     ranked = torch.argsort(frequency, descending=True)
     shared, rest = ranked[:n_shared].sort().values, ranked[n_shared:]
@@ -209,16 +217,24 @@ def skipped_output_of(acts: torch.Tensor, down: torch.Tensor, plan: CarvePlan, s
     return ((1.0 - kept)[:, expert_of_neuron] * acts[:, neurons]) @ down.float()[:, neurons].T
 
 
-def _reduced_rank_ridge(x: torch.Tensor, y: torch.Tensor, rank: int, ridge: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moments(x: torch.Tensor, y: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rows, sum x, sum y, xᵀx, xᵀy)``: what a ridge regression of ``y`` on ``x`` needs of the rows, additive over
+    row sets (a fit on all rows and one without a held-out part share the products)."""
+    return x.shape[0], x.sum(0), y.sum(0), x.T @ x, x.T @ y
+
+
+def _reduced_rank_ridge(moments: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], rank: int,
+                        ridge: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(in_weight [H, r], out_weight [H_out, r], out_bias [H_out])``: the ridge regression of ``y`` on ``x``
     (centred; the intercept is not shrunk and sits outside the rank) projected on the top-``rank`` principal
-    directions of its fitted values -- the optimal rank-r fit of the same regression."""
-    mean_x, mean_y = x.mean(0), y.mean(0)
-    xc, yc = x - mean_x, y - mean_y
-    gram = xc.T @ xc
+    directions of its fitted values -- the optimal rank-r fit of the same regression. Takes the rows'
+    ``_moments`` (float64: centring them, ``xᵀx - n m mᵀ``, loses nothing at this precision)."""
+    rows, sum_x, sum_y, xx, xy = moments
+    mean_x, mean_y = sum_x / rows, sum_y / rows
+    gram = xx - rows * torch.outer(mean_x, mean_x)
+    cross = xy - rows * torch.outer(mean_x, mean_y)
     full = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype),
-                              xc.T @ yc)  # [H, H_out]
+                              cross)  # [H, H_out]
     directions = torch.linalg.eigh(full.T @ gram @ full).eigenvectors[:, -rank:]  # [H_out, r]
     latent = full @ directions  # [H, r]
     return latent, directions, mean_y - (mean_x @ latent) @ directions.T
@@ -237,11 +253,14 @@ def fit_skipped_estimate(inputs: torch.Tensor, skipped: torch.Tensor, rank: int,
     x, y = inputs.double(), skipped.double()
     rank = min(rank, y.shape[1])
     explained = float("nan")
+    every = _moments(x, y)
     if holdout is not None and bool(holdout.any()) and bool((~holdout).any()):
-        latent, directions, bias = _reduced_rank_ridge(x[~holdout], y[~holdout], rank, ridge)
-        error = y[holdout] - (x[holdout] @ latent) @ directions.T - bias
-        explained = 1.0 - float(error.square().sum() / y[holdout].square().sum().clamp(min=1e-30))
-    latent, directions, bias = _reduced_rank_ridge(x, y, rank, ridge)
+        x_held, y_held = x[holdout], y[holdout]
+        held = _moments(x_held, y_held)
+        latent, directions, bias = _reduced_rank_ridge(tuple(a - b for a, b in zip(every, held)), rank, ridge)
+        error = y_held - (x_held @ latent) @ directions.T - bias
+        explained = 1.0 - float(error.square().sum() / y_held.square().sum().clamp(min=1e-30))
+    latent, directions, bias = _reduced_rank_ridge(every, rank, ridge)
     tensors = {"in_weight": latent.T.float().contiguous(), "out_weight": directions.float().contiguous(),
                "out_bias": bias.float().contiguous()}
     return tensors, explained

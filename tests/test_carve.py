@@ -51,8 +51,8 @@ def test_balanced_kmeans_recovers_planted_equal_clusters() -> None:
 
 
 def direct_balanced_kmeans(features: torch.Tensor, k: int, seed: int, iters: int = 15) -> torch.Tensor:
-    """The textbook form of ``balanced_kmeans`` (centroids as vectors, every similarity from the points): the
-    reference its Gram-matrix form must agree with."""
+    """The textbook form of ``balanced_kmeans`` in float64 (centroids by ``index_add_``, convergence judged on the
+    centroids): the reference its matrix-product form must agree with."""
     n, size = features.shape[0], features.shape[0] // k
     points = torch.nn.functional.normalize(features.double(), dim=-1)
     centroids = points[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]].clone()
@@ -72,7 +72,7 @@ def direct_balanced_kmeans(features: torch.Tensor, k: int, seed: int, iters: int
     return torch.stack([torch.nonzero(assign == c).flatten() for c in range(k)])
 
 
-def test_balanced_kmeans_on_the_gram_matrix_agrees_with_the_textbook_form() -> None:
+def test_balanced_kmeans_by_matrix_products_agrees_with_the_textbook_form() -> None:
     g = torch.Generator().manual_seed(3)
     centres = torch.randn(6, 48, generator=g)
     points = (centres[torch.arange(120) % 6] + 1.2 * torch.randn(120, 48, generator=g)).abs()  # overlapping clusters

@@ -73,21 +73,20 @@ def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, seed: in
     whose assignment step has capacities: rows are placed in order of regret (how much they lose if denied their
     best centroid), each in its most similar cluster that still has room. Returns ``[k, n/k]`` sorted indices.
 
-    Runs on the rows' Gram matrix: a centroid is the normalised sum of its rows, so a row's cosine to it is
-    ``(G @ onehot)[row, c] / sqrt(onehot_c . G @ onehot_c)``. The features are one column per calibration token
-    (``F`` = 32768 for a default carve, n ~ 900), so one ``[n, n]`` product replaces a pass over ``[n, F]`` per
-    iteration for the similarities and another for the centroids (69 of a 307 s carve before; docs/ARCHITECTURE.md,
-    "Carving")."""
+    The features are one column per calibration token (``F`` = 32768 in a default carve), so both passes over
+    them are matrix products: the similarities, and the centroids as ``onehot [k, n] @ points`` (an ``index_add_``
+    of the rows took 54 of a 307 s carve; docs/ARCHITECTURE.md, "Time of a carve"). A fixed assignment fixes the
+    centroids, so an unchanged assignment ends the loop."""
     n = features.shape[0]
     if n % k:
         raise ValueError(f"{n} rows do not split into {k} equal clusters")
     size = n // k
     points = F.normalize(features.float(), dim=-1)
-    gram = points @ points.T
     generator = torch.Generator().manual_seed(seed)
-    sims = gram[:, torch.randperm(n, generator=generator)[:k]]  # the first centroids are rows themselves
+    centroids = points[torch.randperm(n, generator=generator)[:k]]
     assign = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
+        sims = points @ centroids.T
         ranked = sims.topk(min(2, k), dim=1).values
         regret = ranked[:, 0] - ranked[:, -1]
         preferences = torch.argsort(sims, dim=1, descending=True).tolist()
@@ -99,11 +98,10 @@ def balanced_kmeans(features: torch.Tensor, k: int, *, iters: int = 15, seed: in
                     fill[cluster] += 1
                     assign[row] = cluster
                     break
-        if torch.equal(assign, previous):  # same clusters, same centroids: converged
+        if torch.equal(assign, previous):
             break
-        onehot = torch.zeros(n, k).scatter_(1, assign.unsqueeze(1), 1.0)
-        summed = gram @ onehot  # [n, k]: each row's dot product with each cluster's sum
-        sims = summed / (onehot * summed).sum(0).clamp(min=1e-24).sqrt()
+        onehot = torch.zeros(k, n).scatter_(0, assign.unsqueeze(0), 1.0)
+        centroids = F.normalize(onehot @ points, dim=-1)
     return torch.stack([torch.nonzero(assign == c).flatten() for c in range(k)])
 
 

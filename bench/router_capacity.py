@@ -97,10 +97,11 @@ def sentinels(acts: torch.Tensor, down: torch.Tensor, plan, mass: torch.Tensor, 
     """Per routed expert the ``m`` neurons whose output size ``|act_i| * ||down_i||`` follows the expert's mass
     most closely on calibration tokens (Pearson correlation): the cheapest nonlinear witnesses of a slice, since
     their activations are terms of the very sum the oracle ranks by."""
-    size = acts.abs() * down.float().norm(dim=0)
+    size = contributions(acts, down)
     chosen = []
     for e, neurons in enumerate(plan.groups):
-        z = size[:, neurons] - size[:, neurons].mean(0)
+        z = size[:, neurons]
+        z = z - z.mean(0)
         t = mass[:, e] - mass[:, e].mean()
         corr = (z * t[:, None]).sum(0) / (z.norm(dim=0) * t.norm() + 1e-12)
         chosen.append(neurons[corr.topk(min(m, neurons.numel())).indices])

@@ -929,6 +929,53 @@ def test_the_compiled_block_step_applies_an_unmerged_expert_lora_like_the_merged
     torch.testing.assert_close(merged_in_place, merged, atol=1e-4, rtol=0)
 
 
+def test_the_compiled_block_steps_prepared_arguments_follow_every_change_to_the_block(monkeypatch) -> None:
+    """A block prepares the kernel's arguments once and reuses them while nothing they were read from changed
+    (``PreparedBlockStep``). Every change that would make them stale must reach the next step: parameters
+    replaced (``load_state_dict(assign=True)``), storages moved (``double()`` and back), an in-place edit through
+    ``.data`` and a new storage assigned to it, the expert vectors edited (their unit vectors are derived), ``top_k`` or the temperature changed,
+    a part replaced. After each change the kernel's logits are the torch path's; in between, steps reuse."""
+    model, other = build_carved_like(seed=3, repulsion=0.5), build_carved_like(seed=4, repulsion=0.5)
+    token = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(3))
+    calls = spy_on_block_kernel(monkeypatch)
+    prepared: list[int] = []
+    prepare = modeling_spectra.PreparedBlockStep.of.__func__
+    monkeypatch.setattr(modeling_spectra.PreparedBlockStep, "of",
+                        classmethod(lambda cls, *args: prepared.append(1) or prepare(cls, *args)))
+
+    def compiled_and_torch_path() -> torch.Tensor:
+        with torch.no_grad():
+            compiled = model(token).logits
+            monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
+            reference = model(token).logits
+            monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
+        torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-5)
+        return compiled
+
+    block = model.parent.model.layers[0].mlp
+    changes = {
+        "parameters replaced": lambda: model.load_state_dict(other.state_dict(), assign=True),
+        "storages moved, then edited": lambda: (model.double().float(), block.experts.gate_up_proj.data.mul_(2.0)),
+        "in place through .data": lambda: block.experts.down_proj.data.mul_(3.0),
+        "new storage through .data": lambda: setattr(block.experts.gate_up_proj, "data", block.experts.gate_up_proj * 0.5),
+        "expert vectors": lambda: block.gate.expert_vectors.data.copy_(torch.randn(block.gate.expert_vectors.shape)),
+        "top_k": lambda: setattr(block.gate, "top_k", 3),
+        "temperature": lambda: setattr(block.gate, "temperature", 1e3),  # selection by the dual bias alone
+        "part replaced": lambda: setattr(block, "shared_expert", other.parent.model.layers[1].mlp.shared_expert),
+    }
+    before = compiled_and_torch_path()
+    assert len(calls) == 2 and len(prepared) == 2
+    compiled_and_torch_path()
+    assert len(calls) == 4 and len(prepared) == 2, "an unchanged block reuses its prepared step"
+    with torch.no_grad():
+        for name, change in changes.items():
+            change()
+            after = compiled_and_torch_path()
+            assert not torch.equal(after, before), f"{name}: this change must move the logits in this test"
+            before = after
+    assert len(calls) == 2 * (2 + len(changes))
+
+
 def test_a_failing_block_kernel_warns_once_and_decoding_goes_on_with_torch_ops(monkeypatch) -> None:
     """If the compiled step cannot run here (say, a numba threading layer that cannot start), the step falls back
     to the torch path with one warning, the logits are the torch path's, and the kernel is not tried again."""

@@ -30,6 +30,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -512,6 +514,7 @@ def _gated_block_step(x, w_ih, b_ih, w_hh, b_hh, projector, mu, repulsion, stren
 
 
 _compiled_block: Callable[..., None] | None | bool = False  # False: not tried yet
+_block_pool_started = False  # numba's thread pool has run the block kernel once (``torch_threads_kept`` says why)
 SILU_TYPES = (nn.SiLU, type(ACT2FN["silu"]))  # the activations ``_gated_block_step`` computes (x * sigmoid(x))
 
 
@@ -554,6 +557,72 @@ class BlockStepTensors(NamedTuple):
 #: LoRA factor fields of ``BlockStepTensors``: views of PEFT's weights, any non-negative strides (the rest must be
 #: contiguous).
 LORA_FACTOR_FIELDS = ("gate_up_lhs", "gate_up_rhs", "down_lhs", "down_rhs")
+
+
+@dataclass
+class PreparedBlockStep:
+    """What a block's decoding step hands the kernel besides the token -- its router, the numpy views of its
+    tensors, the scratch arrays, the LoRA / estimate scales -- and a stamp of what they were read from, so that the
+    next step reuses them after one comparison (``still_fits``) instead of reading every part again.
+
+    Reused only for plain parts (the block's own router, experts, shared expert and estimate: no PEFT wrapper,
+    whose active adapter can change with no module or tensor changing); a step with a wrapper prepares afresh.
+    The stamp sees what would make the views wrong: a hook registered anywhere (torch numbers every hook handle:
+    ``RemovableHandle.next_id``), a part, its GRU or activation replaced, a parameter or buffer replaced or moved
+    to another dtype or device (the identities in the modules' dicts, the tensors' storage addresses), the
+    router's ``top_k`` / ``repulsion`` / ``temperature`` / ``sequence_balance`` / GRU / projector settings or the
+    estimate's fitted top-k changed, the expert vectors' values changed (the unit vectors and repulsion weights
+    derive from them, as ``SpectraRouter.expert_geometry`` says). In-place edits of any other tensor show through
+    the views. Every part of the stamp is one C-level call: per decoded token a layer's Python work runs with cold
+    caches (the weights just streamed evict it), where each Python-level step costs several times its warm time
+    (docs/ARCHITECTURE.md, "Runtime speed")."""
+
+    gate: SpectraRouter
+    before_state: tuple[Any, ...]  # the kernel's arguments between the token and the router state ...
+    after_state: tuple[Any, ...]  # ... and between the router state and the outputs
+    no_state: Any  # the router state before the first token (zeros, never written)
+    state_width: int
+    holders: tuple[dict[str, Any], ...] | None  # the dicts whose entries the stamp follows; None: never reused
+    tensors: tuple[torch.Tensor, ...]
+    vectors: Any  # a numpy view of the router's expert vectors (the stamp holds their bytes)
+    stamp: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, block: nn.Module, gate: SpectraRouter, arrays: BlockStepTensors, scratch: tuple[Any, Any, Any],
+           scales: tuple[float, float, float], tensors: BlockStepTensors, hook_id: int) -> PreparedBlockStep:
+        """The prepared step for these parts (``hook_id``: ``RemovableHandle.next_id`` before they were read)."""
+        modules = block._modules
+        experts, shared, estimate = (modules.get(name) for name in ("experts", "shared_expert", "skipped_estimate"))
+        plain = (modules["gate"] is gate and type(experts) is SpectraExperts and tensors.gate_up_lhs is None
+                 and (estimate is None or type(estimate) is SkippedExpertsEstimate))
+        a, (no_state, scratch, selected), (first_scale, second_scale, share) = arrays, scratch, scales
+        before = (a.w_ih, a.b_ih, a.w_hh, a.b_hh, a.projector, a.mu, a.repulsion, float(gate.repulsion),
+                  float(gate.temperature), a.dual_bias, float(gate.sequence_balance), float(SEQUENCE_CHUNK))
+        after = (a.gate_up, a.down, a.gate_up_lhs, a.gate_up_rhs, float(first_scale), a.down_lhs, a.down_rhs,
+                 float(second_scale), a.expert_scale, a.shared_gate_up, a.shared_down, a.estimate_in, a.estimate_out,
+                 a.estimate_bias, share, scratch, selected)
+        width = gate.router_dim + 2 * gate.num_experts + 1
+        if not plain:
+            return cls(gate, before, after, no_state, width, None, (), None, ())
+        parts = [gate, gate._modules["gru"], experts] + [part for part in (shared, estimate) if part is not None]
+        holders = (modules, block._parameters, gate._modules, experts._modules, gate._buffers) + tuple(
+            part._parameters for part in parts) + ((shared._modules,) if shared is not None else ())
+        tensors = tuple(t for holder in holders[1:] for t in holder.values() if isinstance(t, torch.Tensor))
+        step = cls(gate, before, after, no_state, width, holders, tensors, gate.expert_vectors.detach().numpy(), ())
+        step.stamp = step.current_stamp(hook_id)
+        return step
+
+    def current_stamp(self, hook_id: int) -> tuple[Any, ...]:
+        gate, holders = self.gate, self.holders
+        estimate = holders[0].get("skipped_estimate")
+        return (hook_id, gate.top_k, gate.repulsion, gate.temperature, gate.sequence_balance, gate.use_gru,
+                gate.use_projector, estimate.fitted_top_k if estimate is not None else None, self.vectors.tobytes(),
+                tuple(map(id, chain.from_iterable(map(dict.values, holders)))),
+                tuple(map(torch.Tensor.data_ptr, self.tensors)))
+
+    def still_fits(self) -> bool:
+        """Whether the prepared arguments are still this block's (the class docstring lists what is compared)."""
+        return self.holders is not None and self.current_stamp(RemovableHandle.next_id) == self.stamp
 
 
 def compiled_block_step() -> Callable[..., None] | None:
@@ -1892,9 +1961,10 @@ class SpectraMoeBlock(nn.Module):
             estimate_in=est.get("in_weight"), estimate_out=est.get("out_weight"), estimate_bias=est.get("out_bias"))
         return gate, tensors, (first[2], second[2], share)
 
-    def _compiled_step(self, flat: torch.Tensor) -> torch.Tensor | None:
-        """The block's output for one decoding token through ``_gated_block_step`` (routing, experts, shared expert
-        and estimate in one call), or ``None`` when it does not apply: one float32 CPU token, no autograd or
+    def _compiled_step(self, token: torch.Tensor) -> torch.Tensor | None:
+        """The block's output for one decoding token ``[..., H]`` (one row) through ``_gated_block_step`` (routing,
+        experts, shared expert and estimate in one call), in the token's shape, or ``None`` when it does not apply:
+        one float32 CPU token, no autograd or
         autocast, a plain decoding step of the router (``SpectraRouter._is_plain_step``), no global module hook,
         the parts of ``_compiled_parts``.
 
@@ -1904,50 +1974,30 @@ class SpectraMoeBlock(nn.Module):
         reads them at about the parent's bandwidth. Not the torch path's bits (other summation orders, router
         sums in float64): logits within float rounding, the same tokens (tests/test_runtime.py)."""
         kernel = compiled_block_step()
-        if kernel is None or flat.dtype != torch.float32 or not flat.is_cpu or torch.is_autocast_enabled("cpu") \
-                or _global_module_hooks():
+        if kernel is None or token.dtype != torch.float32 or not token.is_cpu or token.requires_grad \
+                or torch.is_autocast_enabled("cpu") or _global_module_hooks():
             return None
-        parts = self._compiled_parts()
-        if parts is None:
+        step = self._prepared_step()
+        if step is None or not step.gate._is_plain_step(1):
             return None
-        gate, tensors, (first_scale, second_scale, share) = parts
-        if not gate._is_plain_step(1):
-            return None
-        key = [t.data_ptr() if t is not None else 0 for t in tensors]
-        d, experts, top_k = gate.router_dim, gate.num_experts, gate.top_k
-        key += [d, experts, top_k]
-        cached = self.__dict__.get("_step_arrays")
-        if cached is None or cached[0] != key:  # numpy views of the parameters: in-place edits show through them
-            named = tensors._asdict()
-            if any(t is not None and (t.dtype != torch.float32 or not t.is_cpu or min(t.stride()) < 0
-                                      or (name not in LORA_FACTOR_FIELDS and not t.is_contiguous()))
-                   for name, t in named.items()):
-                self.__dict__["_step_arrays"] = (key, None, None)  # these tensors: the torch path until they change
-                return None
-            absent = BlockStepTensors.absent_shapes(flat.shape[1], experts, tensors.down.shape[2])
-            arrays = BlockStepTensors(**{name: (t.detach() if t is not None else torch.zeros(absent[name])).numpy()
-                                         for name, t in named.items()})
-            # the shared expert is expert 0 of its stack
-            arrays = arrays._replace(shared_gate_up=arrays.shared_gate_up[0], shared_down=arrays.shared_down[0])
-            scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
-                       np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
-            cached = self.__dict__["_step_arrays"] = (key, arrays, scratch)
-        if cached[1] is None:
-            return None
-        key, a, (no_state, scratch, selected) = cached
+        gate = step.gate
         states, state0 = gate._cached_state(1)
-        state, out = torch.empty(1, d + 2 * experts + 1), torch.empty_like(flat)
+        state, out = torch.empty(1, step.state_width), torch.empty_like(token, memory_format=torch.contiguous_format)
         threads = torch.get_num_threads()  # the caller's setting, as for torch's kernels (numba keeps its own)
+        global _block_pool_started
         try:
-            with torch_threads_kept():  # numba's pool starts at the first call (or compile): torch's count stays
-                if numba.get_num_threads() != threads:
-                    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-                kernel(flat.numpy()[0], a.w_ih, a.b_ih, a.w_hh, a.b_hh, a.projector, a.mu, a.repulsion,
-                       float(gate.repulsion), float(gate.temperature), a.dual_bias, float(gate.sequence_balance),
-                       float(SEQUENCE_CHUNK), state0.numpy()[0] if state0 is not None else no_state, a.gate_up,
-                       a.down, a.gate_up_lhs, a.gate_up_rhs, float(first_scale), a.down_lhs, a.down_rhs,
-                       float(second_scale), a.expert_scale, a.shared_gate_up, a.shared_down, a.estimate_in,
-                       a.estimate_out, a.estimate_bias, share, scratch, selected, state.numpy()[0], out.numpy()[0])
+            # numpy views, not torch reshapes: each torch op costs several microseconds here (``PreparedBlockStep``)
+            arguments = (token.numpy().reshape(-1), *step.before_state,
+                         state0.numpy()[0] if state0 is not None else step.no_state, *step.after_state,
+                         state.numpy()[0], out.numpy().reshape(-1))
+            if _block_pool_started and numba.get_num_threads() == threads:
+                kernel(*arguments)
+            else:
+                with torch_threads_kept():  # numba's pool starts at the first call (or compile): torch's count stays
+                    if numba.get_num_threads() != threads:
+                        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                    kernel(*arguments)
+                _block_pool_started = True
         except Exception as error:  # noqa: BLE001 - e.g. a numba threading layer that cannot start on this machine
             global _compiled_block
             _compiled_block = None  # nothing was stored yet: this step and every later one take the torch path
@@ -1958,13 +2008,60 @@ class SpectraMoeBlock(nn.Module):
             states[gate.layer_idx] = state
         return out
 
+    def _prepared_step(self) -> PreparedBlockStep | None:
+        """The kernel's arguments for this block's decoding step (``PreparedBlockStep``), or ``None`` when its
+        parts do not suit the kernel. Kept between steps while ``PreparedBlockStep.still_fits`` holds: reading
+        the parts afresh (``_compiled_parts``, ~40 small Python operations) cost ~60-100 us a layer per decoded
+        token in situ -- the weights streamed by every layer push those Python objects out of the core's caches --
+        a tenth of a carved model's decoding step (docs/ARCHITECTURE.md, "Runtime speed")."""
+        step = self.__dict__.get("_prepared")
+        if step is not None and step.still_fits():
+            return step
+        hook_id = RemovableHandle.next_id  # before the parts are read: a hook added meanwhile invalidates
+        parts = self._compiled_parts()
+        if parts is None:
+            return None
+        gate, tensors, scales = parts
+        arrays = self._step_arrays(gate, tensors)
+        if arrays is None:
+            return None
+        step = PreparedBlockStep.of(self, gate, arrays[0], arrays[1], scales, tensors, hook_id)
+        self.__dict__["_prepared"] = step
+        return step
+
+    def _step_arrays(self, gate: SpectraRouter, tensors: BlockStepTensors
+                     ) -> tuple[BlockStepTensors, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+        """numpy views of the block's tensors for the kernel and its scratch arrays, cached by the tensors'
+        storage (views: in-place edits show through them); ``None`` for tensors the kernel cannot read (another
+        dtype or device, a layout it does not take)."""
+        key = [t.data_ptr() if t is not None else 0 for t in tensors]
+        d, experts, top_k = gate.router_dim, gate.num_experts, gate.top_k
+        key += [d, experts, top_k]
+        cached = self.__dict__.get("_step_array_cache")
+        if cached is None or cached[0] != key:
+            named = tensors._asdict()
+            if any(t is not None and (t.dtype != torch.float32 or not t.is_cpu or min(t.stride()) < 0
+                                      or (name not in LORA_FACTOR_FIELDS and not t.is_contiguous()))
+                   for name, t in named.items()):
+                self.__dict__["_step_array_cache"] = (key, None)  # these tensors: the torch path until they change
+                return None
+            absent = BlockStepTensors.absent_shapes(tensors.gate_up.shape[2], experts, tensors.down.shape[2])
+            arrays = BlockStepTensors(**{name: (t.detach() if t is not None else torch.zeros(absent[name])).numpy()
+                                         for name, t in named.items()})
+            # the shared expert is expert 0 of its stack
+            arrays = arrays._replace(shared_gate_up=arrays.shared_gate_up[0], shared_down=arrays.shared_down[0])
+            scratch = (np.zeros(d + 2 * experts + 1, np.float32), np.empty(d + experts + top_k, np.float32),
+                       np.empty(top_k, np.int64))  # zeros: the state before the first token (never written)
+            cached = self.__dict__["_step_array_cache"] = (key, (arrays, scratch))
+        return cached[1]
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.numel() == hidden_states.shape[-1] and not torch.is_grad_enabled():  # one decoding token
+            stepped = self._compiled_step(hidden_states)
+            if stepped is not None:
+                return stepped
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        if flat.shape[0] == 1 and not torch.is_grad_enabled():
-            stepped = self._compiled_step(flat)
-            if stepped is not None:
-                return stepped.reshape(shape)
         expected_k = getattr(self.gate, "top_k", None)
         beside = None
         if expected_k is not None and (self.shared_expert is not None or self.skipped_estimate is not None) \

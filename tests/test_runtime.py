@@ -934,7 +934,8 @@ def test_the_compiled_block_steps_prepared_arguments_follow_every_change_to_the_
     (``PreparedBlockStep``). Every change that would make them stale must reach the next step: parameters
     replaced (``load_state_dict(assign=True)``), storages moved (``double()`` and back), an in-place edit through
     ``.data`` and a new storage assigned to it, the expert vectors edited (their unit vectors are derived), ``top_k`` or the temperature changed,
-    a part replaced. After each change the kernel's logits are the torch path's; in between, steps reuse."""
+    a part replaced, the model wrapped by PEFT. After each change the kernel's logits are the torch path's; in
+    between, steps reuse."""
     model, other = build_carved_like(seed=3, repulsion=0.5), build_carved_like(seed=4, repulsion=0.5)
     token = torch.randint(3, 128, (1, 1), generator=torch.Generator().manual_seed(3))
     calls = spy_on_block_kernel(monkeypatch)
@@ -943,11 +944,11 @@ def test_the_compiled_block_steps_prepared_arguments_follow_every_change_to_the_
     monkeypatch.setattr(modeling_spectra.PreparedBlockStep, "of",
                         classmethod(lambda cls, *args: prepared.append(1) or prepare(cls, *args)))
 
-    def compiled_and_torch_path() -> torch.Tensor:
+    def compiled_and_torch_path(net: torch.nn.Module = model) -> torch.Tensor:
         with torch.no_grad():
-            compiled = model(token).logits
+            compiled = net(input_ids=token).logits
             monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", False)
-            reference = model(token).logits
+            reference = net(input_ids=token).logits
             monkeypatch.setattr(modeling_spectra, "COMPILED_RECURRENCE", True)
         torch.testing.assert_close(compiled, reference, rtol=0, atol=1e-5)
         return compiled
@@ -974,6 +975,12 @@ def test_the_compiled_block_steps_prepared_arguments_follow_every_change_to_the_
             assert not torch.equal(after, before), f"{name}: this change must move the logits in this test"
             before = after
     assert len(calls) == 2 * (2 + len(changes))
+    # wrapped by ``finetune --mode lora`` after plain steps: the prepared steps no longer fit (parts replaced by
+    # wrappers), the logits are the torch path's
+    from spectra_convert.finetune.modes import LoraMode, ModeOptions
+
+    compiled_and_torch_path(LoraMode().prepare(model, ModeOptions()).eval())
+    assert len(calls) == 2 * (2 + len(changes))  # a LoRA-wrapped shared expert: the torch path (the kernel steps aside)
 
 
 def test_a_failing_block_kernel_warns_once_and_decoding_goes_on_with_torch_ops(monkeypatch) -> None:

@@ -30,10 +30,10 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
@@ -583,6 +583,7 @@ class PreparedBlockStep:
     no_state: Any  # the router state before the first token (zeros, never written)
     state_width: int
     holders: tuple[dict[str, Any], ...] | None  # the dicts whose entries the stamp follows; None: never reused
+    estimate: SkippedExpertsEstimate | None
     tensors: tuple[torch.Tensor, ...]
     vectors: Any  # a numpy view of the router's expert vectors (the stamp holds their bytes)
     stamp: tuple[Any, ...]
@@ -603,21 +604,23 @@ class PreparedBlockStep:
                  a.estimate_bias, share, scratch, selected)
         width = gate.router_dim + 2 * gate.num_experts + 1
         if not plain:
-            return cls(gate, before, after, no_state, width, None, (), None, ())
+            return cls(gate, before, after, no_state, width, None, None, (), None, ())
         parts = [gate, gate._modules["gru"], experts] + [part for part in (shared, estimate) if part is not None]
         holders = (modules, block._parameters, gate._modules, experts._modules, gate._buffers) + tuple(
             part._parameters for part in parts) + ((shared._modules,) if shared is not None else ())
         tensors = tuple(t for holder in holders[1:] for t in holder.values() if isinstance(t, torch.Tensor))
-        step = cls(gate, before, after, no_state, width, holders, tensors, gate.expert_vectors.detach().numpy(), ())
+        vectors = gate.expert_vectors.detach().numpy()
+        step = cls(gate, before, after, no_state, width, holders, estimate, tensors, vectors, ())
         step.stamp = step.current_stamp(hook_id)
         return step
 
     def current_stamp(self, hook_id: int) -> tuple[Any, ...]:
-        gate, holders = self.gate, self.holders
-        estimate = holders[0].get("skipped_estimate")
+        """The stamp now; the parts' attributes are read from the parts the step was prepared from (the dicts'
+        identities say whether the block still holds them)."""
+        gate, estimate = self.gate, self.estimate
         return (hook_id, gate.top_k, gate.repulsion, gate.temperature, gate.sequence_balance, gate.use_gru,
                 gate.use_projector, estimate.fitted_top_k if estimate is not None else None, self.vectors.tobytes(),
-                tuple(map(id, chain.from_iterable(map(dict.values, holders)))),
+                tuple(map(id, chain.from_iterable(map(dict.values, self.holders)))),
                 tuple(map(torch.Tensor.data_ptr, self.tensors)))
 
     def still_fits(self) -> bool:
@@ -1964,9 +1967,8 @@ class SpectraMoeBlock(nn.Module):
     def _compiled_step(self, token: torch.Tensor) -> torch.Tensor | None:
         """The block's output for one decoding token ``[..., H]`` (one row) through ``_gated_block_step`` (routing,
         experts, shared expert and estimate in one call), in the token's shape, or ``None`` when it does not apply:
-        one float32 CPU token, no autograd or
-        autocast, a plain decoding step of the router (``SpectraRouter._is_plain_step``), no global module hook,
-        the parts of ``_compiled_parts``.
+        one float32 CPU token, no autograd or autocast, a plain decoding step of the router
+        (``SpectraRouter._is_plain_step``), no global module hook, the parts of ``_compiled_parts``.
 
         Why (docs/ARCHITECTURE.md, "Runtime speed"): the torch path reads a carved block's 6.6 MB of weights in
         ~14 matrix-vector calls of 0.1-0.8 MB and ~80 small ops, ~460 us a layer per decoded token on the 2-core

@@ -777,7 +777,7 @@ def test_distillation_keeps_the_router_aux_gradient(tiny_carved, tiny_parents) -
 
 def test_carve_writes_its_bias_rule_and_balance_is_the_default(tiny_carved, tiny_parents, tmp_path) -> None:
     """``carve_bias`` is written for the re-correction after fine-tuning; the default is the whole balancing bias
-    (README "Carving": with the skipped-experts estimate it costs 6% perplexity for load CV 0.263 -> 0.144), and
+    (docs/CARVING.md: with the skipped-experts estimate it costs 6% perplexity for load CV 0.263 -> 0.144), and
     ``carve_bias="recall"`` writes a weaker share where held-out recall asks for it."""
     assert json.loads((tiny_carved / "config.json").read_text())["spectra"]["carve_bias"] == "balance"
     recall = tmp_path / "recall"
@@ -790,7 +790,7 @@ def test_carve_writes_its_bias_rule_and_balance_is_the_default(tiny_carved, tiny
 
 
 def test_the_lora_rate_defaults_higher_for_a_carve(tiny_carved, tiny_dropped, tmp_path) -> None:
-    """``--lr`` unset: 1e-3 for a carved model (a recovery; README "Carving"), 2e-4 for the others; a given rate
+    """``--lr`` unset: 1e-3 for a carved model (a recovery; docs/CARVING.md), 2e-4 for the others; a given rate
     wins; the resolved rate is what the run records."""
     from spectra_convert.finetune import finetune
     from spectra_convert.finetune.modes import CARVED_LORA_LR, LORA_LR, resolve_lora_lr

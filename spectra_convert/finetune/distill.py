@@ -3,7 +3,7 @@
 Why (docs/ARCHITECTURE.md, "Fine-tuning"): a carved or dropped model is its parent with neurons removed or
 re-initialised, and the point of fine-tuning it is to get the parent's predictions back. The parent's whole
 next-token distribution at every position says more per token than the one observed next token (measured on
-SmolLM2 carved to 56% active, LoRA, README "Carving": 1.86x the parent's unseen-domain perplexity after 13
+SmolLM2 carved to 56% active, LoRA, docs/CARVING.md: 1.86x the parent's unseen-domain perplexity after 13
 minutes instead of 18, best 1.83x instead of 1.86x; both runs then plateau). The loss is the forward KL divergence
 ``KL(teacher || student)`` per token (temperature 1), mixed with the LM loss:
 ``loss = (1 - w) * LM + w * KL + router_aux_loss_coef * aux``; ``w = 1`` (the default) drops the LM term.

@@ -7,7 +7,7 @@
   not a LoRA target; matching ``"mlp.gate"`` rather than ``"gate"`` avoids ``shared_expert_gate``). With
   ``train_routers=False`` the routers stay in ``modules_to_save`` (their re-calibrated dual bias is saved with
   an unmerged adapter) but their parameters are frozen: for carved models, whose routers were fitted to the
-  oracle by the converter, training them during LoRA lowers oracle recall and quality (README, "Carving").
+  oracle by the converter, training them during LoRA lowers oracle recall and quality (docs/CARVING.md).
   A carved block's skipped-experts estimate (a rank-r linear map, ridge-fitted by the converter) trains fully
   too, also through ``modules_to_save`` (``ESTIMATE_MODULE``): it is the block's stand-in for the experts a
   token skips, which LoRA on the experts cannot adapt, and costs ~2% of the trainable parameters.
@@ -153,7 +153,7 @@ def resolve_router_training(routers: str, mode: str, model_path: Path) -> bool:
     """Whether the routers' parameters train: ``--routers`` resolved against the mode and the model.
 
     ``auto`` freezes them in lora mode for carved models (``expert_combine: sum``). Measured on SmolLM2-135M
-    carved to 56% active FFN, distilled LoRA (README, "Carving"): routers trained at lr 1e-3 gave 1.83x the
+    carved to 56% active FFN, distilled LoRA (docs/CARVING.md): routers trained at lr 1e-3 gave 1.83x the
     parent's unseen-domain perplexity at 121 steps and drifted up to 1.90x by 30 minutes, oracle recall falling
     0.733 -> 0.648; frozen, 1.63x at 120 steps and 1.58x at 30 minutes, recall 0.741. Router mode trains nothing
     else, so freezing there is an error."""
@@ -178,7 +178,7 @@ def resolve_lora_lr(lr: float | None, model_path: Path) -> float:
 
     Why a carve gets more: its LoRA is a recovery (get the parent's predictions back after 44% of the FFN
     neurons were dropped per token), not a gentle adaptation. Measured on SmolLM2-135M carved to 56%, distilled,
-    12 minutes each (README, "Carving"): 2e-4 reached 1.52x the parent's unseen perplexity at 87 steps, 5e-4
+    12 minutes each (docs/CARVING.md): 2e-4 reached 1.52x the parent's unseen perplexity at 87 steps, 5e-4
     1.47x at 94, 1e-3 1.41x at 113 (with shared-expert LoRA)."""
     if lr is not None:
         return lr

@@ -77,7 +77,7 @@ class LinearGate:
 
     ``balance_loads`` adds a hard-load balancing bias fitted by the loop that fits the SPECTRA router's dual bias
     (``calibrate.calibrate_bias_on_scores``): a carved model's router pays recall for even loads, so "better than
-    the linear gate" is only a fair comparison when the gate is made to pay the same (README, "Carving")."""
+    the linear gate" is only a fair comparison when the gate is made to pay the same (docs/CARVING.md)."""
 
     def __init__(self, inputs: torch.Tensor, mass: torch.Tensor, ridge: float = 1e-2):
         self.weight, self.bias = ridge_fit(inputs.reshape(-1, inputs.shape[-1]), standardised(mass), ridge)
@@ -251,14 +251,14 @@ def _listwise_steps(router: SpectraRouter, features: torch.Tensor, oracle: torch
 
 #: Ridge strength of a carved router's closed-form fit (relative to the mean feature energy). 0.1 until the
 #: fourteenth session (2026-12-06); measured on SmolLM2-135M carved 8 + 5/12 shared, unseen changelog text in
-#: ``bench/carve.py``'s blocks (README "The router fit's ridge strength and its listwise steps"): top-5 1.239x at
+#: ``bench/carve.py``'s blocks (docs/CARVING.md, "The router fit's ridge strength and its listwise steps"): top-5 1.239x at
 #: 0.1, 1.223-1.228x at 0.01, 1.227x at 0.001 (no listwise steps); top-2 1.661x at 0.01, 1.670x at 0.001.
 ROUTER_RIDGE = 1e-2
 #: Listwise gradient steps after a carved router's ridge fit (``upcycle --router-steps``). 60 until the fourteenth
 #: session (2026-12-06): the steps raise held-out oracle recall (and the held-out share of the oracle's output
 #: mass), but on unseen text they cost perplexity at top-5 (SmolLM2-135M 8 + 5/12 shared, ridge 0.01, ``bench/carve.py`` blocks:
 #: 1.223-1.228x without, 1.244x with; 131k calibration tokens: 1.203x without, 1.220x with) and gained within the
-#: run-to-run noise at top-2 (1.661x without, 1.652x with; README "The router fit's ridge strength and its
+#: run-to-run noise at top-2 (1.661x without, 1.652x with; docs/CARVING.md, "The router fit's ridge strength and its
 #: listwise steps"). 0: the ridge gate alone, as the router's closed form writes it.
 ROUTER_STEPS = 0
 
@@ -318,7 +318,7 @@ def calibrate_carved_bias(router: SpectraRouter, inputs: torch.Tensor, mass: tor
     unseen changelog text, layers 2/10/18/26: oracle load CV 0.34-1.0 at top-1, 0.21-0.38 at top-4), so equal
     hard loads run experts the token does not need: the full bias cost 0.02-0.13 top-1 and 0.01-0.05 top-4
     recall on unseen text, below the ridge gate. Under ``recall`` the bias is as strong as held-out recall
-    allows. Why ``balance`` is nevertheless the carve's default (README "Carving", 2026-12-05): with the
+    allows. Why ``balance`` is nevertheless the carve's default (docs/CARVING.md, 2026-12-05): with the
     skipped-experts estimate the full bias costs 6% perplexity on unseen text (1.80x -> 1.91x the parent at
     top-4) and brings the load CV on four unseen domains from 0.263 to 0.144. Returns the chosen strength, its
     held-out recall and load CV, the calibration CV of the full balancing bias, and the curve

@@ -188,7 +188,7 @@ def refit_scales(outputs: torch.Tensor, selected: torch.Tensor, *, ridge: float 
 
 #: Default rank of the skipped-experts estimate (``SkippedExpertsEstimate`` in the runtime). Measured on
 #: SmolLM2-135M, 8 routed + 12.5% shared, top-4, 32768 calibration tokens, ppl ratio on unseen changelog text
-#: (README "Carving"): none 2.43x; rank 64 as ``upcycle`` fits it 1.80x (+2.8% of the parent FFN's multiply-adds);
+#: (docs/CARVING.md): none 2.43x; rank 64 as ``upcycle`` fits it 1.80x (+2.8% of the parent FFN's multiply-adds);
 #: exploratory fits at rank 32 / 64 / 128: 1.98x / 1.88x / 1.79x (+1.4% / +2.8% / +5.6%) -- a fifth expert's
 #: neurons (top-5, +11%) give 1.74x, so a low rank is where the estimate pays most.
 SKIPPED_ESTIMATE_RANK = 64

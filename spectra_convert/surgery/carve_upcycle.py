@@ -38,7 +38,7 @@ from .layerwise import layerwise_ffn_inputs
 #: better: the router then only decides the rarely active neurons, and what it misses costs less (SmolLM2-135M,
 #: unseen changelog text, `validate` perplexity ratio: 56% active 1.715x with 12.5% shared + top-4, 1.557x with 30%
 #: + top-3, 1.562x with 5/12 + top-2; 78% active 1.233x with 12.5% + top-6, 1.205x with 5/12 + top-5, 1.197x with
-#: 56% + top-4; README "Carving", "Shared fraction"). 12.5% (the default until 2026-12-06) still reaches ~25%.
+#: 56% + top-4; docs/CARVING.md, "Shared fraction"). 12.5% (the default until 2026-12-06) still reaches ~25%.
 SHARED_FRACTION = 5 / 12
 #: Default router width (GRU state and expression space) of a carved model. A carved router is a ridge gate on the
 #: FFN input plus what the GRU state adds, and the state's width did not matter for it (SmolLM2-135M, 8 + shared,
@@ -53,7 +53,7 @@ CARVE_ROUTER_DIM = 32
 CARVE_CALIBRATION_TOKENS = 32768
 REFITS = ("none", "scale")
 #: The carve's dual-bias rule (knob ``carve_bias``): the whole hard-load balancing bias. Measured on SmolLM2-135M at
-#: top-4 with the skipped-experts estimate (README "Carving"): perplexity on unseen text 1.91x the parent against
+#: top-4 with the skipped-experts estimate (docs/CARVING.md): perplexity on unseen text 1.91x the parent against
 #: 1.80x under ``recall`` (the strongest share that keeps held-out oracle recall), load CV on four unseen domains
 #: 0.144 against 0.263: the balance target (CV < 0.15) and the 2.0x quality target at once.
 CARVE_BIAS = "balance"
@@ -61,13 +61,13 @@ CARVE_BIAS = "balance"
 #: term's 16-token chunk loop made a carve's prefill slower than its parent's (512-token forward 1.05x against
 #: 0.94x at beta 0); it is now one compiled call per router and costs no time (docs/ARCHITECTURE.md, "Runtime
 #: speed"), so the default follows the balance it buys: on four unseen domains load CV mean 0.150 -> 0.107 for +1.0%
-#: perplexity (+0.1% on unseen changelogs; README "Carving", "The carve at today's defaults").
+#: perplexity (+0.1% on unseen changelogs; docs/CARVING.md, "The carve at today's defaults").
 CARVE_SEQUENCE_BALANCE = 0.5
 
 
 @dataclass
 class CarveOptions:
-    """Knobs of a carve (every one has a measured default; see README "Carving")."""
+    """Knobs of a carve (every one has a measured default; see docs/CARVING.md)."""
 
     shared_fraction: float = SHARED_FRACTION
     grouping: str = "coactivation"
@@ -110,7 +110,7 @@ def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_
                 hidden: int, bias_rule: str = CARVE_BIAS) -> dict[str, Any]:
     """The ``spectra`` config knobs a carve sets: widths of the routed and shared experts, the sum combine rule,
     the per-sequence balance at ``CARVE_SEQUENCE_BALANCE`` (weak: a strong one runs neurons that should stay off;
-    README "Carving" measures it), and
+    docs/CARVING.md measures it), and
     the projector-orthogonality loss off: a carved router's projector holds the ridge fit to the oracle, whose
     rows are not orthonormal (||P P^T - I||^2 was 67-1352 per layer on SmolLM2, mean 381), so at the default
     coefficient the penalty dominated fine-tuning's router loss and pulled the fit apart (docs/ARCHITECTURE.md,

@@ -545,7 +545,7 @@ _OWN_KNOBS = {"num_experts": "experts", "top_k": "top_k", "router_dim": "router_
 
 #: ``sequence_balance`` that copy and drop upcycles write (the runtime default, 1, stays for rerouted MoEs, whose
 #: experts differ). Copied experts make the output independent of the choice, so balance is all routing
-#: decides: measured on SmolLM2 8x top-2, mixed domains incl. unseen (bench/balance.py, README "Carving"), load
+#: decides: measured on SmolLM2 8x top-2, mixed domains incl. unseen (bench/balance.py, docs/CARVING.md), load
 #: CV mean / worst layer 0.052 / 0.082 at 1 and 0.034 / 0.054 at 2, perplexity unchanged.
 COPY_SEQUENCE_BALANCE = 2.0
 

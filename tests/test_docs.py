@@ -1,4 +1,4 @@
-"""The design and the measurements live in ``docs/``; code, tests and docs cite them as ``docs/FILE.md, "Section"``
+"""The design and the measurements live in ``docs/``; code, tests and docs cite them as ``docs/<file>.md, "<section>"``
 (the heading or the bold lead-in of a paragraph). A citation must name text that the cited file still holds, so a
 newcomer who follows one finds it -- also after a section moves (the carve's measurement log moved from the README
 to docs/CARVING.md)."""

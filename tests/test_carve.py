@@ -278,11 +278,26 @@ def test_drop_reinitialises_a_different_share_of_each_expert(tiny_parents, tmp_p
     ({"method": "carve", "carve_grouping": "hash"}, "--carve-grouping"),
     ({"method": "drop", "drop_ratio": 1.5}, "--drop-ratio"),
     ({"method": "carve", "carve_bias": "max"}, "--carve-bias"),
+    ({"method": "carve", "calibration_tokens": 10}, "a carve needs at least 512"),
 ])
 def test_bad_carve_options_are_one_line_errors(tiny_parents, tmp_path, kwargs, message) -> None:
+    kwargs = {"calibration_tokens": 512, **kwargs}
     with pytest.raises(UserError, match=message):
         upcycle(str(tiny_parents["llama"]), tmp_path / "x", experts=4, top_k=2, router_dim=16,
-                calibration=str(CORPUS / "train.jsonl"), calibration_tokens=512, **kwargs)
+                calibration=str(CORPUS / "train.jsonl"), **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_carve_refuses_calibration_text_shorter_than_two_sequences(tiny_parents, tmp_path) -> None:
+    """A --calibration file that packs into one sequence leaves nothing to hold out (the report would read nan):
+    a one-line error naming both ways out, and nothing written."""
+    import json
+
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": (CORPUS / "train.jsonl").read_text().splitlines()[0][:600]}) + "\n")
+    with pytest.raises(UserError, match="the calibration text gives .* a carve needs at least 512"):
+        upcycle(str(tiny_parents["llama"]), tmp_path / "x", experts=4, top_k=2, router_dim=16, method="carve",
+                calibration=str(short), calibration_tokens=4096)
     assert not (tmp_path / "x").exists()
 
 

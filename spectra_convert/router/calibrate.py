@@ -71,7 +71,12 @@ def topk_agreement(router: SpectraRouter, inputs: torch.Tensor, gate_weight: tor
     return float((shared / top_k).mean())
 
 
-def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = 256, max_tokens: int = 8192, seed: int = 0) -> torch.Tensor:
+#: Tokens per calibration sequence (``calibration_batches``).
+CALIBRATION_SEQ_LEN = 256
+
+
+def calibration_batches(tokenizer, texts: list[str], *, seq_len: int = CALIBRATION_SEQ_LEN, max_tokens: int = 8192,
+                        seed: int = 0) -> torch.Tensor:
     """Pack calibration texts into ``[B, seq_len]`` token blocks (shuffled, EOS-separated, <= max_tokens).
 
     Texts are shuffled with ``seed`` so every domain of a mixed corpus is represented even when

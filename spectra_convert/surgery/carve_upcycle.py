@@ -51,6 +51,21 @@ CARVE_ROUTER_DIM = 32
 #: text (SmolLM2-135M, defaults, d = 32: ppl ratio 2.61x / recall 0.735 at 8192, 2.43x / 0.746 at 32768), at about
 #: four times the carve's calibration work. The shipped corpus holds ~41k tokens.
 CARVE_CALIBRATION_TOKENS = 32768
+#: Fewest calibration sequences a carve fits on: with one, nothing is held out, and the carve's report of its router
+#: fit and estimate (held-out recall, share explained) would read nan.
+CARVE_MIN_SEQUENCES = 2
+
+
+def check_calibration_size(tokens: int, what: str = "--calibration-tokens is") -> None:
+    """One-line ``UserError`` when a carve would calibrate on fewer than ``CARVE_MIN_SEQUENCES`` sequences: checked on
+    the option before any work, and on the packed text (a short ``--calibration`` file gives fewer tokens)."""
+    from ..router.calibrate import CALIBRATION_SEQ_LEN  # as the packing below: imported where it runs
+
+    needed = CARVE_MIN_SEQUENCES * CALIBRATION_SEQ_LEN
+    if tokens < needed:
+        raise UserError(f"--method carve: {what} {tokens} tokens; a carve needs at least {needed} ({CARVE_MIN_SEQUENCES} "
+                        f"sequences of {CALIBRATION_SEQ_LEN}, part of them held out to check the router fit): raise "
+                        "--calibration-tokens or give more --calibration text")
 REFITS = ("none", "scale")
 #: The carve's dual-bias rule (knob ``carve_bias``): the whole hard-load balancing bias. Measured on SmolLM2-135M at
 #: top-4 with the skipped-experts estimate (docs/CARVING.md): perplexity on unseen text 1.91x the parent against
@@ -228,6 +243,7 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
             blocks = calibration_batches(tokenizer, texts, max_tokens=calibration_tokens, seed=seed)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
+        check_calibration_size(blocks.numel(), "the calibration text gives")
         dense_state = dense.state_dict()
         num_layers = adapter.num_layers(parent_config)
         ffn_prefixes = [adapter.mlp_prefix(i) for i in range(num_layers)]

@@ -330,10 +330,12 @@ def upcycle(
     check_free_space(out, expert_bytes(plan.adapter.ffn_shapes(plan.shape_config), plan.num_layers, experts, method,
                                        plan.out_dtype))
     if method == "carve":  # experts need the calibration activations: no early builder, no noise
-        from .carve_upcycle import CARVE_CALIBRATION_TOKENS, CARVE_ROUTER_DIM, SHARED_FRACTION, CarveOptions, carve_upcycle
+        from .carve_upcycle import (CARVE_CALIBRATION_TOKENS, CARVE_ROUTER_DIM, SHARED_FRACTION, CarveOptions,
+                                    carve_upcycle, check_calibration_size)
 
         router_dim = CARVE_ROUTER_DIM if router_dim is None else router_dim
         calibration_tokens = CARVE_CALIBRATION_TOKENS if calibration_tokens is None else calibration_tokens
+        check_calibration_size(calibration_tokens)
 
         options = CarveOptions(shared_fraction=SHARED_FRACTION if shared_fraction is None else shared_fraction,
                                grouping=carve_grouping, refit=carve_refit)

@@ -321,3 +321,36 @@ def test_capture_stops_after_the_last_router_input_with_the_full_forwards_values
     for i in range(len(layers)):
         torch.testing.assert_close(captured[i], torch.cat(seen[i]).float(), rtol=0, atol=0)
     assert not any("forward" in vars(layer) for layer in layers)  # the pass-throughs are gone
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_layer_by_layer_hands_on_each_ffns_intermediate_activations_from_the_forward_that_runs(model_type: str) -> None:
+    """With ``output_projection``, ``layerwise_ffn_inputs`` hands each layer's FFN intermediate activations (the
+    down projection's input, copied from the forward that makes the next layer's inputs) with its FFN inputs: what
+    ``surgery.carve.intermediate_activations`` computes from those inputs, within float rounding (other GEMM shapes),
+    and ``None`` for the last layer, whose FFN never runs."""
+    from transformers.activations import ACT2FN
+
+    from spectra_convert.modelio.adapters import ADAPTERS
+    from spectra_convert.modeling.modeling_spectra import decoder_layers
+    from spectra_convert.surgery.carve import intermediate_activations
+    from spectra_convert.surgery.layerwise import layerwise_ffn_inputs
+    from tests.conftest import tiny_parent_config
+
+    torch.manual_seed(0)
+    config = tiny_parent_config(model_type, num_hidden_layers=3)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    adapter = ADAPTERS[model_type]
+    down = adapter.projections["down"]
+    handed: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    layerwise_ffn_inputs(model, decoder_layers(model), torch.randint(0, 128, (5, 16)), batch_size=2,
+                         on_layer=lambda i, inputs, activations: handed.__setitem__(i, (inputs, activations)),
+                         output_projection=lambda layer: getattr(layer.mlp, down))
+    assert sorted(handed) == [0, 1, 2] and handed[2][1] is None
+    state = model.state_dict()
+    for i in (0, 1):
+        inputs, activations = handed[i]
+        dense = adapter.ffn_tensors(state.__getitem__, i)
+        expected = intermediate_activations(dense, inputs.reshape(-1, inputs.shape[-1]), ACT2FN[adapter.activation(config)])
+        assert activations.shape == expected.shape
+        torch.testing.assert_close(activations, expected, rtol=1e-5, atol=1e-6)

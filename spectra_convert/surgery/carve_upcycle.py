@@ -142,17 +142,19 @@ def carve_knobs(intermediate: int, experts: int, shared_fraction: float, *, top_
 
 @torch.no_grad()
 def carve_layer(router: Any, dense: dict[str, torch.Tensor], inputs: torch.Tensor, act_fn: Any, options: CarveOptions,
-                *, seed: int, skipped_rank: int = 0, bias_rule: str = CARVE_BIAS) -> CarvedLayer:
+                *, seed: int, skipped_rank: int = 0, bias_rule: str = CARVE_BIAS,
+                activations: torch.Tensor | None = None) -> CarvedLayer:
     """Carve one dense FFN: plan on the calibration FFN inputs ``[B, T, H]``, fit and calibrate the layer's
     ``SpectraRouter`` to the oracle, optionally refit the expert scales, fit the skipped-experts estimate to what
     the router's selections drop (``skipped_rank``: the config's ``skipped_estimate_rank``, 0 = none; ``bias_rule``:
-    its ``carve_bias``); returns the block's tensors."""
+    its ``carve_bias``); returns the block's tensors. ``activations``: the FFN's intermediate activations on these
+    inputs ``[B * T, I]`` when the caller has them (``layerwise_ffn_inputs`` captures them), else computed here."""
     from ..router.oracle_fit import (calibrate_carved_bias, fit_spectra_router, heldout_token_mask, oracle_topk,
                                      router_selection, selection_cv, topk_recall)
 
     experts, top_k = router.num_experts, router.top_k
     flat = inputs.reshape(-1, inputs.shape[-1]).float()
-    acts = intermediate_activations(dense, flat, act_fn)
+    acts = activations if activations is not None else intermediate_activations(dense, flat, act_fn)
     plan = plan_carve(contributions(acts, dense["down"]), experts, options.shared_fraction, grouping=options.grouping,
                       active_fraction=options.active_fraction, seed=seed)
     routed, shared = carve_tensors(dense, plan)
@@ -197,13 +199,14 @@ class LayerCarver:
         self.context = RoutingContext()
         self.done: list[CarvedLayer] = []
 
-    def __call__(self, i: int, inputs: torch.Tensor) -> None:
+    def __call__(self, i: int, inputs: torch.Tensor, activations: torch.Tensor | None = None) -> None:
         from ..modeling.modeling_spectra import SpectraRouter
 
         knobs = self.spectra_config.spectra
         router = SpectraRouter(self.spectra_config.text_config.hidden_size, knobs, i, self.context)
         layer = carve_layer(router, self.adapter.ffn_tensors(self.get_dense, i), inputs, self.act_fn, self.options,
-                            seed=self.seed + i, skipped_rank=knobs["skipped_estimate_rank"], bias_rule=knobs["carve_bias"])
+                            seed=self.seed + i, skipped_rank=knobs["skipped_estimate_rank"], bias_rule=knobs["carve_bias"],
+                            activations=activations)
         prefix = self.adapter.mlp_prefix(i)
         for name, tensor in layer.tensors.items():
             self.writer.add(prefix + name, tensor.to(self.out_dtype).contiguous())
@@ -255,7 +258,9 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
             carver = LayerCarver(writer, spectra_config, adapter, dense_state.__getitem__, options, seed=seed,
                                  out_dtype=out_dtype)
             task = bar.add_task("carving layer by layer", total=num_layers)
+            down = adapter.projections["down"]  # the FFN's intermediate activation is its input
             layerwise_ffn_inputs(dense, decoder_layers(dense), blocks, on_layer=carver,
+                                 output_projection=lambda layer: getattr(layer.mlp, down),
                                  on_progress=lambda _: bar.advance(task))
             layers = carver.done
             for name, tensor in non_ffn.items():

@@ -75,13 +75,39 @@ def record_layer_arguments(model: nn.Module, layers: Sequence[nn.Module], input_
     return first[0], arguments
 
 
+class _DownInputs:
+    """A forward pre-hook on an FFN's output projection that copies its input -- the FFN's intermediate activation
+    ``[rows, I]`` -- into one float32 buffer of every calibration token, chunk after chunk (no concatenation: the
+    buffer is the only copy)."""
+
+    def __init__(self, rows: int):
+        self.rows, self.filled, self.buffer = rows, 0, None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        chunk = args[0].reshape(-1, args[0].shape[-1])
+        if self.buffer is None:
+            self.buffer = torch.empty(self.rows, chunk.shape[1], dtype=torch.float32)
+        self.buffer[self.filled : self.filled + chunk.shape[0]].copy_(chunk)
+        self.filled += chunk.shape[0]
+
+    def result(self) -> torch.Tensor | None:
+        return self.buffer if self.buffer is not None and self.filled == self.rows else None
+
+
 @torch.no_grad()
 def layerwise_ffn_inputs(model: nn.Module, layers: Sequence[nn.Module], batches: torch.Tensor, *,
-                         on_layer: Callable[[int, torch.Tensor], None], batch_size: int = 8,
-                         on_progress: Callable[[int], None] | None = None) -> None:
+                         on_layer: Callable[..., None], batch_size: int = 8,
+                         on_progress: Callable[[int], None] | None = None,
+                         output_projection: Callable[[nn.Module], nn.Module] | None = None) -> None:
     """Call ``on_layer(i, ffn_input [B, T, H] float32)`` for every decoder layer in turn, over ``batches``
     ``[B, T]`` run in chunks of ``batch_size`` sequences; the last layer's FFN itself never runs. ``on_layer``
-    runs before the next layer's inputs exist, so it can fit that layer and free its inputs."""
+    runs before the next layer's inputs exist, so it can fit that layer and free its inputs.
+
+    ``output_projection(layer)``: the module of a layer's FFN whose input is the FFN's intermediate activation (its
+    down projection); given, ``on_layer`` also gets ``activations=`` that input ``[B * T, I]`` float32, captured
+    from the forward that runs anyway to make the next layer's inputs (``None`` for the last layer, whose FFN never
+    runs): a carve needs exactly these, and computing them again cost a seventh of its time (docs/ARCHITECTURE.md,
+    "Time of a carve")."""
     chunks = [batches[start : start + batch_size] for start in range(0, batches.shape[0], batch_size)]
     hidden: list[torch.Tensor] = []
     arguments: list[list[LayerArguments]] = []
@@ -91,16 +117,26 @@ def layerwise_ffn_inputs(model: nn.Module, layers: Sequence[nn.Module], batches:
         arguments.append(recorded)
     for i, layer in enumerate(layers):
         captured: list[torch.Tensor] = []
-        with RouterTap([layer.mlp], inputs=True, outputs=False, stop_after_last=i == len(layers) - 1) as tap:
-            for b, chunk_hidden in enumerate(hidden):
-                args, kwargs = arguments[b][i]
-                out = tap.run(lambda: layer(chunk_hidden, *args, **kwargs))
-                captured.append(tap.take()[0]["inputs"].float())
-                if out is not None:
-                    hidden[b] = out[0] if isinstance(out, tuple) else out
+        down = _DownInputs(batches.numel()) if output_projection is not None else None
+        hook = output_projection(layer).register_forward_pre_hook(down) if down is not None else None
+        try:
+            with RouterTap([layer.mlp], inputs=True, outputs=False, stop_after_last=i == len(layers) - 1) as tap:
+                for b, chunk_hidden in enumerate(hidden):
+                    args, kwargs = arguments[b][i]
+                    out = tap.run(lambda: layer(chunk_hidden, *args, **kwargs))
+                    captured.append(tap.take()[0]["inputs"].float())
+                    if out is not None:
+                        hidden[b] = out[0] if isinstance(out, tuple) else out
+        finally:
+            if hook is not None:
+                hook.remove()
         inputs = torch.cat(captured)
         captured.clear()  # the chunks are in ``inputs`` now: do not hold the layer's inputs twice while it is fitted
-        on_layer(i, inputs)
+        if down is None:
+            on_layer(i, inputs)
+        else:
+            on_layer(i, inputs, activations=down.result())
+            down = None
         del inputs
         if on_progress is not None:
             on_progress(i)

@@ -66,6 +66,8 @@ def check_calibration_size(tokens: int, what: str = "--calibration-tokens is") -
         raise UserError(f"--method carve: {what} {tokens} tokens; a carve needs at least {needed} ({CARVE_MIN_SEQUENCES} "
                         f"sequences of {CALIBRATION_SEQ_LEN}, part of them held out to check the router fit): raise "
                         "--calibration-tokens or give more --calibration text")
+
+
 REFITS = ("none", "scale")
 #: The carve's dual-bias rule (knob ``carve_bias``): the whole hard-load balancing bias. Measured on SmolLM2-135M at
 #: top-4 with the skipped-experts estimate (docs/CARVING.md): perplexity on unseen text 1.91x the parent against

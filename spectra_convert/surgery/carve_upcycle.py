@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..console import human_bytes, progress, summary_table
+from ..router.calibrate import CALIBRATION_SEQ_LEN, calibration_batches
 from ..router.loads import calibration_cv_row
 from ..router.oracle_fit import ROUTER_STEPS
 from ..errors import UserError
@@ -59,8 +60,6 @@ CARVE_MIN_SEQUENCES = 2
 def check_calibration_size(tokens: int, what: str = "--calibration-tokens is") -> None:
     """One-line ``UserError`` when a carve would calibrate on fewer than ``CARVE_MIN_SEQUENCES`` sequences: checked on
     the option before any work, and on the packed text (a short ``--calibration`` file gives fewer tokens)."""
-    from ..router.calibrate import CALIBRATION_SEQ_LEN  # as the packing below: imported where it runs
-
     needed = CARVE_MIN_SEQUENCES * CALIBRATION_SEQ_LEN
     if tokens < needed:
         raise UserError(f"--method carve: {what} {tokens} tokens; a carve needs at least {needed} ({CARVE_MIN_SEQUENCES} "
@@ -227,7 +226,6 @@ def carve_upcycle(model: str, out: Path, *, model_dir: Path, adapter: Any, texts
     """The carve branch of ``upcycle`` (arguments already checked there). Returns an ``UpcycleResult``."""
     from ..modeling.configuration_spectra import skipped_estimate_share
     from ..modeling.modeling_spectra import decoder_layers
-    from ..router.calibrate import calibration_batches
     from .moe_output import (SHARD_BYTES, UpcycleResult, build_spectra_config, router_param_count,
                              write_generation_config)
 

@@ -278,7 +278,7 @@ def test_drop_reinitialises_a_different_share_of_each_expert(tiny_parents, tmp_p
     ({"method": "carve", "carve_grouping": "hash"}, "--carve-grouping"),
     ({"method": "drop", "drop_ratio": 1.5}, "--drop-ratio"),
     ({"method": "carve", "carve_bias": "max"}, "--carve-bias"),
-    ({"method": "carve", "calibration_tokens": 10}, "a carve needs at least 512"),
+    ({"method": "carve", "calibration_tokens": 10}, "--calibration-tokens is 10 tokens; a carve needs at least 512"),
 ])
 def test_bad_carve_options_are_one_line_errors(tiny_parents, tmp_path, kwargs, message) -> None:
     kwargs = {"calibration_tokens": 512, **kwargs}
